@@ -265,21 +265,23 @@ class ResBlock(nn.Module):
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over all pixels of a feature map, with a residual connection.
-    Uses scaled_dot_product_attention, which picks a flash/memory-efficient kernel where it can."""
+    Pixels become tokens (B, H*W, C) so q, k and v come out contiguous in their last dimension,
+    which scaled_dot_product_attention needs to pick its flash / memory-efficient kernels."""
 
     def __init__(self, channels: int, head_channels: int, groups: int):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         self.norm = nn.GroupNorm(groups, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_init(nn.Linear(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, pixels, head_channels)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        q, k, v = self.qkv(tokens).view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Block(nn.Module):
