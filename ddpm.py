@@ -702,9 +702,9 @@ class BatchStream:
         """Images start .. start+count-1 of the stream as floats in [-1, 1] on the device;
         flip (a bool per image, on the device) mirrors them left-right."""
         uint8 = self.images[self.indices(start, count)]
-        if uint8.device != self.device:
-            uint8 = uint8.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
-                else uint8.to(self.device)
+        if uint8.device.type == "cpu" and self.device.type == "cuda":  # page-locked, so the copy is async
+            uint8 = uint8.pin_memory().to(self.device, non_blocking=True)
+        uint8 = uint8.to(self.device)
         x = uint8.float() / 127.5 - 1
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -955,6 +955,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
                             f"use --device cpu")
         if world_size > 1:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        elif dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
         torch.cuda.set_device(dev)
@@ -1001,7 +1003,10 @@ def ema_update_fn(max_decay: float, every: int):
     def update(ema_params, params, num_updates):
         step = num_updates * every
         decay = torch.clamp((1 + step) / (10 + step), max=max_decay) ** every
-        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        # ema = decay * ema + (1 - decay) * param, with decay a device tensor (a lerp would take it
+        # as a Python scalar, which means reading it back from the GPU)
+        torch._foreach_mul_(ema_params, decay)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - decay))
 
     return update
 
@@ -1818,12 +1823,14 @@ def diffusers_peer(config: UNetConfig, height: int, width: int) -> Optional[nn.M
     except ImportError:
         return None
     attention = config.attention_levels(height, width)
+    widths = [config.base_channels * config.channel_mults[level] for level in attention | {config.levels - 1}]
     down = tuple("AttnDownBlock2D" if level in attention else "DownBlock2D" for level in range(config.levels))
     up = tuple("AttnUpBlock2D" if level in attention else "UpBlock2D" for level in reversed(range(config.levels)))
     net = UNet2DModel(sample_size=(height, width), in_channels=3, out_channels=3,
                       block_out_channels=tuple(config.base_channels * m for m in config.channel_mults),
                       layers_per_block=config.blocks_per_level, down_block_types=down, up_block_types=up,
-                      attention_head_dim=config.head_channels, norm_num_groups=config.norm_groups,
+                      attention_head_dim=min(config.head_channels, *widths),  # ours: at least one head
+                      norm_num_groups=config.norm_groups,
                       dropout=config.dropout, freq_shift=1, flip_sin_to_cos=False)
     return DiffusersAdapter(net)
 
