@@ -1,6 +1,8 @@
-"""Tests for ddpm.py, in the module's order. CPU only, tiny models, no network.
+"""Tests for ddpm.py, in the module's order: tiny models, no network.
 
-Tests on the real photos read ../shared/data/cars and skip (saying why) where it is absent."""
+They run on the CPU; DDPM_TEST_DEVICE=cuda runs the training and sampling ones on a GPU, and the
+CUDA-only tests (bf16, torch.compile, data on the GPU) run wherever CUDA is available. Tests on
+the real photos read ../shared/data/cars and skip (saying why) where it is absent."""
 
 import io
 import json
@@ -27,10 +29,14 @@ CARS = HERE.parent / "shared" / "data" / "cars"
 needs_cars = pytest.mark.skipif(not (CARS / "stanford_cars" / "cars_train").is_dir(),
                                 reason=f"the real Stanford Cars photos are not at {CARS}")
 PYTHON = sys.executable
+DEVICE = os.environ.get("DDPM_TEST_DEVICE", "cpu")
+ON_CPU = DEVICE == "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+DEV = ["--device", DEVICE]
 
 # A very small U-Net for anything that trains: 8 channels, 2 levels, no attention.
 MICRO = ["--preset", "tiny", "--base-channels", "8", "--channel-mults", "1,2", "--attn-res", "none",
-         "--size", "8", "--batch-size", "4", "--warmup-steps", "10"]
+         "--size", "8", "--batch-size", "4", "--warmup-steps", "10", *DEV, "--no-compile"]
 
 
 def run_cli(args, capsys=None) -> tuple[int, str, str]:
@@ -204,12 +210,12 @@ def test_size_not_divisible_is_a_user_error():
 def test_tiny_model_overfits_one_batch():
     """With x0, t and noise fixed, the loss must fall at least 20x in 300 Adam steps."""
     torch.manual_seed(0)
-    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig())
-    x0 = ddpm.toy_cars(16, 16, 4).float() / 127.5 - 1
-    t, noise = torch.tensor([50, 300, 600, 900]), torch.randn(4, 3, 16, 16)
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16).to(DEVICE)
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig()).to(DEVICE)
+    x0 = (ddpm.toy_cars(16, 16, 4).float() / 127.5 - 1).to(DEVICE)
+    t, noise = torch.tensor([50, 300, 600, 900], device=DEVICE), torch.randn(4, 3, 16, 16, device=DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    runtime, config = ddpm.Runtime(torch.device("cpu")), ddpm.TrainConfig()
+    runtime, config = ddpm.Runtime(torch.device(DEVICE)), ddpm.TrainConfig()
     losses = []
     for _ in range(300):
         loss = ddpm.diffusion_loss(model, schedule, x0, t, noise, config, runtime)
@@ -476,7 +482,7 @@ def test_export_is_small_and_loads(tmp_path, capsys):
     assert small < full / 4
     exported = ddpm.load_checkpoint(tmp_path / "w.pt")
     assert exported["kind"] == "weights" and next(iter(exported["ema"].values())).dtype == torch.bfloat16
-    assert run_cli(["sample", "-n", 2, "--steps", 3, "-c", tmp_path / "w.pt", tmp_path / "s.png"], capsys)[0] == 0
+    assert run_cli(["sample", "-n", 2, "--steps", 3, "-c", tmp_path / "w.pt", tmp_path / "s.png", *DEV], capsys)[0] == 0
     code, out, _ = run_cli(["inspect", tmp_path / "w.pt", "--json"], capsys)
     assert code == 0 and json.loads(out)["kind"] == "weights"
     code, _, err = run_cli(["train", "--out", tmp_path, "--resume"], capsys)  # tmp_path has no checkpoint
@@ -488,6 +494,7 @@ def test_export_is_small_and_loads(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not ON_CPU, reason="bit-exact on the CPU; cuDNN's backward kernels are not deterministic")
 def test_resume_is_bit_exact(tmp_path, capsys):
     """2000 steps straight == 1000 steps, stop, resume, 1000 more: same losses, same weights."""
     common = [*MICRO, "--log-every", 50, "--save-every", 500]
@@ -568,21 +575,21 @@ def test_signal_saves_and_resume_continues(tmp_path, sig, code):
     checkpoint = ddpm.load_checkpoint(run / "ckpt.pt")
     step = checkpoint["step"]
     assert step >= 10 and (run / f"ckpt-{step:08d}.pt").exists()
-    result = run_script(["train", "--out", run, "--steps", step + 5])
+    result = run_script(["train", "--out", run, "--steps", step + 5, *DEV, "--no-compile"])
     assert result.returncode == 0 and f"Resuming from step {step}" in result.stderr
     assert ddpm.load_checkpoint(run / "ckpt.pt")["step"] == step + 5
 
 
 def test_full_disk_keeps_the_old_checkpoint(tmp_path):
     run = tmp_path / "run"
-    assert run_script(["train", *MICRO, "--steps", 4, "--out", run]).returncode == 0
+    assert run_script(["train", *MICRO, "--steps", 4, "--out", run, "--device", "cpu"]).returncode == 0
     before = (run / "ckpt.pt").read_bytes()
 
     def small_disk():  # the file system refuses writes past 100 kB, as a full disk would
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    result = run_script(["train", "--out", run, "--steps", 8], preexec_fn=small_disk)
+    result = run_script(["train", "--out", run, "--steps", 8, "--device", "cpu"], preexec_fn=small_disk)
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not write") and "Earlier checkpoints are intact" in last
@@ -595,7 +602,7 @@ def test_full_disk_keeps_the_old_checkpoint(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on localhost, tested on Linux")
 def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
     common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", "6", "--log-every", "2",
-              "--device", "cpu"]
+              "--device", "cpu"]  # gloo between CPU processes (one GPU cannot host two NCCL ranks)
     one = run_script([*common, "--batch-size", 4, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     two = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -611,7 +618,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
     flat = lambda c: torch.cat([v.flatten() for v in c["model"].values()])
     assert (flat(a) - flat(b)).norm() < 1e-5 * flat(a).norm()
     # A 2-process checkpoint resumes in 1 process (a different world size).
-    resumed = run_script(["train", "--out", tmp_path / "two", "--steps", 8, "--batch-size", 4])
+    resumed = run_script(["train", "--out", tmp_path / "two", "--steps", 8, "--batch-size", 4, "--device", "cpu"])
     assert resumed.returncode == 0 and "Resuming from step 6" in resumed.stderr
 
 
@@ -730,8 +737,9 @@ def test_seeded_sampling_is_reproducible(sampler):
     model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
     for p in model.conv_out.parameters():
         nn.init.normal_(p, std=0.05)  # a non-trivial output, so samples depend on the weights
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=20))
-    runtime = ddpm.Runtime(torch.device("cpu"))
+    model = model.to(DEVICE)
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=20)).to(DEVICE)
+    runtime = ddpm.Runtime(torch.device(DEVICE))
     run = lambda seed: ddpm.generate(model, schedule, 3, runtime, sampler, steps=5, eta=0.5, seed=seed)
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8
@@ -829,14 +837,14 @@ def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
     cache = ["--cache-dir", tmp_path / "cache"]
     assert run_cli(["train", *MICRO, "--size", 16, "--data", real, "--steps", 2, "--out", run, *cache], capsys)[0] == 0
     code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--inception", features, "--json",
-                            *cache], capsys)
+                            *cache, *DEV], capsys)
     result = json.loads(out)
     assert code == 0 and result["n"] == 20 and result["real_n"] == 40 and result["fid"] > 0
     code, out, _ = run_cli(["fid", real, "--real", real, "-n", 40, "--size", 16, "--inception", features, "--json",
                             *cache], capsys)
     assert code == 0 and abs(json.loads(out)["fid"]) < 1e-3  # all real images against themselves
     code, out, err = run_cli(["nearest", run, tmp_path / "nn.png", "--real", real, "-n", 3, "--steps", 3,
-                              "--inception", features, *cache], capsys)
+                              "--inception", features, *cache, *DEV], capsys)
     assert code == 0 and "Real-to-nearest-real" in err
     assert Image.open(tmp_path / "nn.png").size == (3 * 16 + 4 * 2, 3 * 16 + 4 * 2)
 
@@ -878,7 +886,8 @@ def test_bench_runs_and_reports(tmp_path, capsys):
     for i in range(6):
         save_image(tmp_path / "data" / f"{i}.jpg", colour=(i * 40, 10, 10))
     code, out, _ = run_cli(["bench", "--preset", "tiny", "--size", 16, "--batch-size", 2, "--steps", 1, "--warmup", 1,
-                            "--data", tmp_path / "data", "--workers", 0, "--json", "--cache-dir", tmp_path], capsys)
+                            "--data", tmp_path / "data", "--workers", 0, "--json", "--cache-dir", tmp_path, *DEV,
+                            "--no-compile"], capsys)
     assert code == 0
     report = json.loads(out)
     ours = report["results"]["ddpm.py"]
@@ -886,6 +895,47 @@ def test_bench_runs_and_reports(tmp_path, capsys):
     assert ours["params"] == ddpm.count_parameters(tiny_16) and ours["train_img_s"] > 0 and ours["sample_img_s"] > 0
     assert ours["gflop_per_img"] > 0.02  # about 3x the forward FLOPs of the tiny net at 16x16
     assert report["data"]["images"] == 6 and report["data"]["ratio"] > 1
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA fast path (skipped without a GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_cuda_fast_path_trains_and_the_checkpoint_samples_on_the_cpu(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--preset", "tiny", "--size", 32, "--batch-size", 16, "--steps", 30,
+                            "--log-every", 10, "--save-every", 15, "--device", "cuda", "--out", run], capsys)
+    assert code == 0 and "bf16 compiled channels_last" in err, err
+    log = read_log(run)
+    assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss"] < log[0]["loss"]
+    code, _, _ = run_cli(["sample", "-n", 4, "--steps", 5, "-c", run, "--device", "cpu", tmp_path / "s.png"], capsys)
+    assert code == 0 and Image.open(tmp_path / "s.png").size == (2 * 32 + 3 * 2,) * 2
+
+
+@needs_cuda
+def test_bf16_compiled_channels_last_matches_fp32_eager():
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["small"]), 32, 32).cuda().eval()
+    for p in model.parameters():  # random weights everywhere, zero-initialised layers included
+        torch.nn.init.normal_(p, std=0.02)
+    x, t = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
+    with torch.no_grad():
+        reference = model(x, t).double()
+        fast = torch.compile(model.to(memory_format=torch.channels_last))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fast(x.contiguous(memory_format=torch.channels_last), t).double()
+    assert (out - reference).norm() / reference.norm() < 2e-2
+
+
+@needs_cuda
+def test_batch_stream_on_the_gpu_matches_the_cpu():
+    images = ddpm.toy_cars(16, 16, 40)
+    on_cpu = ddpm.BatchStream(images, 7, torch.device("cpu")).batch(30, 20, None)
+    from_host = ddpm.BatchStream(images, 7, torch.device("cuda")).batch(30, 20, None)
+    on_gpu = ddpm.BatchStream(images.cuda(), 7, torch.device("cuda")).batch(30, 20, None)
+    assert torch.equal(on_cpu, from_host.cpu()) and torch.equal(on_cpu, on_gpu.cpu())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -903,14 +953,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert Image.open(run / "samples" / "step-00000006.png").size == (4 * 8 + 5 * 2,) * 2  # 16 previews, 4x4
 
     code, _, err = run_cli(["sample", "-n", 6, "-c", run, "--steps", 4, tmp_path / "grid.png",
-                            "--trajectory", tmp_path / "denoise.gif"], capsys)
+                            "--trajectory", tmp_path / "denoise.gif", *DEV], capsys)
     assert code == 0 and "Wrote 6 images" in err
     assert Image.open(tmp_path / "grid.png").size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)
     gif = Image.open(tmp_path / "denoise.gif")
     assert gif.n_frames >= 4 and (tmp_path / "denoise.png").exists()  # 4 steps (+ the final image, if it differs)
 
     code, _, _ = run_cli(["sample", "-n", 3, "-c", run / "ckpt.pt", "--sampler", "dpm++", "--steps", 3,
-                          tmp_path / "each"], capsys)
+                          tmp_path / "each", *DEV], capsys)
     assert code == 0 and sorted(p.name for p in (tmp_path / "each").iterdir()) == [
         "000000.png", "000001.png", "000002.png"]
 
