@@ -1205,9 +1205,8 @@ def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, r
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
     log = LossLog(run_dir / "log.jsonl", state.step) if main else None
-    stream = BatchStream(images, tc.seed, runtime.device)
-    if runtime.device.type == "cuda" and images.numel() < 0.25 * torch.cuda.mem_get_info(runtime.device)[0]:
-        stream = BatchStream(images.to(runtime.device), tc.seed, runtime.device)  # whole data set on the GPU
+    fits_on_gpu = runtime.device.type == "cuda" and images.numel() < 0.25 * torch.cuda.mem_get_info(runtime.device)[0]
+    stream = BatchStream(images.to(runtime.device) if fits_on_gpu else images, tc.seed, runtime.device)
     generator = torch.Generator(runtime.device)
     meter = LossMeter(runtime.device)
     say(f"Model: {count_parameters(model) / 1e6:.1f}M parameters; {runtime.device} {runtime.precision}"
@@ -1502,9 +1501,10 @@ def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Te
 
 
 def run_sampler(denoise: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, generator: torch.Generator,
-                sampler: str, steps: int, eta: float, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+                sampler: str, steps: int, eta: float, on_step: Optional[StepCallback] = None,
+                variance: str = "small") -> torch.Tensor:
     if sampler == "ddpm":
-        return sample_ddpm(denoise, schedule, noise, generator, on_step=on_step)
+        return sample_ddpm(denoise, schedule, noise, generator, variance, on_step=on_step)
     if sampler == "ddim":
         return sample_ddim(denoise, schedule, noise, generator, steps, eta, on_step=on_step)
     if sampler == "dpm++":
@@ -1524,7 +1524,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Runtime, sampler: str = DEFAULT_SAMPLER,
              steps: int = DEFAULT_STEPS, eta: float = 0.0, seed: int = 0, batch_size: int = 256,
-             progress: bool = True, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+             progress: bool = True, on_step: Optional[StepCallback] = None, variance: str = "small") -> torch.Tensor:
     """`count` new images as (count, 3, H, W) uint8. Batch k starts from noise seeded by (seed, k), so
     the same seed and batch size give the same images."""
     height, width = model.height, model.width
@@ -1543,7 +1543,8 @@ def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Run
                 if on_step and first_batch:
                     on_step(step, x, x0)
 
-            out.append(to_uint8(run_sampler(denoise, schedule, noise, generator, sampler, steps, eta, callback)))
+            out.append(to_uint8(run_sampler(denoise, schedule, noise, generator, sampler, steps, eta, callback,
+                                            variance)))
     return torch.cat(out)
 
 
@@ -1946,6 +1947,7 @@ Resize = enum.Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
 Sampler = enum.Enum("Sampler", {name.replace("+", "p"): name for name in SAMPLERS}, type=str)
 Precision = enum.Enum("Precision", {name: name for name in PRECISIONS}, type=str)
 Dtype = enum.Enum("Dtype", {name: name for name in ("fp32", "fp16", "bf16")}, type=str)
+Variance = enum.Enum("Variance", {name: name for name in ("small", "large")}, type=str)
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -2103,6 +2105,8 @@ def cli_sample(
     sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
     steps: StepsOpt = DEFAULT_STEPS,
     eta: EtaOpt = 0.0,
+    variance: Annotated[Variance, typer.Option(help="ddpm's sigma_t^2: small = beta~_t (posterior), large = "
+                                               "beta_t (DDPM sec. 3.2).")] = Variance.small,
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch; as large as memory allows.")] = 256,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
@@ -2127,7 +2131,8 @@ def cli_sample(
         raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
     recorder = TrajectoryRecorder() if trajectory else None
     started = time.perf_counter()
-    images = generate(model, schedule, n, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder)
+    images = generate(model, schedule, n, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
+                      variance=variance.value)
     seconds = time.perf_counter() - started
     if grid:
         save_grid(images, out)

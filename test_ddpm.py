@@ -708,6 +708,18 @@ def test_log_snr_timesteps():
         assert gaps.min() > 0.5 * gaps.mean()  # roughly even in lambda
 
 
+def test_ddpm_large_variance_adds_more_noise():
+    """sigma_t^2 = beta_t >= beta~_t, so the 'large' choice ends with a wider distribution."""
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=200))
+    assert (schedule.betas >= schedule.posterior_variance).all()
+    spread = {}
+    for variance in ("small", "large"):
+        generator = torch.Generator().manual_seed(3)
+        x_T = torch.randn(4000, 1, 2, 2, generator=generator)
+        spread[variance] = ddpm.sample_ddpm(gaussian_denoiser(schedule), schedule, x_T, generator, variance).std()
+    assert spread["large"] > spread["small"] * 1.01
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta1"])
 def test_stochastic_samplers_reach_the_data_distribution(sampler):
     """Ancestral steps use beta~ and ignore Var(x0 | x_t), so they need many small steps (DDIM eta=1
@@ -961,6 +973,9 @@ def test_cli_end_to_end(tmp_path, capsys):
 
     code, _, _ = run_cli(["sample", "-n", 3, "-c", run / "ckpt.pt", "--sampler", "dpm++", "--steps", 3,
                           tmp_path / "each", *DEV], capsys)
+    code_ddpm, _, err = run_cli(["sample", "-n", 2, "-c", run, "--sampler", "ddpm", "--variance", "large",
+                                 tmp_path / "ddpm.png", *DEV], capsys)
+    assert code_ddpm == 0 and "ddpm, 1000 steps" in err
     assert code == 0 and sorted(p.name for p in (tmp_path / "each").iterdir()) == [
         "000000.png", "000001.png", "000002.png"]
 
