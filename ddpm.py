@@ -1982,6 +1982,8 @@ CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or
 SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T steps; ddim; dpm++ = DPM-Solver++(2M).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Network evaluations per image for ddim/dpm++.")]
 EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 = ancestral on the subsequence.")]
+CacheOpt = Annotated[Optional[Path], typer.Option(help="Cache for decoded images and FID features "
+                                                  "[default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm].")]
 
 
 @app.command("train")
@@ -2031,12 +2033,12 @@ def cli_train(
     compile: CompileOpt = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
                                                           help="[default: on for CUDA]")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Where decoded images and FID features are cached.")] =
-    default_cache_dir(),
+    cache_dir: CacheOpt = None,
 ):
     """Train a model; re-running into the same --out resumes from its newest good checkpoint.
 
     Ctrl-C (or SIGTERM) finishes the step, saves and exits; run the same command again to resume."""
+    cache_dir = cache_dir or default_cache_dir()
     given = given_options(ctx)
     runtime = resolve_runtime(device, precision.value, compile, channels_last)
     width, height = parse_size(size)
@@ -2302,11 +2304,11 @@ def cli_fid(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
-    cache_dir: Annotated[Path, typer.Option(help="Cache for decoded images and real features.")] =
-    default_cache_dir(),
+    cache_dir: CacheOpt = None,
 ):
     """FID and KID of samples (or of a folder) against real images, offline, with the standard
     Inception-v3 weights. The real images' features are cached."""
+    cache_dir = cache_dir or default_cache_dir()
     if n < 2:
         raise UserError(f"-n {n}: FID needs at least 2 images")
     extractor = InceptionFeatures(find_inception(inception))
@@ -2342,11 +2344,11 @@ def cli_nearest(
     seed: SeedOpt = 0,
     inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
     device: DeviceOpt = "auto",
-    cache_dir: Annotated[Path, typer.Option(help="Cache for decoded images and real features.")] =
-    default_cache_dir(),
+    cache_dir: CacheOpt = None,
 ):
     """Memorisation check: each sample beside its nearest training image in Inception feature space
     and in pixels, with distances compared to how close real images are to each other."""
+    cache_dir = cache_dir or default_cache_dir()
     if n < 1:
         raise UserError(f"-n {n}: must be at least 1")
     check_output_path(out, "output")
@@ -2395,9 +2397,10 @@ def cli_bench(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = None,
-    cache_dir: Annotated[Path, typer.Option(help="Image cache folder.")] = default_cache_dir(),
+    cache_dir: CacheOpt = None,
 ):
     """Measure training img/s, TFLOP/s, MFU and sampling img/s, side by side with peers (--compare)."""
+    cache_dir = cache_dir or default_cache_dir()
     runtime = resolve_runtime(device, precision.value, compile, None)
     width, height = parse_size(size)
     unet = UNetConfig(**PRESETS[preset.value])

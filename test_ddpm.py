@@ -39,6 +39,12 @@ MICRO = ["--preset", "tiny", "--base-channels", "8", "--channel-mults", "1,2", "
          "--size", "8", "--batch-size", "4", "--warmup-steps", "10", *DEV, "--no-compile"]
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Commands that use the default cache write into a temporary folder, not ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 def run_cli(args, capsys=None) -> tuple[int, str, str]:
     """ddpm.py's CLI in this process: (exit code, stdout, stderr)."""
     code = ddpm.main([str(a) for a in args])
