@@ -1595,7 +1595,9 @@ class TrajectoryRecorder:
         for i in range(len(chosen[0][1])):
             rows += [f[1][i] for f in chosen] + [f[2][i] for f in chosen]
         grid = make_grid(torch.stack(rows), nrow=columns, padding=2, pad_value=255)
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+        picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+        scale = max(1, 64 // rows[0].shape[-2])  # small images are shown at 64 pixels or more
+        picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST).save(path)
 
 
 # ------------------------------------------------------------------------------------------------
