@@ -795,7 +795,8 @@ def load_checkpoint(path: Path) -> dict:
         if "Weights only load failed" in text or "Unsupported global" in text or "Unsupported operand" in text:
             raise UserError(f"{path} contains pickled Python objects, which could run code; refusing to load it. "
                             f"Only load checkpoints written by ddpm.py") from None
-        raise UserError(f"{path} is truncated or corrupt ({text.splitlines()[0][:100]}); "
+        reason = (text.splitlines() or ["unreadable"])[0].split(". ")[0]  # torch's first sentence only
+        raise UserError(f"{path} is truncated or corrupt ({reason}); "
                         f"use an older checkpoint from the same run folder") from None
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise UserError(f"{path} is a PyTorch file but not a ddpm checkpoint (no format_version)")
