@@ -1979,14 +1979,14 @@ def check_output_path(path: Path, option: str = "output") -> None:
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA, fp32 on the CPU.")]
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
-                                                    help="torch.compile the network [default: on for CUDA].")]
+                                                    help="torch.compile the network (default: on for CUDA).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
 CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
 SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T steps; ddim; dpm++ = DPM-Solver++(2M).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Network evaluations per image for ddim/dpm++.")]
 EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 = ancestral on the subsequence.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Cache for decoded images and FID features "
-                                                  "[default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm].")]
+                                                  "(default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm).")]
 
 
 @app.command("train")
@@ -2034,8 +2034,8 @@ def cli_train(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = None,
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
-                                                          help="[default: on for CUDA]")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option(
+        "--channels-last/--no-channels-last", help="channels_last memory format (default: on for CUDA).")] = None,
     cache_dir: CacheOpt = None,
 ):
     """Train a model; re-running into the same --out resumes from its newest good checkpoint.
