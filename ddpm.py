@@ -2273,7 +2273,7 @@ def cli_export(
 def source_images(source: Path, count: int, runtime: Runtime, sampler: str, steps: int, eta: float, seed: int,
                   batch_size: int, size: Optional[str], resize: str, cache_dir: Path):
     """Images to evaluate: `count` samples from a checkpoint, or `count` random images of a folder.
-    Returns (uint8 images, DataConfig of their size, description)."""
+    Returns (uint8 images, DataConfig of their size, description, sampling settings or None)."""
     if source.is_dir() and not (source / "ckpt.pt").exists():
         width, height = parse_size(size) if size else (64, 64)
         config = DataConfig(str(source), width, height, resize, False)
@@ -2281,13 +2281,15 @@ def source_images(source: Path, count: int, runtime: Runtime, sampler: str, step
         if count > len(images):
             raise UserError(f"-n {count}: the folder {source} has only {len(images)} images")
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-        return images[chosen], config, f"{count} real images from {source}"
+        return images[chosen], config, f"{count} real images from {source}", None
     model, schedule, config = load_for_sampling(source, True, runtime)
     started = time.perf_counter()
     images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size)
     seconds = time.perf_counter() - started
-    evals = evaluations(sampler, steps, schedule.timesteps)
-    return images, config.data, f"{count} samples, {sampler} x{evals}, {seconds:.0f}s"
+    settings = dict(sampler=sampler, steps=evaluations(sampler, steps, schedule.timesteps),
+                    eta=eta if sampler == "ddim" else None, sample_seconds=round(seconds, 3))
+    noise = f" eta {eta:g}" if settings["eta"] else ""
+    return images, config.data, f"{count} samples, {sampler} x{settings['steps']}{noise}, {seconds:.0f}s", settings
 
 
 @app.command("fid")
@@ -2301,7 +2303,7 @@ def cli_fid(
     eta: EtaOpt = 0.0,
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 256,
-    size: Annotated[Optional[str], typer.Option(help="Size when SOURCE is a folder [default: 64].")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Size when SOURCE is a folder (default: 64).")] = None,
     resize: Annotated[Resize, typer.Option(help="Resize mode when SOURCE is a folder.")] = Resize.squash,
     inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -2316,8 +2318,8 @@ def cli_fid(
         raise UserError(f"-n {n}: FID needs at least 2 images")
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, precision.value, False, None)
-    images, data_config, what = source_images(source, n, runtime, sampler.value, steps, eta, seed, batch_size, size,
-                                              resize.value, cache_dir)
+    images, data_config, what, sampling = source_images(source, n, runtime, sampler.value, steps, eta, seed,
+                                                        batch_size, size, resize.value, cache_dir)
     real_config = dataclasses.replace(data_config, path=str(real), flip=False)
     real_images, real_key = load_images(real_config, cache_dir)
     scorer = FidScorer(extractor, real_images, real_key, cache_dir, runtime.device)
@@ -2326,9 +2328,8 @@ def cli_fid(
     fid = scorer.fid(features)
     kid, kid_std = scorer.kid(features)
     result = dict(source=str(source), what=what, n=n, real=str(real), real_n=len(real_images),
-                  size=real_config.size_text, sampler=sampler.value if "samples" in what else None,
-                  steps=steps if "samples" in what else None, fid=fid, kid=kid, kid_std=kid_std,
-                  feature_seconds=round(time.perf_counter() - started, 1))
+                  size=real_config.size_text, **(sampling or dict(sampler=None, steps=None, eta=None)),
+                  fid=fid, kid=kid, kid_std=kid_std, feature_seconds=round(time.perf_counter() - started, 1))
     if as_json:
         print(json.dumps(result))
     else:
@@ -2357,7 +2358,7 @@ def cli_nearest(
     check_output_path(out, "output")
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, "auto", False, None)
-    samples, data_config, what = source_images(source, n, runtime, sampler.value, steps, 0.0, seed, 64, None,
+    samples, data_config, what, _ = source_images(source, n, runtime, sampler.value, steps, 0.0, seed, 64, None,
                                                "squash", cache_dir)
     real_images, real_key = load_images(dataclasses.replace(data_config, path=str(real), flip=False), cache_dir)
     scorer = FidScorer(extractor, real_images, real_key, cache_dir, runtime.device)

@@ -860,9 +860,11 @@ def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
                             *cache, *DEV], capsys)
     result = json.loads(out)
     assert code == 0 and result["n"] == 20 and result["real_n"] == 40 and result["fid"] > 0
+    assert (result["sampler"], result["steps"], result["eta"]) == ("ddim", 3, 0.0) and result["sample_seconds"] > 0
     code, out, _ = run_cli(["fid", real, "--real", real, "-n", 40, "--size", 16, "--inception", features, "--json",
                             *cache], capsys)
-    assert code == 0 and abs(json.loads(out)["fid"]) < 1e-3  # all real images against themselves
+    result = json.loads(out)
+    assert code == 0 and abs(result["fid"]) < 1e-3 and result["sampler"] is None  # real images against themselves
     code, out, err = run_cli(["nearest", run, tmp_path / "nn.png", "--real", real, "-n", 3, "--steps", 3,
                               "--inception", features, *cache, *DEV], capsys)
     assert code == 0 and "Real-to-nearest-real" in err
