@@ -2288,8 +2288,8 @@ def source_images(source: Path, count: int, runtime: Runtime, sampler: str, step
     seconds = time.perf_counter() - started
     settings = dict(sampler=sampler, steps=evaluations(sampler, steps, schedule.timesteps),
                     eta=eta if sampler == "ddim" else None, sample_seconds=round(seconds, 3))
-    noise = f" eta {eta:g}" if settings["eta"] else ""
-    return images, config.data, f"{count} samples, {sampler} x{settings['steps']}{noise}, {seconds:.0f}s", settings
+    eta_text = f" eta {eta:g}" if settings["eta"] else ""
+    return images, config.data, f"{count} samples, {sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s", settings
 
 
 @app.command("fid")
