@@ -1555,12 +1555,22 @@ def sampling_progress(enabled: bool) -> Progress:
                     disable=not enabled or not console.is_terminal)
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 (3, H, W) tensor as a PIL image."""
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def enlarge(picture: Image.Image, scale: int) -> Image.Image:
+    """Blow a picture up by an integer factor, keeping its pixels sharp (nearest neighbour)."""
+    return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+
+
 def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, padding: int = 2) -> None:
     """A uint8 (N, 3, H, W) batch as one PNG grid, columns = ceil(sqrt(N)) unless given."""
     from torchvision.utils import make_grid
     columns = columns or math.ceil(math.sqrt(len(images)))
     grid = make_grid(images, nrow=columns, padding=padding, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    to_pil(grid).save(path)
 
 
 class TrajectoryRecorder:
@@ -1582,9 +1592,9 @@ class TrajectoryRecorder:
 
     def save_gif(self, path: Path, final: torch.Tensor) -> None:
         frames = self.frames + [(0, final[:self.count], final[:self.count])]
-        pictures = [Image.fromarray(self.panel(f).permute(1, 2, 0).numpy()) for f in frames]
+        pictures = [to_pil(self.panel(f)) for f in frames]
         scale = max(1, 256 // pictures[0].width)
-        pictures = [p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST) for p in pictures]
+        pictures = [enlarge(p, scale) for p in pictures]
         durations = [60] * (len(pictures) - 1) + [1500]  # hold the final image
         pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
@@ -1596,9 +1606,8 @@ class TrajectoryRecorder:
         for i in range(len(chosen[0][1])):
             rows += [f[1][i] for f in chosen] + [f[2][i] for f in chosen]
         grid = make_grid(torch.stack(rows), nrow=columns, padding=2, pad_value=255)
-        picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
         scale = max(1, 64 // rows[0].shape[-2])  # small images are shown at 64 pixels or more
-        picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST).save(path)
+        enlarge(to_pil(grid), scale).save(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1636,7 +1645,7 @@ def noise_demo(image: Image.Image, out: Path, count: int, schedule: NoiseSchedul
     draw = ImageDraw.Draw(sheet)
     for i, step in enumerate(times):
         left = pad + i * (image.width + pad)
-        sheet.paste(Image.fromarray(panels[i].permute(1, 2, 0).numpy()), (left, pad))
+        sheet.paste(to_pil(panels[i]), (left, pad))
         draw_label(draw, (left, image.height + 2 * pad), step + 1, schedule.alpha_bars[step].item(), font)
     sheet.save(out)
     return times
@@ -2144,7 +2153,7 @@ def cli_sample(
     else:
         out.mkdir(exist_ok=True)
         for i, image in enumerate(images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{i:06d}.png")
+            to_pil(image).save(out / f"{i:06d}.png")
     if recorder:
         recorder.save_gif(trajectory, images)
         recorder.save_strip(trajectory.with_suffix(".png"))
