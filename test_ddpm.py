@@ -85,6 +85,20 @@ def test_linear_schedule_is_ddpms_and_scales_with_t():
     assert short[0].item() == pytest.approx(4e-4) and short[-1].item() == pytest.approx(0.08)
 
 
+@pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
+@pytest.mark.parametrize("timesteps", [2, 10, 20])
+def test_few_timesteps_keep_beta_below_one(schedule, timesteps):
+    """The linear schedule's beta_T = 20/T would reach 1 for T <= 20 (alpha_bar = 0, NaN losses):
+    it is clipped at 0.999 like the cosine one, and the derived quantities stay finite."""
+    s = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule, timesteps))
+    assert (s.betas > 0).all() and (s.betas <= ddpm.MAX_BETA + 1e-7).all()
+    assert (s.alpha_bars > 0).all() and (s.alpha_bars[1:] < s.alpha_bars[:-1]).all()
+    for name in ("sqrt_alpha_bars", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2", "log_snr"):
+        assert torch.isfinite(getattr(s, name)).all(), name
+    scale = 1000 / 21  # T > 20: unchanged by the clip
+    assert torch.equal(ddpm.make_betas("linear", 21), torch.linspace(scale * 1e-4, scale * 0.02, 21, dtype=torch.float64))
+
+
 def test_cosine_schedule_matches_its_closed_form():
     T, s = 1000, 0.008
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -213,6 +227,27 @@ def test_attention_placement():
 def test_size_not_divisible_is_a_user_error():
     with pytest.raises(ddpm.ConfigError, match="divisible by 8"):
         ddpm.UNet(ddpm.UNetConfig(), 30, 32)
+
+
+def library_example() -> str:
+    """The README's "Use it as a library" code block."""
+    readme = (HERE / "README.md").read_text()
+    start = readme.index("<!-- library example -->")
+    block = readme[readme.index("```python", start) + len("```python"):]
+    return block[:block.index("```")]
+
+
+def test_the_readme_library_example_trains_and_samples_with_part_i_only():
+    """The tutorial's notebook in miniature: a plain PyTorch loop over Part I, then sampling."""
+    code = library_example()
+    part_two = ["Runtime", "TrainConfig", "RunConfig", "generate", "load_images", "console", "Trainer", "train("]
+    assert not [name for name in part_two if f"ddpm.{name}" in code or f" {name}" in code]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    losses, images = namespace["losses"], namespace["samples"]
+    assert len(losses) >= 50 and sum(losses[-10:]) < sum(losses[:10]) * 0.7  # it learns
+    assert images.shape == (8, 3, 16, 16) and -1 <= images.min() and images.max() <= 1
+    assert namespace["model"].training  # sample() switched dropout off and restored train mode
 
 
 def test_tiny_model_overfits_one_batch():
@@ -480,6 +515,32 @@ while True:
             leftover.unlink()  # what a killed writer leaves: never the real name
 
 
+FIXTURES = HERE / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["ckpt-v1.pt", "weights-v1.pt"])
+def test_checkpoints_of_earlier_versions_load_and_sample(tmp_path, capsys, name):
+    code, out, _ = run_cli(["inspect", FIXTURES / name, "--json"], capsys)
+    assert code == 0 and json.loads(out)["step"] == 4 and json.loads(out)["config"]["unet"]["dropout"] == 0.1
+    code, _, err = run_cli(["sample", "-c", FIXTURES / name, "-n", 3, "--steps", 4, tmp_path / "s.png", *DEV], capsys)
+    assert code == 0 and "Wrote 3 images" in err
+    assert Image.open(tmp_path / "s.png").size == (2 * 8 + 3 * 2,) * 2
+
+
+def test_a_run_of_an_earlier_version_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt-00000004.pt").write_bytes((FIXTURES / "ckpt-v1.pt").read_bytes())
+    (run / "log.jsonl").write_bytes((FIXTURES / "log-v1.jsonl").read_bytes())
+    code, _, err = run_cli(["train", "--out", run, "--steps", 8, "--log-every", 2, *DEV, "--no-compile"], capsys)
+    assert code == 0 and "Resuming from step 4" in err
+    assert [r["step"] for r in read_log(run)] == [2, 4, 6, 8]
+    resumed = ddpm.load_checkpoint(run / "ckpt.pt")
+    assert resumed["step"] == 8 and resumed["images_seen"] == 32
+    old = ddpm.load_checkpoint(FIXTURES / "ckpt-v1.pt")
+    assert resumed["config"]["unet"] == old["config"]["unet"]
+
+
 def test_export_is_small_and_loads(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli(["train", *MICRO, "--steps", 3, "--out", run], capsys)[0] == 0
@@ -629,6 +690,55 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
     assert resumed.returncode == 0 and "Resuming from step 6" in resumed.stderr
 
 
+def test_preview_grid_equals_sample_of_that_checkpoint_with_dropout_on(tmp_path, capsys):
+    """The preview at step k is `sample --seed <run seed> -n 16` of ckpt-k: same bytes, dropout 0.3."""
+    run = tmp_path / "run"
+    args = [*MICRO, "--dropout", 0.3, "--seed", 5, "--steps", 20, "--save-every", 10, "--keep", 5, "--out", run]
+    assert run_cli(["train", *args], capsys)[0] == 0  # the EMA is updated every 10 steps
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["dropout"] == 0.3
+    for step in (10, 20):
+        out = tmp_path / f"sample-{step}.png"
+        assert run_cli(["sample", "-c", run / f"ckpt-{step:08d}.pt", "-n", 16, "--seed", 5, out, *DEV], capsys)[0] == 0
+        preview = Image.open(run / "samples" / f"step-{step:08d}.png")
+        assert preview.tobytes() == Image.open(out).tobytes()
+    assert Image.open(tmp_path / "sample-10.png").tobytes() != Image.open(tmp_path / "sample-20.png").tobytes()
+
+
+def test_fid_during_training_equals_the_fid_command_on_that_checkpoint(tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 24)):
+        Image.fromarray(car.permute(1, 2, 0).numpy()).save(real / f"{i}.png")
+    features = scripted_random_features(tmp_path / "features.pt")
+    run, cache = tmp_path / "run", ["--cache-dir", tmp_path / "cache"]
+    code, _, _ = run_cli(["train", *MICRO, "--dropout", 0.3, "--data", real, "--steps", 4, "--fid-every", 2,
+                          "--fid-samples", 12, "--seed", 7, "--keep", 5, "--inception", features, "--out", run, *cache],
+                         capsys)
+    assert code == 0
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "fid" in line]
+    assert [r["step"] for r in logged] == [2, 4]
+    for record in logged:
+        code, out, _ = run_cli(["fid", run / f"ckpt-{record['step']:08d}.pt", "--real", real, "-n", 12, "--seed", 7,
+                                "--inception", features, "--json", *cache, *DEV], capsys)
+        assert code == 0 and json.loads(out)["fid"] == pytest.approx(record["fid"], rel=1e-9)
+
+
+@pytest.mark.parametrize("timesteps", [2, 10, 20])
+def test_a_run_with_few_timesteps_trains_previews_and_samples(tmp_path, capsys, timesteps):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--schedule", "linear", "--timesteps", timesteps, "--steps", 6,
+                            "--save-every", 3, "--log-every", 3, "--out", run], capsys)
+    assert code == 0, err
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in read_log(run))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
+    for sampler in ddpm.SAMPLERS:
+        code, _, err = run_cli(["sample", "-c", run, "-n", 2, "--sampler", sampler, tmp_path / f"{sampler}.png", *DEV],
+                               capsys)
+        assert code == 0 and f"{timesteps} steps" in err
+    code, _, err = run_cli(["sample", "-c", run, "--steps", timesteps + 1, tmp_path / "o.png", *DEV], capsys)
+    assert code == 2 and f"--steps {timesteps + 1}: must be between 1 and T = {timesteps}" in err
+
+
 def test_learning_rate_warms_up_linearly():
     config = ddpm.TrainConfig(lr=1e-3, warmup_steps=100)
     assert ddpm.learning_rate(config, 0) == pytest.approx(1e-5)
@@ -750,6 +860,48 @@ def test_sampling_timesteps_include_the_last_one():
         assert times[0] == 999 and len(set(times)) == steps == len(times)
     with pytest.raises(ddpm.ConfigError, match="--steps 0"):
         ddpm.sampling_timesteps(1000, 0)
+
+
+def dropout_model(preset="small", size=16, p=0.3) -> nn.Module:
+    """A U-Net with dropout and non-zero random weights everywhere, so dropout would show."""
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(**{**ddpm.PRESETS[preset], "dropout": p}), size, size)
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.05)
+    return model.to(DEVICE)
+
+
+def test_sampling_switches_dropout_off_and_restores_train_mode():
+    model = dropout_model().train()
+    x, t = torch.randn(2, 3, 16, 16, device=DEVICE), torch.tensor([500, 500], device=DEVICE)
+    with torch.no_grad():
+        assert not torch.equal(model(x, t), model(x, t))  # in train mode, dropout makes two calls differ
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)).to(DEVICE)
+    seen = []
+    denoiser_calls = lambda timestep, x_t, x0: seen.append(model.training)
+    a = ddpm.sample(model, schedule, x.clone(), "ddim", 5, 1.0, lambda y: torch.zeros_like(y), on_step=denoiser_calls)
+    b = ddpm.sample(model, schedule, x.clone(), "ddim", 5, 1.0, lambda y: torch.zeros_like(y))
+    assert seen == [False] * 5 and model.training  # eval while sampling, train mode restored after
+    assert torch.equal(a, b)
+    with ddpm.eval_mode(model):
+        assert not model.training
+        with pytest.raises(ZeroDivisionError):
+            with ddpm.eval_mode(model):
+                1 / 0
+        assert not model.training  # nested: restores what it found
+    assert model.training
+
+
+@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
+def test_image_i_depends_only_on_seed_and_i_not_on_the_batch_size(sampler):
+    model, schedule = dropout_model(), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
+    runtime = ddpm.Runtime(torch.device(DEVICE))
+    run = lambda n, batch, seed=3: ddpm.generate(model, schedule, n, runtime, sampler, steps=6, eta=1.0, seed=seed,
+                                                 batch_size=batch, progress=False)
+    all_at_once, in_pairs, in_threes = run(7, 7), run(5, 2), run(7, 3)
+    same = torch.equal if ON_CPU else (lambda a, b: (a.int() - b.int()).abs().max() <= 2)  # GPU kernels vary by batch
+    assert same(all_at_once[:5], in_pairs) and same(all_at_once, in_threes)
+    assert not torch.equal(all_at_once[0], all_at_once[1]) and not torch.equal(run(2, 2, seed=4), all_at_once[:2])
 
 
 @pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
