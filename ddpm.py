@@ -630,6 +630,7 @@ import errno  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -645,13 +646,23 @@ import torch.distributed as dist  # noqa: E402
 import typer  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,  # noqa: E402
                            TimeRemainingColumn)
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 from torch.optim.swa_utils import AveragedModel  # noqa: E402
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages and progress go to stderr; results to stdout
+# Messages and progress go to stderr, results to stdout. markup=False: paths and options are printed
+# literally, even when they hold [square brackets] that rich would read as markup.
+console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def warn(message: str) -> None:
+    console.print(Text.assemble(("warning: ", "yellow"), message))
+
+
+def print_error(message: str) -> None:
+    console.print(Text.assemble(("error: ", "red"), message))
 
 
 class UserError(Exception):
@@ -755,7 +766,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
     if compile is None:
         compile = on_gpu
     if compile and not compile_available(dev):
-        console.print("[yellow]warning:[/] torch.compile is unavailable here (no Triton/C++ compiler); running eager")
+        warn("torch.compile is unavailable here (no Triton/C++ compiler); running eager")
         compile = False
     return Runtime(dev, torch.bfloat16 if precision == "bf16" else None,
                    on_gpu if channels_last is None else channels_last, compile, rank, world_size)
@@ -917,7 +928,9 @@ def cache_key(files: list[Path], config: DataConfig) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm"
+    """$XDG_CACHE_HOME/ddpm, or ~/.cache/ddpm where it is unset, empty or relative (as the XDG spec says)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "ddpm"
 
 
 def draw_toy_car(rng: random.Random, width: int, height: int) -> Image.Image:
@@ -964,17 +977,29 @@ def toy_cars(width: int, height: int, count: int = TOY_DATASET_SIZE) -> torch.Te
     return torch.stack([pil_to_uint8(draw_toy_car(random.Random(i), width, height)) for i in range(count)])
 
 
-def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False) -> tuple[torch.Tensor, str]:
+def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
+                leave_out: tuple[Path, ...] = ()) -> tuple[torch.Tensor, str]:
     """All training images as one (N, 3, H, W) uint8 tensor, and its cache key.
 
     A folder is decoded and resized once and cached on disk (memory-mapped on load), keyed by the
-    image list, sizes and resize mode; a preflight summary says what was found, skipped, converted."""
+    image list, sizes and resize mode; a preflight summary says what was found, skipped, converted.
+    Files inside the `leave_out` folders (the run folder and the cache, if they sit inside --data:
+    previews must not become training data) are left out, and that is said."""
     say = (lambda *a: None) if quiet else console.print
+    caution = (lambda *a: None) if quiet else warn
     if config.path is None:
         say(f"Data: no --data given, so training on {TOY_DATASET_SIZE} built-in toy cars at {config.size_text}.")
         return toy_cars(config.width, config.height), f"toy-{config.width}x{config.height}"
     root = Path(config.path)
     files = find_images(root)
+    inside = [folder for folder in leave_out if folder.resolve().is_relative_to(root.resolve())]
+    if inside:
+        kept = [f for f in files if not any(f.resolve().is_relative_to(folder.resolve()) for folder in inside)]
+        say(f"Data: left out {len(files) - len(kept)} files inside {', '.join(map(str, inside))}, which "
+            f"{'is' if len(inside) == 1 else 'are'} inside --data {root}.")
+        if not kept:
+            raise UserError(f"--data {root}: no images outside {', '.join(map(str, inside))}")
+        files = kept
     key = cache_key(files, config)
     cache_file = cache_dir / f"images-{key}.pt"
     if cache_file.exists():
@@ -990,7 +1015,7 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False) -> tup
             cache_dir.mkdir(parents=True, exist_ok=True)
             atomic_save(dict(images=images, report=report), cache_file)
         except OSError as error:
-            say(f"[yellow]warning:[/] could not write the image cache {cache_file} ({error.strerror}); continuing")
+            caution(f"could not write the image cache {cache_file} ({error.strerror}); continuing")
         say(f"Decoded {report['used']} images in {time.perf_counter() - started:.1f}s (cached in {cache_file}).")
     converted = ", ".join(f"{n} {mode}" for mode, n in sorted(report["converted"].items())) or "none"
     say(f"Data: {report['found']} image files in {root} -> {report['used']} used at {config.size_text} "
@@ -1000,7 +1025,7 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False) -> tup
     if len(report["skipped"]) > 10:
         say(f"  ... and {len(report['skipped']) - 10} more skipped")
     if report["upscaled"]:
-        say(f"[yellow]warning:[/] {report['upscaled']} images are smaller than {config.size_text} and were upscaled")
+        caution(f"{report['upscaled']} images are smaller than {config.size_text} and were upscaled")
     return images, key
 
 
@@ -1178,20 +1203,54 @@ def link_atomically(source: Path, target: Path) -> None:
 
 
 def disk_error(path: Path, error: OSError) -> UserError:
-    """A one-line message for a failed write, e.g. a full disk."""
-    full = error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
-    hint = "the disk is full: free some space" if full else "check that the folder is writable"
+    """A one-line message for a failed write that says what the file system said, and what to do."""
+    if error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = "the disk is full: free some space"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "check that the folder is writable"
+    elif error.errno == errno.ENAMETOOLONG:
+        hint = "the name is too long for this file system: choose a shorter one"
+    else:
+        hint = "check the disk and the folder"
     return UserError(f"could not write {path} ({error.strerror or error}); {hint}. Earlier checkpoints are intact.")
+
+
+def checksum(value) -> str:
+    """A digest of everything in a checkpoint (tensors by their bytes), stored in it and checked on
+    load, so a flipped bit on disk is found instead of sampled from."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def visit(v):
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(v, dict):
+            for key in sorted(v, key=repr):
+                digest.update(f"K{key!r}".encode())
+                visit(v[key])
+        elif isinstance(v, (list, tuple)):
+            digest.update(f"L{len(v)}".encode())
+            for item in v:
+                visit(item)
+        else:
+            digest.update(f"V{v!r}".encode())
+
+    visit({k: v for k, v in value.items() if k != "checksum"})
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint written by ddpm.py, safely: weights_only=True admits tensors, numbers,
-    strings, lists and dicts and nothing that could run code. Every failure is a one-line UserError."""
+    strings, lists and dicts and nothing that could run code; then check its checksum and structure.
+    Every failure is a one-line UserError."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; train one with `python ddpm.py train` or pass its path")
+    if not path.is_file():  # a FIFO or device would block the read forever
+        raise UserError(f"{path} is not a regular file; give a checkpoint file or a run folder")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] != b"PK":  # torch.save writes a zip archive
@@ -1213,7 +1272,47 @@ def load_checkpoint(path: Path) -> dict:
     if checkpoint["format_version"] != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format version {checkpoint['format_version']}; this ddpm.py reads "
                         f"version {FORMAT_VERSION}. Use the ddpm.py that wrote it")
+    if "checksum" in checkpoint and checksum(checkpoint) != checkpoint["checksum"]:  # format 1 files may lack it
+        raise UserError(f"{path} is corrupt: its contents do not match the checksum stored in it (damaged on "
+                        f"disk?); use an older checkpoint from the same run folder")
+    check_structure(path, checkpoint)
     return checkpoint
+
+
+def check_structure(path: Path, checkpoint: dict) -> None:
+    """What the rest of the program relies on, checked once here: a hand-edited or foreign file is
+    one line naming what is wrong, not a KeyError later."""
+    def bad(what: str):
+        return UserError(f"{path}: {what}; it was not written by this ddpm.py or was edited")
+
+    if checkpoint.get("kind") not in ("full", "weights"):
+        raise bad(f"kind {checkpoint.get('kind')!r} is neither 'full' nor 'weights'")
+    for key in ("step", "images_seen"):
+        if not isinstance(checkpoint.get(key), int) or checkpoint[key] < 0:
+            raise bad(f"{key} is {checkpoint.get(key)!r}, not a count")
+    config = checkpoint.get("config")
+    if not isinstance(config, dict) or any(not isinstance(config.get(s), dict) for s in RunConfig.SECTIONS):
+        raise bad(f"config must hold the sections {', '.join(RunConfig.SECTIONS)}")
+    for name, section in RunConfig.SECTIONS.items():
+        unknown = set(config[name]) - {f.name for f in dataclasses.fields(section)}
+        if unknown:
+            raise bad(f"config.{name} has unknown fields {', '.join(sorted(unknown))}")
+        try:
+            section(**config[name])
+        except (UserError, ConfigError, TypeError, ValueError) as error:
+            raise bad(f"config.{name} is invalid ({error})") from None
+    needed = ["ema"] if checkpoint["kind"] == "weights" else ["model", "optimizer"]
+    for key in needed + ["ema"] * (checkpoint.get("ema") is not None):
+        weights = checkpoint.get(key)
+        if not isinstance(weights, dict) or not weights:
+            raise bad(f"{key} is empty or missing")
+    for key in ("model", "ema"):
+        weights = checkpoint.get(key)
+        if weights is not None and not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise bad(f"{key} holds values that are not tensors")
+    history = checkpoint.get("loss_history", [])
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+        raise bad("loss_history is not a list of [step, loss] pairs")
 
 
 def numbered_checkpoints(run_dir: Path) -> list[Path]:
@@ -1227,9 +1326,12 @@ def load_newest_good(run_dir: Path) -> Optional[tuple[Path, dict]]:
     candidates += numbered_checkpoints(run_dir)
     for path in candidates:
         try:
-            return path, load_checkpoint(path)
+            checkpoint = load_checkpoint(path)
         except UserError as error:
-            console.print(f"[yellow]warning:[/] skipping {error}")
+            warn(f"skipping {error}")
+            continue
+        numbered = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"  # ckpt.pt is a link to it: name the file
+        return (numbered if numbered.exists() and os.path.samefile(numbered, path) else path), checkpoint
     return None
 
 
@@ -1245,8 +1347,8 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> tuple[UNet,
 
 
 def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState) -> dict:
-    """The whole run as plain data: weights_only=True can read all of it back."""
-    return dict(
+    """The whole run as plain data (weights_only=True can read all of it back), with its checksum."""
+    checkpoint = dict(
         format_version=FORMAT_VERSION,
         kind="full",
         config=config.to_dict(),
@@ -1262,20 +1364,69 @@ def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel]
         torch_version=str(torch.__version__),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+    return dict(checkpoint, checksum=checksum(checkpoint))
 
 
 def save_run_checkpoint(run_dir: Path, checkpoint: dict, keep: int) -> Path:
     """Write ckpt-<step>.pt atomically, point ckpt.pt at it, then (only then) delete all but the
-    newest `keep` numbered checkpoints."""
+    newest `keep` numbered checkpoints up to this step. Files of later steps (left by a run that
+    went further, then was damaged) neither count nor are deleted; they are replaced on reaching them."""
     path = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"
     try:
         atomic_save(checkpoint, path)
         link_atomically(path, run_dir / "ckpt.pt")
     except OSError as error:
         raise disk_error(path, error) from None
-    for old in numbered_checkpoints(run_dir)[keep:]:
+    for old in [p for p in numbered_checkpoints(run_dir) if p.name <= path.name][keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on run/.lock): a second `train` on the same --out
+    stops with one line naming the holder. The system drops the lock when the holder ends, however
+    it ends (kill -9 included), so a crash never leaves it stuck."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            return self
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"--out {self.path.parent}: another training is writing this run folder ({holder}); "
+                            f"wait for it to finish or stop it, or use another --out") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}, since "
+                        f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # releases the lock
+
+
+def remove_interrupted_writes(run_dir: Path) -> None:
+    """Delete the temporary files of saves that were killed mid-write (.ckpt-*.pt.tmp-<pid>). Safe
+    only under the run's lock, when no other process can be writing them."""
+    ours = re.compile(r"\..+\.tmp-\d+|log\.jsonl\.tmp")  # atomic_save's and LossLog's names, nothing else
+    leftovers = [p for p in run_dir.iterdir() if ours.fullmatch(p.name) and p.is_file()]
+    if leftovers:
+        size = sum(p.stat().st_size for p in leftovers)
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        console.print(f"Removed {len(leftovers)} temporary files ({size / 1e6:.1f} MB) left by interrupted saves "
+                      f"in {run_dir}.")
 
 # -------------------------------------------------------------------------------------------------
 # Training loop
@@ -1322,6 +1473,20 @@ class LossMeter:
         self.good += ok
         self.bad_total += ~ok
         self.bad_run = (self.bad_run + 1) * ~ok
+
+    def bad_in_a_row(self) -> int:
+        """Non-finite steps in a row, read after every step. On the CPU that is free and exact; on a
+        GPU it is the count one step back, copied without waiting, so the GPU is never idle for it."""
+        if self.device.type != "cuda":
+            return int(self.bad_run)
+        if not hasattr(self, "host"):
+            self.host, self.copied = torch.zeros((), pin_memory=True), torch.cuda.Event()
+            self.copied.record()
+        self.copied.synchronize()  # the copy made after the previous step
+        value = int(self.host)
+        self.host.copy_(self.bad_run, non_blocking=True)
+        self.copied.record()
+        return value
 
     def read(self, runtime: Runtime) -> tuple[Optional[float], int, int]:
         """(mean loss over good steps since the last read, bad steps in total, bad steps in a row)."""
@@ -1375,21 +1540,48 @@ class StopRequest:
 
 
 class LossLog:
-    """log.jsonl in the run folder: one JSON object per log line (step, loss, lr, img/s, ...)."""
+    """log.jsonl in the run folder: one JSON object per log line (step, loss, lr, img/s, ...).
+
+    On resume, lines after the checkpoint's step are dropped (they will be written again), and
+    damaged lines (a write cut short by a full disk, NUL bytes after a power loss) are moved to
+    log.jsonl.damaged with a warning: the log never blocks a resume."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        if path.exists():  # drop lines written after the checkpoint we resume from
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
-            if len(kept) != len(lines):
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, path)
+        if not path.exists():
+            return
+        kept, damaged, dropped = [], [], 0
+        for line in path.read_bytes().split(b"\n"):
+            text = line.strip(b"\x00 \t\r")
+            if not text:
+                continue
+            try:
+                step = json.loads(text)["step"]
+                assert isinstance(step, int)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                damaged.append(line)
+                continue
+            if step <= resume_step:
+                kept.append(text)
+            else:
+                dropped += 1
+        if damaged:
+            aside = path.with_name(path.name + ".damaged")
+            with open(aside, "ab") as f:
+                f.write(b"".join(line + b"\n" for line in damaged))
+            warn(f"{path}: {len(damaged)} damaged line(s), e.g. from a write cut short by a full disk, moved to "
+                 f"{aside}")
+        if damaged or dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+            os.replace(tmp, path)
 
     def write(self, **record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise disk_error(self.path, error) from None
 
 
 class Trainer:
@@ -1397,7 +1589,7 @@ class Trainer:
     step, and the periodic log line, checkpoint (with its preview grid) and FID."""
 
     def __init__(self, config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path,
-                 resume: Optional[dict] = None, inception: Optional[str] = None):
+                 resume: Optional[dict] = None, inception: Optional[str] = None, resume_path: Optional[Path] = None):
         self.config, self.settings, self.run_dir, self.runtime = config, config.train, run_dir, runtime
         self.main = runtime.is_main
         self.say = console.print if self.main else (lambda *a, **k: None)
@@ -1418,18 +1610,21 @@ class Trainer:
         self.meter.bad_total.fill_(self.state.bad_steps)
         self.started = self.window_start = time.monotonic()
         self.window_images, self.last_saved = 0, self.state.step
+        self.last_good = resume_path  # the newest checkpoint known to hold a healthy model
+        self.bad_run = 0  # non-finite steps in a row
         self.say(f"Model: {count_parameters(self.model) / 1e6:.1f}M parameters; {runtime.device} {runtime.precision}"
                  f"{' compiled' if runtime.compile else ''}{' channels_last' if runtime.channels_last else ''}; "
-                 f"batch {self.settings.batch_size} x {runtime.world_size}; run folder {escape(str(run_dir))}")
+                 f"batch {self.settings.batch_size} x {runtime.world_size}; run folder {run_dir}")
 
     def load_data(self, cache_dir: Path) -> tuple[torch.Tensor, str]:
         """Rank 0 decodes (and caches) the images first; the other ranks then read its cache."""
+        leave_out = (self.run_dir, cache_dir)  # a run folder or cache inside --data is not training data
         if self.main:
-            images, key = load_images(self.config.data, cache_dir)
+            images, key = load_images(self.config.data, cache_dir, leave_out=leave_out)
         if self.runtime.world_size > 1:
             dist.barrier()
         if not self.main:
-            images, key = load_images(self.config.data, cache_dir, quiet=True)
+            images, key = load_images(self.config.data, cache_dir, quiet=True, leave_out=leave_out)
         batch, world = self.settings.batch_size, self.runtime.world_size
         if batch * world > len(images):
             raise UserError(f"--batch-size {batch} x {world} GPU(s) is larger than the data set ({len(images)} "
@@ -1467,10 +1662,11 @@ class Trainer:
         """What previews and FID sample from: the EMA weights when there are any."""
         return self.ema.module if self.ema is not None else self.model
 
-    def step(self) -> None:
+    def step(self) -> int:
         """One optimisation step (DDPM Algorithm 1): x0 from the data, t ~ Uniform{0..T-1},
         eps ~ N(0, I), a gradient step on the loss, then the EMA. Everything random comes from
-        (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B and resuming is exact."""
+        (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B and resuming is exact.
+        A non-finite loss or gradient skips the update. Returns the non-finite steps in a row."""
         settings, runtime, state, data = self.settings, self.runtime, self.state, self.config.data
         self.generator.manual_seed(derive_seed(settings.seed, "step", state.step))
         torch.manual_seed(derive_seed(settings.seed, "dropout", state.step, runtime.rank))
@@ -1496,12 +1692,14 @@ class Trainer:
         if self.ema is not None and state.step % settings.ema_every == 0:
             self.ema.update_parameters(self.model)
         self.meter.add(loss, ok)
+        self.bad_run = self.meter.bad_in_a_row()
+        return self.bad_run
 
-    def log_line(self) -> tuple[str, int]:
+    def log_line(self) -> str:
         """Read the loss sums (the only point where the host waits for the device) and write a line
-        of log.jsonl. Returns the progress text and the number of non-finite steps in a row."""
+        of log.jsonl. Returns the progress text."""
         state = self.state
-        mean_loss, state.bad_steps, bad_run = self.meter.read(self.runtime)
+        mean_loss, state.bad_steps, _ = self.meter.read(self.runtime)
         now = time.monotonic()
         speed = self.window_images / max(now - self.window_start, 1e-9)
         self.window_start, self.window_images = now, 0
@@ -1509,7 +1707,7 @@ class Trainer:
             state.record(state.step, mean_loss)
         self.write_log(loss=mean_loss, img_per_s=round(speed, 2))
         shown = f"{mean_loss:.4f}" if mean_loss is not None else "nan"
-        return f"step {state.step}  loss {shown}  {speed:.1f} img/s", bad_run
+        return f"step {state.step}  loss {shown}  {speed:.1f} img/s"
 
     def write_log(self, **values) -> None:
         if self.main:
@@ -1517,10 +1715,23 @@ class Trainer:
                            lr=learning_rate(self.settings, self.state.step - 1), bad_steps=self.state.bad_steps,
                            elapsed_s=round(time.monotonic() - self.started, 2), **values)
 
-    def checkpoint(self, with_fid: bool) -> Path:
+    def healthy(self) -> bool:
+        """Whether the model may be saved: the last step was finite and every weight (EMA too) is.
+        A diverged model is never written, so it can never rotate good checkpoints away."""
+        if self.bad_run:
+            return False
+        tensors = list(self.model.parameters()) + (list(self.ema.module.parameters()) if self.ema else [])
+        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+    def checkpoint(self, with_fid: bool) -> Optional[Path]:
         """FID if due, then the checkpoint and its preview grid: `sample -n <preview_count> --seed
-        <seed>` of that checkpoint, so previews are comparable across steps and reproducible."""
+        <seed>` of that checkpoint, so previews are comparable across steps and reproducible.
+        Nothing is written while the model is not healthy()."""
         settings, state = self.settings, self.state
+        if not self.healthy():
+            warn(f"step {state.step}: not saving: the model has non-finite weights or the last step was "
+                 f"non-finite; the last good checkpoint stays {self.last_good or 'none yet'}")
+            return None
         improved = False
         if with_fid:
             score = self.fid_scorer.score(self.sampling_model, self.schedule, settings.fid_samples, settings.seed,
@@ -1540,9 +1751,9 @@ class Trainer:
             raise disk_error(preview, error) from None
         if improved:
             link_atomically(path, self.run_dir / "best.pt")
-        self.last_saved = state.step
+        self.last_saved, self.last_good = state.step, path
         if not console.is_terminal:
-            self.say(f"step {state.step}: saved {escape(str(path))}")
+            self.say(f"step {state.step}: saved {path}")
         return path
 
     def limit_reached(self, clock: bool) -> Optional[str]:
@@ -1556,6 +1767,13 @@ class Trainer:
         if clock and settings.minutes and time.monotonic() - self.started >= settings.minutes * 60:
             return "minutes"
         return None
+
+    def diverged(self) -> str:
+        """The message for a run that stops because too many steps in a row were non-finite."""
+        where = f"the last good checkpoint is {self.last_good}; resume from it" if self.last_good else \
+            "no checkpoint was written yet; start again"
+        return (f"{self.bad_run} steps in a row had a non-finite loss or gradient, so they were skipped; stopping "
+                f"without saving. {where[0].upper()}{where[1:]} with a lower --lr (or a --grad-clip).")
 
     def stop_reason(self, stop: "StopRequest", at_log: bool) -> Optional[str]:
         """"signal", a limit's name, or None to go on. Under torchrun every rank must stop at the same
@@ -1586,23 +1804,23 @@ class Trainer:
             if mean_loss is not None:
                 state.record(state.step, mean_loss)
                 self.write_log(loss=mean_loss)
-        path = self.checkpoint(False) if self.main and state.step != self.last_saved else self.run_dir / "ckpt.pt"
+        path = (self.checkpoint(False) if self.main and state.step != self.last_saved else None) or self.last_good
         if reason != "signal":
             self.say(f"Done at step {state.step} ({reason} limit): {state.images_seen} images seen, "
-                     f"{state.bad_steps} non-finite steps skipped. Checkpoint: {escape(str(path))}")
+                     f"{state.bad_steps} non-finite steps skipped. Checkpoint: {path}")
             return 0
         name = stop.signal or "SIGTERM"
-        self.say(f"Stopped by {name} at step {state.step}; saved {escape(str(path))}. Resume with: python ddpm.py "
-                 f"train --out {escape(str(self.run_dir))}")
+        self.say(f"Stopped by {name} at step {state.step}; saved {path}. Resume with: python ddpm.py "
+                 f"train --out {self.run_dir}")
         return 130 if name == "SIGINT" else 143
 
 
 def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, resume: Optional[dict] = None,
-          inception: Optional[str] = None) -> int:
+          inception: Optional[str] = None, resume_path: Optional[Path] = None) -> int:
     """Train until a stop condition; returns the exit code (0 done, 130/143 interrupted, 2 diverged).
     Each pass of the loop is one optimisation step, then the periodic work in named blocks."""
     setup_distributed(runtime)
-    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception)
+    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception, resume_path)
     settings, state = config.train, trainer.state
     if trainer.limit_reached(clock=False):
         trainer.say(f"Nothing to do: the run is at step {state.step} ({state.images_seen} images), past its "
@@ -1612,20 +1830,20 @@ def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, r
     with StopRequest() as stop, training_progress(trainer.main) as progress:
         task = progress.add_task("train", total=1000, info="")
         while reason is None:
-            trainer.step()
+            bad_run = trainer.step()
 
-            # Log: mean loss, speed, and a stop if too many steps in a row were non-finite.
+            # Log: mean loss and speed.
             at_log = state.step % settings.log_every == 0
             if at_log:
-                info, bad_run = trainer.log_line()
-                progress.update(task, info=info)
-                if bad_run >= settings.max_bad_steps:
-                    trainer.say(f"[red]error:[/] {bad_run} steps in a row had a non-finite loss or gradient, so "
-                                f"they were skipped; stopping without saving. The last good checkpoint is "
-                                f"{escape(str(run_dir / 'ckpt.pt'))}; resume from it with a lower --lr.")
-                    exit_code = 2
-                    break
+                progress.update(task, info=trainer.log_line())
             progress.update(task, completed=1000 * trainer.progress_fraction())
+            if bad_run >= settings.max_bad_steps:  # diverged: stop, and save nothing
+                if not at_log:
+                    trainer.log_line()
+                if trainer.main:
+                    print_error(trainer.diverged())
+                exit_code = 2
+                break
 
             # Checkpoint, preview grid and (if asked) FID.
             fid_due = trainer.fid_scorer is not None and state.step % settings.fid_every == 0
@@ -2153,6 +2371,8 @@ def cli_train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, log.jsonl, samples/. "
                                       "Training into an existing run resumes it.")] = Path("run"),
     resume: Annotated[bool, typer.Option(help="Require a checkpoint in --out to resume from.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Start a new run in an --out whose checkpoints are all damaged "
+                                        "(they are kept; its log is renamed).")] = False,
     preset: Annotated[Preset, typer.Option(help="U-Net size: tiny ~1.1M (tests, CPU demo), small ~9M, "
                                            "base ~36M (DDPM's CIFAR-10 net).")] = Preset.small,
     size: Annotated[str, typer.Option(help="Training size: SIZE or WIDTHxHEIGHT.")] = "64",
@@ -2211,32 +2431,48 @@ def cli_train(
                           DiffusionConfig(schedule.value, timesteps, objective.value),
                           DataConfig(str(data) if data else None, width, height, resize.value, flip),
                           TrainConfig(**train_values))
-    config, checkpoint = config_for_run(out, requested, given_options(ctx), resume)
-    if config.train.fid_every:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the run")
+    if requested.train.fid_every:
         find_inception(inception)  # fail now, not hours in
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):
             raise UserError(f"--out {out}: folder is not writable")
-    code = train(config, out, runtime, cache_dir, checkpoint, inception)
+    with RunLock(out) if runtime.is_main else contextlib.nullcontext():  # held until training ends
+        config, found = config_for_run(out, requested, given_options(ctx), resume, fresh)
+        if runtime.is_main:
+            remove_interrupted_writes(out)
+        path, checkpoint = found or (None, None)
+        code = train(config, out, runtime, cache_dir, checkpoint, inception, path)
     if code:
         raise typer.Exit(code)
 
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-RUNTIME_OPTIONS = {"data", "out", "resume", "device", "precision", "compile", "channels_last", "cache_dir", "inception"}
+RUNTIME_OPTIONS = {"data", "out", "resume", "fresh", "device", "precision", "compile", "channels_last", "cache_dir",
+                   "inception"}
 
 
-def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool) -> tuple[RunConfig, Optional[dict]]:
-    """The config to train with, and the checkpoint to resume from (None for a new run). A run folder
-    with a checkpoint resumes it: model, schedule and image size come from the checkpoint, and the
-    training settings too, except those typed again on the command line."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder for the run")
+def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool,
+                   fresh: bool) -> tuple[RunConfig, Optional[tuple[Path, dict]]]:
+    """The config to train with, and the (path, checkpoint) to resume from (None for a new run). A
+    run folder with a checkpoint resumes it: model, schedule and image size come from the checkpoint,
+    and the training settings too, except those typed again on the command line. A folder whose
+    checkpoints are all damaged stops here, unless --fresh: nothing in it is deleted or truncated."""
     found = load_newest_good(out) if out.exists() else None
     if resume and found is None:
         raise UserError(f"--resume: no loadable checkpoint in {out}")
     if found is None:
+        damaged = sorted(p.name for p in out.glob("ckpt*.pt")) if out.exists() else []
+        if damaged and not fresh:
+            raise UserError(f"--out {out} holds checkpoints but none of them loads ({', '.join(damaged[:3])}"
+                            f"{', ...' if len(damaged) > 3 else ''}); nothing was changed. Move them away, or "
+                            f"add --fresh to start a new run there")
+        if damaged and (out / "log.jsonl").exists():
+            aside = out / f"log-before-fresh-{datetime.datetime.now():%Y%m%d-%H%M%S}.jsonl"
+            os.replace(out / "log.jsonl", aside)
+            console.print(f"Starting a new run in {out}; its damaged checkpoints are kept, its log is now {aside}.")
         requested.unet.check_image_size(requested.data.height, requested.data.width)
         return requested, None
     path, checkpoint = found
@@ -2251,9 +2487,9 @@ def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: boo
     ignored = [f"{section}.{key}={asked[section][key]}" for section in ("unet", "diffusion", "data")
                for key in stored[section] if key != "path" and stored[section][key] != asked[section][key]]
     if ignored and given - TRAIN_FIELDS - RUNTIME_OPTIONS:
-        console.print(f"[yellow]warning:[/] resuming {escape(str(path))}, whose model and data settings are kept; "
+        warn(f"resuming {path}, whose model and data settings are kept; "
                       f"ignoring {', '.join(ignored)}")
-    return config, checkpoint
+    return config, found
 
 
 def load_for_sampling(ckpt: Path, use_ema: bool, runtime: Runtime):
@@ -2622,17 +2858,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = app(args=argv, prog_name="ddpm.py", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except (UserError, ConfigError) as error:
-        console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
+        print_error(str(error))
         return 2
     except KeyboardInterrupt:
         console.print("Interrupted; nothing was saved since the last checkpoint.")
         return 130
     except OSError as error:  # the file system said no: permissions, a full disk, a vanished file
-        console.print(f"[red]error:[/] {error.filename or ''}: {error.strerror or error}", soft_wrap=True)
+        print_error(f"{error.filename}: {error.strerror}" if error.filename else str(error.strerror or error))
         return 2
     except Exception as error:
         if hasattr(error, "format_message") and hasattr(error, "exit_code"):  # Typer's (vendored click's) errors
-            console.print(f"[red]error:[/] {error.format_message()} (see --help)", soft_wrap=True)
+            print_error(f"{error.format_message()} (see --help)")
             return error.exit_code
         raise
 

@@ -667,6 +667,149 @@ def test_full_disk_keeps_the_old_checkpoint(tmp_path):
     assert not list(run.glob(".*tmp*"))
 
 
+def test_a_full_disk_while_logging_names_the_file_and_the_torn_line_never_blocks_resume(tmp_path):
+    run = tmp_path / "run"
+    assert run_script(["train", *MICRO, "--steps", 4, "--log-every", 2, "--out", run]).returncode == 0
+    with open(run / "log.jsonl", "a") as f:  # make the log the largest file, so it hits the limit first
+        for _ in range(3000):
+            f.write(json.dumps({"step": 1, "note": "padding" * 20}) + "\n")
+    size = (run / "log.jsonl").stat().st_size
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 20, size + 20))  # room for 20 bytes of the next line
+
+    result = run_script(["train", "--out", run, "--steps", 8, *DEV], preexec_fn=small_disk)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: could not write {run / 'log.jsonl'}" in result.stderr.strip().splitlines()[-1]
+    with open(run / "log.jsonl", "ab") as f:
+        f.write(b"\x00" * 64)  # and what a power loss can leave behind
+    result = run_script(["train", "--out", run, "--steps", 8, "--log-every", 2, *DEV])
+    assert result.returncode == 0 and "damaged line(s)" in result.stderr and "Resuming from step 4" in result.stderr
+    assert [r["step"] for r in read_log(run) if "note" not in r][-2:] == [6, 8]
+    assert (run / "log.jsonl.damaged").read_bytes().startswith(b'{"step": 6')
+
+
+def test_a_diverging_run_never_saves_over_its_good_checkpoints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 20, "--save-every", 10, "--out", run], capsys)[0] == 0
+    good = {name: (run / name).read_bytes() for name in ("ckpt-00000010.pt", "ckpt-00000020.pt")}
+    code, _, err = run_cli(["train", "--out", run, "--lr", 1e30, "--save-every", 5, "--keep", 2, "--max-bad-steps", 8,
+                            "--steps", 100, *DEV], capsys)
+    assert code == 2 and "8 steps in a row had a non-finite loss" in err
+    assert f"The last good checkpoint is {run / 'ckpt-00000020.pt'}" in err.strip().splitlines()[-1]
+    assert sorted(p.name for p in run.glob("ckpt*.pt")) == ["ckpt-00000010.pt", "ckpt-00000020.pt", "ckpt.pt"]
+    assert all((run / name).read_bytes() == data for name, data in good.items())
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["step"] == 20
+    assert "not saving" in err  # the periodic saves in the bad streak were skipped, and said so
+
+
+def test_max_bad_steps_stops_exactly_there_between_log_lines(tmp_path, monkeypatch, capsys):
+    real_loss = ddpm.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        return real_loss(*args, **kwargs) * (float("nan") if calls["n"] > 12 else 1.0)
+
+    monkeypatch.setattr(ddpm, "diffusion_loss", poisoned)
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--steps", 100, "--log-every", 50, "--save-every", 10,
+                            "--max-bad-steps", 5, "--out", run], capsys)
+    assert code == 2 and f"The last good checkpoint is {run / 'ckpt-00000010.pt'}" in err
+    assert read_log(run)[-1]["step"] == 17 and read_log(run)[-1]["bad_steps"] == 5
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.unlink()  # break hard links first (ckpt.pt shares its file with the newest numbered one)
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_a_folder_whose_checkpoints_are_all_damaged_stops_and_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 4, "--save-every", 2, "--keep", 5, "--log-every", 1, "--out", run],
+                   capsys)[0] == 0
+    for path in run.glob("ckpt*.pt"):
+        truncate(path)
+    files = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    before = files()
+    code, _, err = run_cli(["train", "--out", run, "--steps", 6, *DEV], capsys)
+    assert code == 2 and "none of them loads" in err.strip().splitlines()[-1] and "--fresh" in err
+    assert files() == before
+    code, _, err = run_cli(["train", *MICRO, "--out", run, "--steps", 3, "--fresh"], capsys)
+    assert code == 0 and "Done at step 3" in err
+    aside = list(run.glob("log-before-fresh-*.jsonl"))
+    assert len(aside) == 1 and aside[0].read_bytes() == before["log.jsonl"]
+    assert (run / "ckpt-00000004.pt").read_bytes() == before["ckpt-00000004.pt"]  # kept, and not counted
+
+
+def test_a_damaged_newer_checkpoint_neither_takes_a_keep_slot_nor_is_deleted(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 4, "--save-every", 2, "--keep", 5, "--out", run], capsys)[0] == 0
+    (run / "ckpt-00000099.pt").write_bytes(b"PK damaged")
+    code, _, err = run_cli(["train", "--out", run, "--steps", 6, "--keep", 1, *DEV], capsys)
+    assert code == 0 and "Resuming from step 4" in err
+    assert sorted(p.name for p in run.glob("ckpt*.pt")) == ["ckpt-00000006.pt", "ckpt-00000099.pt", "ckpt.pt"]
+    assert ddpm.load_checkpoint(run / "ckpt-00000006.pt")["step"] == 6
+
+
+def test_a_flipped_byte_is_detected_and_resume_falls_back(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 4, "--save-every", 2, "--keep", 5, "--out", run], capsys)[0] == 0
+    newest = run / "ckpt-00000004.pt"
+    weight = ddpm.load_checkpoint(newest)["model"]["conv_in.weight"].numpy().tobytes()
+    data = bytearray(newest.read_bytes())
+    at = data.index(weight) + 5
+    data[at] ^= 0x10  # one bit of one weight
+    (run / "ckpt.pt").unlink()
+    newest.write_bytes(bytes(data))
+    code, _, err = run_cli(["sample", "-c", newest, "-n", 1, tmp_path / "o.png", *DEV], capsys)
+    assert code == 2 and "do not match the checksum" in err
+    code, _, err = run_cli(["train", "--out", run, "--steps", 6, *DEV], capsys)
+    assert code == 0 and "Resuming from step 2" in err and "do not match the checksum" in err
+
+
+def test_a_second_training_on_the_same_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen([PYTHON, str(HERE / "ddpm.py"), "train", *MICRO, "--steps", "1000000", "--log-every", "5",
+                              "--out", str(run)], stderr=subprocess.DEVNULL, cwd=HERE)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.1)
+    second = run_script(["train", "--out", run, "--steps", 10, *DEV])
+    last = second.stderr.strip().splitlines()[-1]
+    assert second.returncode == 2 and "another training is writing this run folder" in last
+    assert f"pid {first.pid}" in last
+    first.kill()
+    first.wait()
+    third = run_script(["train", *MICRO, "--out", run, "--steps", 1])
+    assert third.returncode == 0, third.stderr
+
+
+def test_a_run_folder_inside_the_data_folder_stays_out_of_the_data(tmp_path, capsys):
+    data = tmp_path / "data"
+    for i in range(6):
+        save_image(data / f"{i}.png", size=(8, 8), colour=(40 * i, 0, 0))
+    run = data / "run"
+    args = ["train", *MICRO, "--data", data, "--out", run, "--save-every", 1, "--cache-dir", tmp_path / "cache"]
+    assert run_cli([*args, "--steps", 2], capsys)[0] == 0
+    assert len(list((run / "samples").glob("*.png"))) == 2  # PNGs now inside --data
+    code, _, err = run_cli([*args, "--steps", 3], capsys)
+    assert code == 0 and "6 used" in err and "left out 2 files inside" in err
+
+
+def test_temporary_files_of_killed_saves_are_removed_at_the_next_start(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
+    (run / ".ckpt-00000004.pt.tmp-12345").write_bytes(b"x" * 1000)
+    (run / "notes.tmp").write_text("the user's own file")
+    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
+    assert code == 0 and "Removed 1 temporary files" in err
+    assert not (run / ".ckpt-00000004.pt.tmp-12345").exists() and (run / "notes.tmp").exists()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on localhost, tested on Linux")
 def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
     common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", "6", "--log-every", "2",
@@ -1123,8 +1266,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     code, _, err = run_cli(["train", *MICRO, "--steps", 6, "--save-every", 3, "--log-every", 2, "--out", run], capsys)
     assert code == 0 and "built-in toy cars" in err and "Done at step 6" in err
-    assert sorted(p.name for p in run.iterdir()) == ["ckpt-00000003.pt", "ckpt-00000006.pt", "ckpt.pt", "log.jsonl",
-                                                     "samples"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "ckpt-00000003.pt", "ckpt-00000006.pt", "ckpt.pt",
+                                                     "log.jsonl", "samples"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
     assert Image.open(run / "samples" / "step-00000006.png").size == (4 * 8 + 5 * 2,) * 2  # 16 previews, 4x4
 
