@@ -651,6 +651,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 from torch.optim.swa_utils import AveragedModel  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
 
 # Messages and progress go to stderr, results to stdout. markup=False: paths and options are printed
 # literally, even when they hold [square brackets] that rich would read as markup.
@@ -736,7 +738,16 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
                     channels_last: Optional[bool] = None) -> Runtime:
     """Pick device, precision and fast paths. On CUDA: bf16 autocast, TF32 matmuls, channels_last and
     torch.compile by default; on the CPU: fp32, eager. Under torchrun, one GPU per local rank."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise UserError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: not whole "
+                        f"numbers; run under torchrun, or unset them") from None
+    if world_size > 1 and not all(os.environ.get(name) for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")):
+        raise UserError(f"WORLD_SIZE={world_size} is set, but not MASTER_ADDR, MASTER_PORT and LOCAL_RANK: start "
+                        f"several processes with torchrun (see the README), or unset RANK and WORLD_SIZE")
+    if not (world_size >= 1 and 0 <= rank < world_size):
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world_size} do not fit together; run under torchrun")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -780,6 +791,55 @@ def compile_available(device: torch.device) -> bool:
         import importlib.util
         return importlib.util.find_spec("triton") is not None
     return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+class CountBytes(TorchDispatchMode):
+    """Sums the bytes of every tensor the operations under it produce (on the meta device: shapes only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.total += sum(t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+def memory_needed(unet: UNetConfig, height: int, width: int, batch: int, training: bool) -> tuple[int, int]:
+    """(bytes in all, bytes per extra image) that training or sampling a batch needs, estimated by
+    running the network on the meta device, which allocates nothing: the parameters (x5 to train:
+    weights, gradients, EMA, two Adam moments) and the bytes one forward pass produces per image,
+    scaled by how much of it is alive at once (measured on the CPU for `small` at 32x32: 1/5 while
+    training, dropout masks included, and 1/21 while sampling; we assume 1/4 and 1/16)."""
+    with torch.device("meta"), CountBytes() as counter:
+        model = UNet(unet, height, width).train(training)
+        model(torch.zeros(1, 3, height, width), torch.zeros(1, dtype=torch.long))
+    per_image = counter.total // (4 if training else 16)
+    return count_parameters(model) * 4 * (5 if training else 1) + batch * per_image, per_image
+
+
+def memory_available(device: torch.device) -> int:
+    """Free memory on the GPU, or the memory the system can still give this process."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(unet: UNetConfig, height: int, width: int, batch: int, device: torch.device, training: bool,
+                 batch_option: str = "--batch-size") -> None:
+    """Refuse, before any work, a size, width or batch that cannot fit, with the estimate and what fits."""
+    needed, per_image = memory_needed(unet, height, width, batch, training)
+    available = memory_available(device)
+    if needed > available:
+        fits = max(0, batch - math.ceil((needed - available) / per_image))
+        hint = f"use {batch_option} {fits} or less" if fits else "use a smaller --size or a smaller model"
+        raise UserError(f"{'training' if training else 'sampling'} {width}x{height} images at {batch_option} {batch} "
+                        f"with {unet.base_channels} base channels needs about {needed / 2**30:.1f} GiB, and "
+                        f"{device} has {available / 2**30:.1f} GiB free; {hint}")
 
 
 def setup_distributed(runtime: Runtime) -> None:
@@ -1311,7 +1371,8 @@ def check_structure(path: Path, checkpoint: dict) -> None:
         if weights is not None and not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise bad(f"{key} holds values that are not tensors")
     history = checkpoint.get("loss_history", [])
-    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+    pair = lambda h: isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(v, (int, float)) for v in h)
+    if not isinstance(history, list) or not all(pair(h) for h in history):
         raise bad("loss_history is not a list of [step, loss] pairs")
 
 
@@ -1902,7 +1963,7 @@ def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Run
     its starting noise and every later draw come from its own generator. on_step sees the first batch."""
     net = runtime.wrap(model)
     per_image = evaluations(sampler, steps, schedule.timesteps)
-    out = []
+    out, started = [], time.perf_counter()
     with sampling_progress(progress) as bar:
         task = bar.add_task(f"{sampler} x{per_image}", total=math.ceil(count / batch_size) * per_image)
         for start in range(0, count, batch_size):
@@ -1917,6 +1978,10 @@ def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Run
 
             images = sample(net, schedule, x_T, sampler, steps, eta, noise.randn_like, variance, callback)
             out.append(to_uint8(images))
+            if progress and start == 0 and count > len(images) and not console.is_terminal:  # a log has no bar
+                seconds = (time.perf_counter() - started) * count / len(images)
+                console.print(f"Sampling {count} images will take about {datetime.timedelta(seconds=round(seconds))} "
+                              f"at {len(images) / (time.perf_counter() - started):.2f} img/s (from the first batch).")
     return torch.cat(out)
 
 
@@ -2339,13 +2404,56 @@ def given_options(ctx: typer.Context) -> set[str]:
     return {name for name in ctx.params if (source := ctx.get_parameter_source(name)) and source.name == "COMMANDLINE"}
 
 
-def check_output_path(path: Path, option: str = "output") -> None:
-    """The folder that will hold `path` must exist and be writable."""
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_GRID_IMAGES = 4096  # a grid of more is too large to look at; write a folder instead
+MAX_NOISE_PANELS = 100
+
+
+def check_output_path(path: Path, option: str = "output", suffixes: Optional[tuple[str, ...]] = None) -> None:
+    """Before any work: the folder that will hold `path` must exist and be writable, the name must
+    fit the file system, and (if given) the suffix must be one of `suffixes`."""
     folder = path.parent
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
     if not folder.exists():
         raise UserError(f"{option} {path}: folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise UserError(f"{option} {path}: folder {folder} is not writable")
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+        if len(os.fsencode(path.name)) + 16 > limit:  # + room for the temporary name of an atomic write
+            raise UserError(f"{option} {path}: the file name is too long for this file system ({limit} bytes at "
+                            f"most); choose a shorter one")
+
+
+def check_disk_space(folder: Path, needed: int, option: str) -> None:
+    """Refuse a job whose output cannot fit on the disk (needed: an upper estimate in bytes)."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UserError(f"{option}: the images need up to {needed / 1e9:.1f} GB and {folder} has {free / 1e9:.1f} GB "
+                        f"free; ask for fewer")
+
+
+def check_finite(value: float, option: str, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{option} {value}: must be a number from {low:g} to {high:g}")
+
+
+def open_image(path: Path) -> Image.Image:
+    """A user's image file, fully read, or one line saying why not (missing, not a file, not an image,
+    or a decompression bomb: more pixels than Pillow allows)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file; give an image file")
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{path}: refused as a possible decompression bomb ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{path}: not a readable image ({error})") from None
 
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
@@ -2441,6 +2549,7 @@ def cli_train(
             raise UserError(f"--out {out}: folder is not writable")
     with RunLock(out) if runtime.is_main else contextlib.nullcontext():  # held until training ends
         config, found = config_for_run(out, requested, given_options(ctx), resume, fresh)
+        check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
         if runtime.is_main:
             remove_interrupted_writes(out)
         path, checkpoint = found or (None, None)
@@ -2527,15 +2636,22 @@ def cli_sample(
         raise UserError(f"-n {n}: must be at least 1")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    grid = out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
-    check_output_path(out, "output")
+    check_finite(eta, "--eta", 0, 1)
+    grid = out.suffix != ""
+    check_output_path(out, "output", GRID_SUFFIXES if grid else None)
+    if grid and n > MAX_GRID_IMAGES:
+        raise UserError(f"-n {n}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a folder "
+                        f"(a name without a suffix) for one PNG per image")
     if trajectory:
-        check_output_path(trajectory, "--trajectory")
+        check_output_path(trajectory, "--trajectory", (".gif",))
     runtime = resolve_runtime(device, precision.value, compile, None)
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
     if sampler.value == "ddpm" and steps is not None:
         raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
     steps = default_steps(schedule.timesteps) if steps is None else steps
+    check_memory(config.unet, config.data.height, config.data.width, min(n, batch_size), runtime.device, False)
+    if not grid:
+        check_disk_space(out.parent, n * 3 * config.data.height * config.data.width, f"-n {n}")
     recorder = TrajectoryRecorder() if trajectory else None
     started = time.perf_counter()
     images = generate(model, schedule, n, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
@@ -2567,21 +2683,12 @@ def cli_noise_demo(
 ):
     """Show the forward process: the image noised at evenly spaced t, labelled with t and alpha_bar_t. No
     checkpoint needed."""
-    if count < 2:
-        raise UserError(f"-n {count}: need at least 2 panels")
-    if size < 8:
-        raise UserError(f"--size {size}: must be at least 8")
-    check_output_path(out, "--out")
-    if image is None:
-        picture = draw_toy_car(random.Random(7), size, size * 3 // 4)
-    else:
-        if not image.is_file():
-            raise UserError(f"{image}: no such file")
-        try:
-            picture = Image.open(image)
-            picture.load()
-        except (OSError, ValueError, SyntaxError) as error:
-            raise UserError(f"{image}: not a readable image ({error})") from None
+    if not 2 <= count <= MAX_NOISE_PANELS:
+        raise UserError(f"-n {count}: need 2 to {MAX_NOISE_PANELS} panels")
+    if not 8 <= size <= 1024:
+        raise UserError(f"--size {size}: must be from 8 to 1024 pixels")
+    check_output_path(out, "--out", tuple(s for s in Image.registered_extensions() if s in GRID_SUFFIXES))
+    picture = draw_toy_car(random.Random(7), size, size * 3 // 4) if image is None else open_image(image)
     times = noise_demo(picture, out, count, NoiseSchedule(DiffusionConfig(schedule.value, timesteps)), size, seed)
     console.print(f"Wrote {out}: {count} panels at t = {', '.join(str(t + 1) for t in times)} ({schedule.value})")
 
@@ -2603,6 +2710,7 @@ def describe_checkpoint(path: Path, checkpoint: dict) -> dict:
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not values:
         return ""
     bars = "▁▂▃▄▅▆▇█"
@@ -2656,6 +2764,9 @@ def cli_export(
     sample, inspect and fid."""
     checkpoint = load_checkpoint(ckpt)
     check_output_path(out, "output")
+    if not ema and checkpoint.get("model") is None:
+        raise UserError(f"{ckpt} is a weights-only export with no raw (non-EMA) weights; drop --no-ema, or export "
+                        f"from the run's full checkpoint")
     weights = checkpoint["ema"] if ema and checkpoint.get("ema") is not None else checkpoint["model"]
     target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype.value]
     small = dict(format_version=FORMAT_VERSION, kind="weights", config=checkpoint["config"],
@@ -2664,7 +2775,7 @@ def cli_export(
                  ema={k: v.to(target) for k, v in weights.items()}, torch_version=str(torch.__version__),
                  created=checkpoint.get("created"))
     try:
-        atomic_save(small, out)
+        atomic_save(dict(small, checksum=checksum(small)), out)
     except OSError as error:
         raise disk_error(out, error) from None
     before = (ckpt / "ckpt.pt" if ckpt.is_dir() else ckpt).stat().st_size
@@ -2686,6 +2797,7 @@ def source_images(source: Path, count: int, runtime: Runtime, sampler: str, step
         return images[chosen], config, f"{count} real images from {source}", None
     model, schedule, config = load_for_sampling(source, True, runtime)
     steps = default_steps(schedule.timesteps) if steps is None else steps
+    check_memory(config.unet, config.data.height, config.data.width, min(count, batch_size), runtime.device, False)
     started = time.perf_counter()
     images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size)
     seconds = time.perf_counter() - started
@@ -2808,10 +2920,16 @@ def cli_bench(
 ):
     """Measure training img/s, TFLOP/s, MFU and sampling img/s, side by side with peers (--compare)."""
     cache_dir = cache_dir or default_cache_dir()
+    for option, value, low in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--warmup", warmup, 0),
+                               ("--workers", workers, 0)):
+        if value < low:
+            raise UserError(f"{option} {value}: must be at least {low}")
     runtime = resolve_runtime(device, precision.value, compile, None)
     width, height = parse_size(size)
     unet = UNetConfig(**PRESETS[preset.value])
+    DataConfig(None, width, height)  # validates the size
     unet.check_image_size(height, width)
+    check_memory(unet, height, width, batch_size, runtime.device, True)
     torch.manual_seed(0)
     models = {"ddpm.py": UNet(unet, height, width)}
     if compare:

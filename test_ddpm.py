@@ -489,15 +489,19 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
 
 
 def test_kill_9_during_saves_never_corrupts_the_checkpoint(tmp_path):
+    checkpoint = tiny_checkpoint()
+    checkpoint.pop("checksum")
+    torch.save(checkpoint, tmp_path / "template.pt")
     script = f"""
 import sys; sys.path.insert(0, {str(HERE)!r})
 import torch, ddpm
 from pathlib import Path
-payload = {{"format_version": ddpm.FORMAT_VERSION, "x": torch.randn(2_000_000)}}
+payload = torch.load({str(tmp_path / 'template.pt')!r}, weights_only=True)
+payload["x"] = torch.randn(2_000_000)  # a long write, to be killed in the middle of
 i = 0
 while True:
-    payload["i"] = i
-    ddpm.atomic_save(payload, Path({str(tmp_path / 'ckpt.pt')!r}))
+    payload["step"] = i
+    ddpm.atomic_save(dict(payload, checksum=ddpm.checksum(payload)), Path({str(tmp_path / 'ckpt.pt')!r}))
     i += 1
 """
     rng = random.Random(0)
@@ -1310,6 +1314,44 @@ def test_noise_demo_on_a_photo(tmp_path, capsys):
     assert last != first  # t=T: noise
 
 
+def test_paths_with_square_brackets_are_printed_as_given(tmp_path, capsys):
+    run = tmp_path / "[bold]run[/bold]"
+    code, _, err = run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)
+    assert code == 0 and f"Checkpoint: {run / 'ckpt-00000002.pt'}" in err and f"run folder {run}" in err
+    code, _, err = run_cli(["sample", "-c", run, "-n", 2, "--steps", 2, tmp_path / "[x].png", *DEV], capsys)
+    assert code == 0 and f"to {tmp_path / '[x].png'}" in err
+
+
+def test_a_long_sampling_job_says_how_long_it_will_take(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 1, "--out", run], capsys)[0] == 0
+    code, _, err = run_cli(["sample", "-c", run, "-n", 6, "--batch-size", 2, "--steps", 2, tmp_path / "s", *DEV], capsys)
+    assert code == 0 and "Sampling 6 images will take about 0:00:" in err
+
+
+def test_nan_in_the_loss_history_is_shown_not_a_crash(tmp_path, capsys):
+    checkpoint = tiny_checkpoint()
+    checkpoint["loss_history"] = [[1, 0.9], [2, float("nan")], [3, 0.5]]
+    ddpm.atomic_save(dict(checkpoint, checksum=ddpm.checksum(checkpoint)), tmp_path / "c.pt")
+    code, out, _ = run_cli(["inspect", tmp_path / "c.pt"], capsys)
+    assert code == 0 and "0.9000 -> 0.5000" in out
+
+
+@pytest.mark.parametrize("env,message", [({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 is set, but not MASTER_ADDR"),
+                                         ({"RANK": "x"}, "not whole numbers")])
+def test_torchrun_variables_without_torchrun_are_one_line(tmp_path, capsys, monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(["train", *MICRO, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_is_ignored(monkeypatch, value):
+    monkeypatch.setenv("XDG_CACHE_HOME", value)
+    assert ddpm.default_cache_dir() == Path.home() / ".cache" / "ddpm"
+
+
 @pytest.mark.parametrize("command", ["train", "sample", "noise-demo", "inspect", "export", "fid", "nearest", "bench"])
 def test_every_command_has_help(command, capsys):
     code = ddpm.main([command, "--help"])
@@ -1335,7 +1377,25 @@ def make_bad_inputs(tmp: Path) -> dict:
     torch.save(future, tmp / "future.pt")
     (tmp / "readonly").mkdir()
     os.chmod(tmp / "readonly", 0o555)
+    os.mkfifo(tmp / "fifo.pt")
+    ddpm.main(["export", str(tmp / "good.pt"), str(tmp / "weights.pt")])
+    for name, edit in FOREIGN_CHECKPOINTS.items():
+        checkpoint = tiny_checkpoint()
+        edit(checkpoint)
+        checkpoint.pop("checksum")  # a hand edit would not update it
+        torch.save(checkpoint, tmp / f"{name}.pt")
     return {}
+
+
+FOREIGN_CHECKPOINTS = {  # hand-edited or foreign checkpoints, each one line naming what is wrong
+    "no_unet": lambda c: c["config"].pop("unet"),
+    "typo_field": lambda c: c["config"]["unet"].update(base_chanels=8),
+    "text_width": lambda c: c["config"]["unet"].update(base_channels="wide"),
+    "empty_weights": lambda c: c.update(model={}),
+    "bad_step": lambda c: c.update(step="five"),
+    "bad_history": lambda c: c.update(loss_history=[[1, "low"]]),
+    "odd_kind": lambda c: c.update(kind="lora"),
+}
 
 
 BAD_INPUTS = [
@@ -1372,11 +1432,54 @@ BAD_INPUTS = [
     (["inspect", "{tmp}/photo.jpg"], "{tmp}/photo.jpg is not a ddpm checkpoint"),
     (["noise-demo", "{tmp}/missing.jpg"], "{tmp}/missing.jpg: no such file"),
     (["noise-demo", "{tmp}/junk.pt"], "{tmp}/junk.pt: not a readable image"),
-    (["noise-demo", "-n", "1"], "-n 1: need at least 2 panels"),
+    (["noise-demo", "-n", "1"], "-n 1: need 2 to 100 panels"),
     (["export", "{tmp}/good.pt", "{tmp}/nowhere/w.pt"], "folder {tmp}/nowhere does not exist"),
     (["fid", "{tmp}/good.pt", "--real", "{tmp}/two_images", "--inception", "{tmp}/nope.pt"],
      "--inception {tmp}/nope.pt: file does not exist"),
     (["train", "--resume", "--out", "{tmp}/empty_dir"], "--resume: no loadable checkpoint in {tmp}/empty_dir"),
+    # Options that would silently wreck training: every number finite and in range.
+    (["train", "--grad-clip", "-1"], "--grad-clip -1.0: must be a number >= 0"),
+    (["train", "--grad-clip", "nan"], "--grad-clip nan: must be a number >= 0"),
+    (["train", "--lr", "inf"], "--lr inf: must be a positive number"),
+    (["train", "--epochs", "nan"], "--epochs nan: must be a positive number"),
+    (["train", "--minutes", "nan"], "--minutes nan: must be a positive number"),
+    (["train", "--min-snr-gamma", "nan"], "--min-snr-gamma nan: must be a number >= 0"),
+    (["train", "--dropout", "nan"], "--dropout nan: must be in [0, 1)"),
+    (["train", "--warmup-steps", "-5"], "--warmup-steps -5: must be at least 0"),
+    (["sample", "-c", "{tmp}/good.pt", "--eta", "nan", "{tmp}/o.png"], "--eta nan: must be a number from 0 to 1"),
+    (["sample", "-c", "{tmp}/good.pt", "--eta", "-1", "{tmp}/o.png"], "--eta -1.0: must be a number from 0 to 1"),
+    # Sizes that cannot fit: refused up front, with the estimate and what fits.
+    (["train", "--size", "100000", "--out", "{tmp}/r"], "needs about"),
+    (["train", "--base-channels", "65536", "--out", "{tmp}/r"], "needs about"),
+    (["sample", "-c", "{tmp}/good.pt", "-n", "200000", "--batch-size", "200000", "{tmp}/many"],
+     "use --batch-size"),
+    (["sample", "-c", "{tmp}/good.pt", "-n", "1000000000", "{tmp}/grid.png"], "a grid of more than 4096 images"),
+    (["sample", "-c", "{tmp}/good.pt", "-n", "1000000000000", "{tmp}/many"], "GB free; ask for fewer"),
+    (["noise-demo", "-n", "1000000"], "-n 1000000: need 2 to 100 panels"),
+    (["bench", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["bench", "--size", "0"], "--size '0': expected SIZE or WIDTHxHEIGHT"),
+    (["bench", "--steps", "-1"], "--steps -1: must be at least 1"),
+    # Images and outputs: checked before any work.
+    (["noise-demo", str(HERE / "fixtures" / "bomb.png"), "-o", "{tmp}/n.png"], "possible decompression bomb"),
+    (["noise-demo", "{tmp}/fifo.pt", "-o", "{tmp}/n.png"], "{tmp}/fifo.pt: not a regular file"),
+    (["noise-demo", "-o", "{tmp}/x.txt"], "--out {tmp}/x.txt: the file name must end in"),
+    (["sample", "-c", "{tmp}/good.pt", "{tmp}/x.txt"], "output {tmp}/x.txt: the file name must end in .png"),
+    (["sample", "-c", "{tmp}/good.pt", "--trajectory", "{tmp}/t.png", "{tmp}/o.png"],
+     "--trajectory {tmp}/t.png: the file name must end in .gif"),
+    (["sample", "-c", "{tmp}/good.pt", "{tmp}/" + "a" * 250 + ".png"], "the file name is too long"),
+    # Paths that rich would read as markup are printed as given.
+    (["train", "--data", "{tmp}/[red]cars[/red]"], "--data {tmp}/[red]cars[/red]: folder does not exist"),
+    (["sample", "-c", "{tmp}/[bold]x[/bold].pt", "{tmp}/o.png"], "checkpoint {tmp}/[bold]x[/bold].pt does not exist"),
+    # Hand-edited, foreign and special files.
+    (["inspect", "{tmp}/fifo.pt"], "{tmp}/fifo.pt is not a regular file"),
+    (["inspect", "{tmp}/no_unet.pt"], "config must hold the sections unet, diffusion, data, train"),
+    (["sample", "-c", "{tmp}/typo_field.pt", "{tmp}/o.png"], "config.unet has unknown fields base_chanels"),
+    (["sample", "-c", "{tmp}/text_width.pt", "{tmp}/o.png"], "config.unet is invalid"),
+    (["sample", "-c", "{tmp}/empty_weights.pt", "{tmp}/o.png"], "model is empty or missing"),
+    (["inspect", "{tmp}/bad_step.pt"], "step is 'five', not a count"),
+    (["inspect", "{tmp}/bad_history.pt"], "loss_history is not a list of [step, loss] pairs"),
+    (["inspect", "{tmp}/odd_kind.pt"], "kind 'lora' is neither"),
+    (["export", "{tmp}/weights.pt", "{tmp}/again.pt", "--no-ema"], "weights-only export with no raw"),
     (["train", "--frobnicate"], "No such option: --frobnicate"),
 ]
 
