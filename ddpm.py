@@ -304,6 +304,7 @@ class UNetConfig:
     head_channels: int = 64  # channels per attention head
     dropout: float = 0.1  # DDPM used 0.1 on CIFAR-10
     norm_groups: int = 32  # GroupNorm groups; must divide every level's channels
+    num_classes: int = 0  # 0 = unconditional; else a class embedding, plus one "no class" entry (CFG)
 
     def __post_init__(self):
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -314,8 +315,8 @@ class UNetConfig:
             raise ConfigError(f"--blocks-per-level {self.blocks_per_level}: must be at least 1")
         if not 0 <= self.dropout < 1:  # also false for NaN
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
-        if self.head_channels < 1 or self.norm_groups < 1:
-            raise ConfigError("head_channels and norm_groups must be at least 1")
+        if self.head_channels < 1 or self.norm_groups < 1 or self.num_classes < 0:
+            raise ConfigError("head_channels and norm_groups must be at least 1, num_classes at least 0")
         for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
             if channels % self.norm_groups:
                 raise ConfigError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
@@ -344,13 +345,16 @@ PRESETS = {
     "small": dict(),  # the UNetConfig defaults: 9.0M
     "base": dict(base_channels=128),  # 35.7M: DDPM's CIFAR-10 network
 }
+NO_CLASS = -1  # the label that means "no class": the unconditional half of classifier-free guidance
 
 
 class UNet(nn.Module):
     """The network of DDPM (appendix B): a U-Net of residual blocks with skip connections,
     self-attention at chosen resolutions, and a middle block. Given x_t and t it predicts the noise
     eps (DDPM) or the velocity v (DiffusionConfig.objective); output shape = input shape. It runs at
-    any height and width divisible by 2^(levels - 1), square or not."""
+    any height and width divisible by 2^(levels - 1), square or not. With num_classes > 0 it also
+    takes class labels (NO_CLASS for none), whose learned embedding is added to the time embedding
+    (Ho & Salimans 2022, classifier-free guidance)."""
 
     def __init__(self, config: UNetConfig, height: int, width: int):
         super().__init__()
@@ -366,6 +370,9 @@ class UNet(nn.Module):
                                 config.head_channels)
 
         self.time_embed = TimeEmbedding(c0, time_dim)
+        # One row per class and a last one for "no class"; absent from unconditional models, whose
+        # checkpoints are unchanged.
+        self.class_embed = nn.Embedding(config.num_classes + 1, time_dim) if config.num_classes else None
         self.conv_in = nn.Conv2d(3, c0, 3, padding=1)
 
         # Down: each level's blocks, then a downsample (except at the lowest level). Every output is kept as a skip.
@@ -402,8 +409,11 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, channels)
         self.conv_out = zero_init(nn.Conv2d(channels, 3, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         time_emb = self.time_embed(t)
+        if self.class_embed is not None:  # no labels, or NO_CLASS: the "no class" row
+            labels = torch.full_like(t, NO_CLASS) if labels is None else labels
+            time_emb = time_emb + self.class_embed(torch.where(labels < 0, self.config.num_classes, labels))
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
@@ -433,17 +443,24 @@ LOSSES = ("l2", "l1")
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   loss: str = "l2", min_snr_gamma: float = 0.0) -> torch.Tensor:
+                   loss: str = "l2", min_snr_gamma: float = 0.0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DDPM's simplified objective (eq. 14; one step of Algorithm 1), averaged over the batch:
         || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
     with v in place of eps for the v objective, L1 in place of L2 if asked, and per-sample Min-SNR
-    weights. x0: clean images, t: timesteps ~ Uniform{0..T-1}, noise ~ N(0, I)."""
+    weights. x0: clean images, t: timesteps ~ Uniform{0..T-1}, noise ~ N(0, I); labels: classes for
+    a conditional model (with drop_labels applied, so it also learns the unconditional model)."""
     x_t = schedule.q_sample(x0, t, noise)
-    output = model(x_t, t).float()
+    output = (model(x_t, t) if labels is None else model(x_t, t, labels)).float()
     target = noise if schedule.config.objective == "eps" else schedule.v_target(x0, t, noise)
     error = output - target
     per_sample = (error.square() if loss == "l2" else error.abs()).mean(dim=(1, 2, 3))
     return (schedule.loss_weight(t, min_snr_gamma) * per_sample).mean()
+
+
+def drop_labels(labels: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Replace each label by NO_CLASS with probability p, given uniform ~ U[0, 1) per label, so one
+    network learns both p(x | c) and p(x) (Ho & Salimans 2022, Algorithm 1)."""
+    return torch.where(uniform < p, torch.full_like(labels, NO_CLASS), labels)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -470,12 +487,32 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def make_denoiser(model, schedule: NoiseSchedule, clip: bool = True) -> Denoiser:
-    """(x_t, t) -> (x0, eps) as predicted by the network. x0 is clipped to [-1, 1] (the data's range;
-    clipping x0, not x_t, is what DDPM's code does) and eps is made consistent with the clipped x0."""
+def guided(model, labels: Optional[torch.Tensor], guidance: float):
+    """The network's output for these labels with classifier-free guidance (Ho & Salimans eq. 6,
+    written with w = 1 + theirs): out = out_uncond + w * (out_cond - out_uncond), so w = 0 is the
+    unconditional model and w = 1 the conditional one, each computed alone; for other w the pair
+    runs as one batch of 2B."""
+    def output(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if labels is None:
+            return model(x_t, t).float()
+        if guidance in (0, 1):
+            return model(x_t, t, labels if guidance == 1 else torch.full_like(labels, NO_CLASS)).float()
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, NO_CLASS)]))
+        cond, uncond = both.float().chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return output
+
+
+def make_denoiser(model, schedule: NoiseSchedule, clip: bool = True, labels: Optional[torch.Tensor] = None,
+                  guidance: float = 1.0) -> Denoiser:
+    """(x_t, t) -> (x0, eps) as predicted by the network (for `labels`, with `guidance`). x0 is clipped
+    to [-1, 1] (the data's range; clipping x0, not x_t, is what DDPM's code does) and eps is made
+    consistent with the clipped x0."""
+    network = guided(model, labels, guidance)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor):
-        x0, eps = schedule.split_prediction(x_t, t, model(x_t, t).float())
+        x0, eps = schedule.split_prediction(x_t, t, network(x_t, t))
         if clip:
             x0 = x0.clamp(-1, 1)
             eps = schedule.predict_eps_from_x0(x_t, t, x0)
@@ -598,11 +635,13 @@ def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Te
 @torch.no_grad()
 def sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, sampler: str = DEFAULT_SAMPLER,
            steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, randn_like: RandnLike = torch.randn_like,
-           variance: str = "small", on_step: Optional[StepCallback] = None) -> torch.Tensor:
+           variance: str = "small", on_step: Optional[StepCallback] = None, labels: Optional[torch.Tensor] = None,
+           guidance: float = 1.0) -> torch.Tensor:
     """Run the reverse process from the noise x_T to images in [-1, 1], with the network in eval mode:
-    sampler "ddpm" (all T timesteps, `variance`), "ddim" (`steps`, `eta`) or "dpm++" (`steps`)."""
+    sampler "ddpm" (all T timesteps, `variance`), "ddim" (`steps`, `eta`) or "dpm++" (`steps`); for
+    a conditional model, of classes `labels` with classifier-free `guidance`."""
     with eval_mode(model):
-        denoise = make_denoiser(model, schedule)
+        denoise = make_denoiser(model, schedule, labels=labels, guidance=guidance)
         if sampler == "ddpm":
             return sample_ddpm(denoise, schedule, x_T, randn_like, variance, on_step)
         if sampler == "ddim":
@@ -727,11 +766,11 @@ class RuntimeNet(nn.Module):
         super().__init__()
         self.net, self.runtime = net, runtime
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
         if self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.runtime.autocast():
-            return self.net(x, t)
+            return self.net(x, t, *labels)
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,

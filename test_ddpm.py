@@ -269,6 +269,82 @@ def test_tiny_model_overfits_one_batch():
     assert losses[-1] < losses[0] / 20
 
 
+def conditional_unet(classes=2, size=8) -> ddpm.UNet:
+    torch.manual_seed(0)
+    config = ddpm.UNetConfig(base_channels=16, channel_mults=(1, 2), blocks_per_level=1, attn_resolutions=(),
+                             norm_groups=8, dropout=0.1, num_classes=classes)
+    return ddpm.UNet(config, size, size).to(DEVICE)
+
+
+def test_the_class_embedding_has_a_no_class_row_and_unconditional_models_have_none():
+    assert ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16).class_embed is None  # old checkpoints load
+    model = conditional_unet(classes=3).eval()
+    assert model.class_embed.num_embeddings == 4
+    for param in model.parameters():  # zero-initialised residual branches would hide the label
+        nn.init.normal_(param, std=0.1)
+    x, t = torch.randn(2, 3, 8, 8, device=DEVICE), torch.tensor([10, 10], device=DEVICE)
+    with torch.no_grad():
+        out = {label: model(x, t, torch.full((2,), label, device=DEVICE)) for label in (0, 1, 2, ddpm.NO_CLASS)}
+        assert torch.equal(model(x, t), out[ddpm.NO_CLASS])  # no labels = "no class"
+        assert torch.equal(model(x, t, torch.full((2,), 3, device=DEVICE)), out[ddpm.NO_CLASS])  # the last row
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[0], out[ddpm.NO_CLASS])
+
+
+def test_label_dropout_replaces_labels_at_the_asked_rate():
+    labels = torch.randint(0, 5, (200_000,), generator=torch.Generator().manual_seed(0))
+    uniform = torch.rand(200_000, generator=torch.Generator().manual_seed(1))
+    dropped = ddpm.drop_labels(labels, 0.1, uniform)
+    rate = (dropped == ddpm.NO_CLASS).float().mean().item()
+    assert rate == pytest.approx(0.1, abs=0.003)
+    assert torch.equal(dropped[dropped != ddpm.NO_CLASS], labels[dropped != ddpm.NO_CLASS])
+    assert torch.equal(ddpm.drop_labels(labels, 0.0, uniform), labels)
+
+
+def test_guidance_is_the_cfg_formula_with_w0_unconditional_and_w1_conditional_exactly():
+    model = conditional_unet(classes=2).eval()
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.1)
+    batches = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    x, t = torch.randn(3, 3, 8, 8, device=DEVICE), torch.tensor([5, 50, 500], device=DEVICE)
+    labels = torch.tensor([0, 1, 0], device=DEVICE)
+    with torch.no_grad():
+        cond, uncond = model(x, t, labels), model(x, t)
+        batches.clear()
+        assert torch.equal(ddpm.guided(model, labels, 0.0)(x, t), uncond)
+        assert torch.equal(ddpm.guided(model, labels, 1.0)(x, t), cond)
+        assert batches == [3, 3]  # w = 0 and w = 1 need one pass each
+        w3 = ddpm.guided(model, labels, 3.0)(x, t)
+    assert batches == [3, 3, 6]  # the guided pair: one batch of 2B
+    assert torch.allclose(w3, uncond + 3 * (cond - uncond), atol=1e-5)
+
+
+def test_a_conditional_model_draws_the_class_it_is_asked_for():
+    """Two classes of clearly different colour, trained with label dropout: guided sampling of
+    each class gives that colour, with every sampler."""
+    model = conditional_unet(classes=2)
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)).to(DEVICE)
+    colours = torch.tensor([[0.9, -0.9, -0.9], [-0.9, -0.9, 0.9]], device=DEVICE)  # class 0 red, class 1 blue
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    for _ in range(300):
+        labels = torch.randint(0, 2, (32,), device=DEVICE, generator=generator)
+        x0 = colours[labels][:, :, None, None].expand(32, 3, 8, 8)
+        t = torch.randint(0, 50, (32,), device=DEVICE, generator=generator)
+        labels = ddpm.drop_labels(labels, 0.1, torch.rand(32, device=DEVICE, generator=generator))
+        loss = ddpm.diffusion_loss(model, schedule, x0, t, torch.randn_like(x0), labels=labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x_T = torch.randn(8, 3, 8, 8, device=DEVICE, generator=generator)
+    for sampler in ddpm.SAMPLERS:
+        for label, (bright, dark) in ((0, (0, 2)), (1, (2, 0))):
+            labels = torch.full((8,), label, device=DEVICE)
+            images = ddpm.sample(model, schedule, x_T, sampler, 20, 1.0, labels=labels, guidance=4.0)
+            means = images.mean(dim=(0, 2, 3))
+            assert means[bright] > means[dark] + 0.2, (sampler, label, means)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
