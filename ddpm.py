@@ -2503,7 +2503,7 @@ CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                     help="torch.compile the network (default: on for CUDA).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
 CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
-SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T steps; ddim; dpm++ = DPM-Solver++(2M).")]
+SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T timesteps; ddim; dpm++ = DPM-Solver++(2M).")]
 StepsOpt = Annotated[Optional[int], typer.Option(
     "--steps", help=f"Sampling timesteps (network evaluations per image) for ddim/dpm++ ({DEFAULT_STEPS}, or T "
                     f"if smaller).")]
@@ -2718,7 +2718,8 @@ def cli_noise_demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.")] = Path("noise.png"),
     count: Annotated[int, typer.Option("-n", "--count", help="Number of panels (evenly spaced t).")] = 8,
     schedule: Annotated[Schedule, typer.Option(help="Noise schedule.")] = Schedule(DiffusionConfig.schedule),
-    timesteps: Annotated[int, typer.Option(help="T.")] = 1000,
+    timesteps: Annotated[int, typer.Option(help="T, the number of diffusion timesteps.")] =
+    DiffusionConfig.timesteps,
     size: Annotated[int, typer.Option(help="Longer side of each panel, pixels.")] = 128,
     seed: SeedOpt = 0,
 ):
@@ -2991,8 +2992,14 @@ def cli_bench(
         report["data"] = benchmark_data(data, DataConfig(str(data), width, height), cache_dir, batch_size, workers)
     if as_json:
         print(json.dumps(report, indent=2))
-        return
-    table = Table(title=setting)
+    else:
+        print_bench_report(report)
+
+
+def print_bench_report(report: dict) -> None:
+    """bench's table, the ratios of ddpm.py to each peer, and the data comparison."""
+    results = report["results"]
+    table = Table(title=report["setting"])
     for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", f"sample img/s (x{DEFAULT_STEPS})"):
         table.add_column(column, justify="right")
     ours = results["ddpm.py"]
@@ -3005,7 +3012,7 @@ def cli_bench(
         if name != "ddpm.py":
             print(f"ddpm.py / {name}: training {ours['train_img_s'] / r['train_img_s']:.2f}x, "
                   f"sampling {ours['sample_img_s'] / r['sample_img_s']:.2f}x")
-    if data is not None:
+    if "data" in report:
         d = report["data"]
         print(f"Data, one epoch of {d['images']} images: decode every epoch {d['decode_s']:.2f}s, "
               f"uint8 cache {d['cache_s']:.3f}s: {d['ratio']:.0f}x faster")
