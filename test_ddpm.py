@@ -229,6 +229,21 @@ def test_size_not_divisible_is_a_user_error():
         ddpm.UNet(ddpm.UNetConfig(), 30, 32)
 
 
+def test_part_one_stands_alone_with_torch_only(tmp_path, monkeypatch):
+    """Part I can be lifted into a notebook: cut at Part II, it imports and runs on its own, and never
+    mentions the tool."""
+    source = (HERE / "ddpm.py").read_text()
+    part_one = source[:source.index("# Part II: the tool")]
+    for name in ("typer", "rich", "console", "Runtime", "Path", "PIL", "UserError", "os.", "open(", "print("):
+        assert name not in part_one, name
+    (tmp_path / "part_one.py").write_text(part_one)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import part_one as alone
+    model = alone.UNet(alone.UNetConfig(**alone.PRESETS["tiny"]), 16, 16)
+    schedule = alone.NoiseSchedule(alone.DiffusionConfig(timesteps=10))
+    assert alone.sample(model, schedule, torch.randn(2, 3, 16, 16), "ddim", 3).shape == (2, 3, 16, 16)
+
+
 def library_example() -> str:
     """The README's "Use it as a library" code block."""
     readme = (HERE / "README.md").read_text()
