@@ -1181,7 +1181,8 @@ class TrainConfig:
 
     loss: str = "l2"  # l2 = DDPM's simplified loss (eq. 14); l1 = what the tutorial's code used
     min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. use 5); 0 = off
-    batch_size: int = 64  # per GPU
+    batch_size: int = 64  # per GPU and micro-batch
+    accum: int = 1  # micro-batches per optimiser step: each step trains on batch_size x accum images per GPU
     lr: float = 2e-4  # DDPM's CIFAR-10 rate
     warmup_steps: int = 500  # linear learning-rate warm-up (DDPM used 5000)
     weight_decay: float = 0.0  # AdamW's decoupled decay; DDPM used plain Adam, i.e. 0
@@ -1201,7 +1202,7 @@ class TrainConfig:
     fid_samples: int = 1000  # samples per FID (the same as `fid -n`, with --seed from `seed`)
 
     def __post_init__(self):
-        at_least = dict(batch_size=1, save_every=1, log_every=1, keep=1, steps=1, ema_every=1, max_bad_steps=1,
+        at_least = dict(batch_size=1, accum=1, save_every=1, log_every=1, keep=1, steps=1, ema_every=1, max_bad_steps=1,
                         preview_count=1, warmup_steps=0, fid_every=0, fid_samples=2)
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -1696,7 +1697,7 @@ class Trainer:
         self.main = runtime.is_main
         self.say = console.print if self.main else (lambda *a, **k: None)
         self.images, data_key = self.load_data(cache_dir)
-        self.global_batch = self.settings.batch_size * runtime.world_size
+        self.global_batch = self.settings.batch_size * self.settings.accum * runtime.world_size  # images per step
         self.fid_scorer = FidScorer.for_training(self.images, data_key, inception, cache_dir, runtime) \
             if self.settings.fid_every and self.main else None
         self.build_model(resume)
@@ -1727,10 +1728,10 @@ class Trainer:
             dist.barrier()
         if not self.main:
             images, key = load_images(self.config.data, cache_dir, quiet=True, leave_out=leave_out)
-        batch, world = self.settings.batch_size, self.runtime.world_size
-        if batch * world > len(images):
-            raise UserError(f"--batch-size {batch} x {world} GPU(s) is larger than the data set ({len(images)} "
-                            f"images); use --batch-size {len(images) // world} or less")
+        batch, world, accum = self.settings.batch_size, self.runtime.world_size, self.settings.accum
+        if batch * accum * world > len(images):
+            raise UserError(f"--batch-size {batch} x --accum {accum} x {world} GPU(s) is larger than the data set "
+                            f"({len(images)} images); use --batch-size {len(images) // (world * accum)} or less")
         return images, key
 
     def build_model(self, resume: Optional[dict]) -> None:
@@ -1753,10 +1754,11 @@ class Trainer:
             self.state = TrainState(resume["step"], resume["images_seen"], resume.get("bad_steps", 0),
                                     list(resume.get("loss_history", [])), resume.get("best_fid"))
             self.say(f"Resuming from step {self.state.step} ({self.state.images_seen} images seen).")
-        net = self.model
+        net = self.ddp = None
         if runtime.world_size > 1:
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[runtime.device]
-                                                      if runtime.device.type == "cuda" else None)
+            net = self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[runtime.device]
+                                                                 if runtime.device.type == "cuda" else None)
+        net = net or self.model
         self.net = runtime.wrap(torch.compile(net) if runtime.compile else net)
 
     @property
@@ -1767,22 +1769,33 @@ class Trainer:
     def step(self) -> int:
         """One optimisation step (DDPM Algorithm 1): x0 from the data, t ~ Uniform{0..T-1},
         eps ~ N(0, I), a gradient step on the loss, then the EMA. Everything random comes from
-        (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B and resuming is exact.
-        A non-finite loss or gradient skips the update. Returns the non-finite steps in a row."""
+        (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B == 1 GPU x B x 2
+        micro-batches (--accum 2), and resuming is exact. Micro-batches add up their gradients, and
+        under DDP only the last one all-reduces them. A non-finite loss or gradient skips the
+        update. Returns the non-finite steps in a row."""
         settings, runtime, state, data = self.settings, self.runtime, self.state, self.config.data
         self.generator.manual_seed(derive_seed(settings.seed, "step", state.step))
         torch.manual_seed(derive_seed(settings.seed, "dropout", state.step, runtime.rank))
-        rank_slice = slice(runtime.rank * settings.batch_size, (runtime.rank + 1) * settings.batch_size)
+        per_rank = settings.batch_size * settings.accum
+        rank_slice = slice(runtime.rank * per_rank, (runtime.rank + 1) * per_rank)
         draw = dict(generator=self.generator, device=runtime.device)
         t = torch.randint(0, self.schedule.timesteps, (self.global_batch,), **draw)[rank_slice]
         noise = torch.randn((self.global_batch, 3, data.height, data.width), **draw)[rank_slice]
         flip = torch.rand(self.global_batch, **draw)[rank_slice] < 0.5
-        x0 = self.stream.batch(state.images_seen + rank_slice.start, settings.batch_size, flip if data.flip else None)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(settings, state.step)
 
-        loss = diffusion_loss(self.net, self.schedule, x0, t, noise, settings.loss, settings.min_snr_gamma)
-        loss.backward()
+        loss = torch.zeros((), device=runtime.device)
+        for start in range(0, per_rank, settings.batch_size):
+            micro = slice(start, start + settings.batch_size)
+            x0 = self.stream.batch(state.images_seen + rank_slice.start + start, settings.batch_size,
+                                   flip[micro] if data.flip else None)
+            last = start + settings.batch_size == per_rank
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                micro_loss = diffusion_loss(self.net, self.schedule, x0, t[micro], noise[micro], settings.loss,
+                                            settings.min_snr_gamma) / settings.accum
+                micro_loss.backward()
+            loss = loss + micro_loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip or float("inf"))
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~ok).float()  # fused AdamW skips the update, on the device, when this is 1
@@ -2540,7 +2553,10 @@ def cli_train(
     loss: Annotated[Loss, typer.Option(help="l2 (DDPM) or l1 (the tutorial's code).")] = Loss(TrainConfig.loss),
     min_snr_gamma: Annotated[float, typer.Option(help="Min-SNR loss weighting gamma (5 is usual); 0 = off.")] =
     TrainConfig.min_snr_gamma,
-    batch_size: Annotated[int, typer.Option(help="Images per step (per GPU).")] = TrainConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per GPU), or per micro-batch with --accum.")] = \
+    TrainConfig.batch_size,
+    accum: Annotated[int, typer.Option(help="Micro-batches per step: trains like --batch-size x N, in the memory "
+                                       "of --batch-size.")] = TrainConfig.accum,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = TrainConfig.lr,
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = TrainConfig.warmup_steps,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")] = TrainConfig.grad_clip,

@@ -914,7 +914,8 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
     one = run_script([*common, "--batch-size", 4, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     two = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(HERE / "ddpm.py"), *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                          str(HERE / "ddpm.py"), *common, "--batch-size", "1", "--accum", "2",  # no_sync micro-batches
+                          "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("Done at step 6") == 1  # only rank 0 talks and writes
@@ -977,6 +978,23 @@ def test_a_run_with_few_timesteps_trains_previews_and_samples(tmp_path, capsys, 
         assert code == 0 and f"{timesteps} steps" in err
     code, _, err = run_cli(["sample", "-c", run, "--steps", timesteps + 1, tmp_path / "o.png", *DEV], capsys)
     assert code == 2 and f"--steps {timesteps + 1}: must be between 1 and T = {timesteps}" in err
+
+
+def test_accumulating_two_micro_batches_of_4_trains_like_one_batch_of_8(tmp_path, capsys):
+    common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", 6, "--log-every", 2,
+              "--save-every", 6]
+    assert run_cli([*common, "--batch-size", 8, "--out", tmp_path / "big"], capsys)[0] == 0
+    code, _, err = run_cli([*common, "--batch-size", 4, "--accum", 2, "--out", tmp_path / "accum"], capsys)
+    assert code == 0 and "Done at step 6" in err
+    big, accum = read_log(tmp_path / "big"), read_log(tmp_path / "accum")
+    assert [r["images_seen"] for r in accum] == [r["images_seen"] for r in big] == [16, 32, 48]
+    assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in big], rel=1e-5)
+    a, b = (ddpm.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("big", "accum"))
+    flat = lambda c: torch.cat([v.flatten() for v in c["model"].values()])
+    assert (flat(a) - flat(b)).norm() < 1e-5 * flat(a).norm()  # one optimiser step per 8 images, same draws
+    code, _, err = run_cli([*common, "--batch-size", 4, "--accum", 2, "--dropout", 0.1, "--out", tmp_path / "drop"],
+                           capsys)
+    assert code == 0  # with dropout the masks are drawn per micro-batch: equal in distribution, not bit for bit
 
 
 def test_learning_rate_warms_up_linearly():
@@ -1497,7 +1515,7 @@ BAD_INPUTS = [
     (["train", "--data", "{tmp}/no_images"], "no images among its 1 entries"),
     (["train", "--data", "{tmp}/photo.jpg"], "is a file, not a folder"),
     (["train", "--data", "{tmp}/two_images", "--batch-size", "4", "--size", "8"],
-     "--batch-size 4 x 1 GPU(s) is larger than the data set (2 images)"),
+     "--batch-size 4 x --accum 1 x 1 GPU(s) is larger than the data set (2 images)"),
     (["train", "--size", "30"], "--size 30x30: width and height must be divisible by 8"),
     (["train", "--size", "big"], "--size 'big': expected SIZE or WIDTHxHEIGHT"),
     (["train", "--preset", "huge"], "'huge' is not one of"),
@@ -1506,6 +1524,7 @@ BAD_INPUTS = [
     (["train", "--device", "cuda"], "--device cuda: CUDA is not available"),
     (["train", "--lr", "-1"], "--lr -1.0: must be a positive number"),
     (["train", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["train", "--accum", "0"], "--accum 0: must be at least 1"),
     (["train", "--channel-mults", "1,x"], "--channel-mults '1,x': expected comma-separated integers"),
     (["train", "--base-channels", "20"], "do not split into 32 GroupNorm groups"),
     (["train", "--out", "{tmp}/photo.jpg"], "--out {tmp}/photo.jpg: is a file"),
