@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # =================================================================================================
 # Part I: the diffusion model
@@ -408,6 +409,14 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(groups, channels)
         self.conv_out = zero_init(nn.Conv2d(channels, 3, 3, padding=1))
+        # Activation checkpointing: in training, keep only each block's input and recompute its
+        # insides during backward (same gradients, dropout included; less memory, ~1/3 more compute).
+        self.checkpoint_activations = False
+
+    def run_block(self, block: ResAttnBlock, h: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, time_emb, use_reentrant=False)
+        return block(h, time_emb)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         time_emb = self.time_embed(t)
@@ -418,15 +427,15 @@ class UNet(nn.Module):
         skips = [h]
         for stage in self.down:
             for block in stage.blocks:
-                h = block(h, time_emb)
+                h = self.run_block(block, h, time_emb)
                 skips.append(h)
             if not isinstance(stage.downsample, nn.Identity):
                 h = stage.downsample(h)
                 skips.append(h)
-        h = self.mid2(self.mid1(h, time_emb), time_emb)
+        h = self.run_block(self.mid2, self.run_block(self.mid1, h, time_emb), time_emb)
         for stage in self.up:
             for block in stage.blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), time_emb)
+                h = self.run_block(block, torch.cat([h, skips.pop()], dim=1), time_emb)
             h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -1183,6 +1192,7 @@ class TrainConfig:
     min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. use 5); 0 = off
     batch_size: int = 64  # per GPU and micro-batch
     accum: int = 1  # micro-batches per optimiser step: each step trains on batch_size x accum images per GPU
+    checkpoint_activations: bool = False  # recompute each U-Net block in backward: less memory, more compute
     lr: float = 2e-4  # DDPM's CIFAR-10 rate
     warmup_steps: int = 500  # linear learning-rate warm-up (DDPM used 5000)
     weight_decay: float = 0.0  # AdamW's decoupled decay; DDPM used plain Adam, i.e. 0
@@ -1739,6 +1749,7 @@ class Trainer:
         settings, runtime = self.settings, self.runtime
         torch.manual_seed(derive_seed(settings.seed, "init"))  # the same initial weights on every rank
         self.model = runtime.prepare(build_model(self.config))
+        self.model.checkpoint_activations = settings.checkpoint_activations
         self.schedule = NoiseSchedule(self.config.diffusion).to(runtime.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(settings.ema_decay, settings.ema_every)) \
             if settings.ema_decay else None
@@ -2557,6 +2568,10 @@ def cli_train(
     TrainConfig.batch_size,
     accum: Annotated[int, typer.Option(help="Micro-batches per step: trains like --batch-size x N, in the memory "
                                        "of --batch-size.")] = TrainConfig.accum,
+    checkpoint_activations: Annotated[bool, typer.Option(
+        "--checkpoint-activations/--no-checkpoint-activations",
+        help="Recompute each U-Net block in backward: less memory for about 1/3 more compute.")] =
+    TrainConfig.checkpoint_activations,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = TrainConfig.lr,
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = TrainConfig.warmup_steps,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")] = TrainConfig.grad_clip,

@@ -997,6 +997,34 @@ def test_accumulating_two_micro_batches_of_4_trains_like_one_batch_of_8(tmp_path
     assert code == 0  # with dropout the masks are drawn per micro-batch: equal in distribution, not bit for bit
 
 
+def saved_activation_bytes(model, x, t) -> tuple[int, torch.Tensor, list]:
+    """Bytes autograd keeps for backward (each storage once), the loss, and the gradients."""
+    seen = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    torch.manual_seed(0)  # the same dropout masks for both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(x, t).square().mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()), loss.detach(), grads
+
+
+def test_activation_checkpointing_gives_the_same_gradients_with_less_memory():
+    model = dropout_model("small", size=32, p=0.1).train()
+    x, t = torch.randn(4, 3, 32, 32, device=DEVICE), torch.tensor([1, 200, 500, 900], device=DEVICE)
+    plain_bytes, plain_loss, plain_grads = saved_activation_bytes(model, x, t)
+    model.checkpoint_activations = True
+    checkpointed_bytes, loss, grads = saved_activation_bytes(model, x, t)
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, plain_grads))
+    assert checkpointed_bytes < plain_bytes / 3, (checkpointed_bytes, plain_bytes)
+
+
 def test_learning_rate_warms_up_linearly():
     config = ddpm.TrainConfig(lr=1e-3, warmup_steps=100)
     assert ddpm.learning_rate(config, 0) == pytest.approx(1e-5)
