@@ -2709,7 +2709,7 @@ def cli_sample(
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     check_finite(eta, "--eta", 0, 1)
-    grid = out.suffix != ""
+    grid = out.suffix != "" and not out.is_dir()  # an existing folder may have a dot in its name
     check_output_path(out, "output", GRID_SUFFIXES if grid else None)
     if grid and n > MAX_GRID_IMAGES:
         raise UserError(f"-n {n}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a folder "

@@ -1428,6 +1428,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert code_ddpm == 0 and "ddpm, 1000 steps" in err
     assert code == 0 and sorted(p.name for p in (tmp_path / "each").iterdir()) == [
         "000000.png", "000001.png", "000002.png"]
+    (tmp_path / "runs.v2").mkdir()  # an existing folder with a dot is a folder, not a grid with a suffix
+    assert run_cli(["sample", "-n", 1, "-c", run, "--steps", 2, tmp_path / "runs.v2", *DEV], capsys)[0] == 0
+    assert [p.name for p in (tmp_path / "runs.v2").iterdir()] == ["000000.png"]
 
     code, out, _ = run_cli(["inspect", run / "ckpt.pt"], capsys)
     assert code == 0 and "images seen" in out and "24" in out and "base_channels=8" in out
