@@ -1575,6 +1575,9 @@ class LossMeter:
         self.device = device
         self.bad_total = torch.zeros((), device=device)
         self.bad_run = torch.zeros((), device=device)  # consecutive non-finite steps
+        if device.type == "cuda":  # where bad_in_a_row copies bad_run to without waiting
+            self.host, self.copied = torch.zeros((), pin_memory=True), torch.cuda.Event()
+            self.copied.record()
         self.reset()
 
     def reset(self):
@@ -1592,9 +1595,6 @@ class LossMeter:
         GPU it is the count one step back, copied without waiting, so the GPU is never idle for it."""
         if self.device.type != "cuda":
             return int(self.bad_run)
-        if not hasattr(self, "host"):
-            self.host, self.copied = torch.zeros((), pin_memory=True), torch.cuda.Event()
-            self.copied.record()
         self.copied.synchronize()  # the copy made after the previous step
         value = int(self.host)
         self.host.copy_(self.bad_run, non_blocking=True)
@@ -1670,8 +1670,9 @@ class LossLog:
                 continue
             try:
                 step = json.loads(text)["step"]
-                assert isinstance(step, int)
-            except (ValueError, KeyError, TypeError, AssertionError):
+            except (ValueError, KeyError, TypeError):
+                step = None
+            if not isinstance(step, int):
                 damaged.append(line)
                 continue
             if step <= resume_step:
@@ -1727,7 +1728,9 @@ class Trainer:
         self.bad_run = 0  # non-finite steps in a row
         self.say(f"Model: {count_parameters(self.model) / 1e6:.1f}M parameters; {runtime.device} {runtime.precision}"
                  f"{' compiled' if runtime.compile else ''}{' channels_last' if runtime.channels_last else ''}; "
-                 f"batch {self.settings.batch_size} x {runtime.world_size}; run folder {run_dir}")
+                 f"batch {self.settings.batch_size}"
+                 f"{f' x {self.settings.accum} micro-batches' if self.settings.accum > 1 else ''} x "
+                 f"{runtime.world_size}; run folder {run_dir}")
 
     def load_data(self, cache_dir: Path) -> tuple[torch.Tensor, str]:
         """Rank 0 decodes (and caches) the images first; the other ranks then read its cache."""
@@ -1765,11 +1768,10 @@ class Trainer:
             self.state = TrainState(resume["step"], resume["images_seen"], resume.get("bad_steps", 0),
                                     list(resume.get("loss_history", [])), resume.get("best_fid"))
             self.say(f"Resuming from step {self.state.step} ({self.state.images_seen} images seen).")
-        net = self.ddp = None
-        if runtime.world_size > 1:
-            net = self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[runtime.device]
-                                                                 if runtime.device.type == "cuda" else None)
-        net = net or self.model
+        self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[runtime.device] if
+                                                       runtime.device.type == "cuda" else None) \
+            if runtime.world_size > 1 else None
+        net = self.ddp if self.ddp is not None else self.model
         self.net = runtime.wrap(torch.compile(net) if runtime.compile else net)
 
     @property
@@ -2760,7 +2762,7 @@ def cli_noise_demo(
         raise UserError(f"-n {count}: need 2 to {MAX_NOISE_PANELS} panels")
     if not 8 <= size <= 1024:
         raise UserError(f"--size {size}: must be from 8 to 1024 pixels")
-    check_output_path(out, "--out", tuple(s for s in Image.registered_extensions() if s in GRID_SUFFIXES))
+    check_output_path(out, "--out", GRID_SUFFIXES)
     picture = draw_toy_car(random.Random(7), size, size * 3 // 4) if image is None else open_image(image)
     times = noise_demo(picture, out, count, NoiseSchedule(DiffusionConfig(schedule.value, timesteps)), size, seed)
     console.print(f"Wrote {out}: {count} panels at t = {', '.join(str(t + 1) for t in times)} ({schedule.value})")
