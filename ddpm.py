@@ -184,12 +184,13 @@ class NoiseSchedule(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+def sinusoidal_embedding(t: torch.Tensor, dim: int, shift: int = 0) -> torch.Tensor:
     """Transformer position encoding of the timestep (Vaswani et al. sec. 3.5), (B,) -> (B, dim):
-        emb[:, i] = sin(t * w_i),  emb[:, dim/2 + i] = cos(t * w_i),  w_i = 10000^(-i / (dim/2)).
-    Its dot product depends only on the distance: emb(a) . emb(b) = sum_i cos((a - b) w_i)."""
+        emb[:, i] = sin(t * w_i),  emb[:, dim/2 + i] = cos(t * w_i),  w_i = 10000^(-i / (dim/2 - shift)).
+    Its dot product depends only on the distance: emb(a) . emb(b) = sum_i cos((a - b) w_i). (shift = 1
+    is the variant of DDPM's TensorFlow code, which Google's released weights need.)"""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - shift))
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -197,13 +198,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding followed by a two-layer MLP, as in DDPM's U-Net (dim -> 4*dim -> 4*dim)."""
 
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, shift: int = 0):
         super().__init__()
-        self.dim = dim
+        self.dim, self.shift = dim, shift
         self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.dim))
+        return self.mlp(sinusoidal_embedding(t, self.dim, self.shift))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -222,12 +223,13 @@ class ResBlock(nn.Module):
     """DDPM residual block: GroupNorm, SiLU, 3x3 conv; add the projected time embedding;
     GroupNorm, SiLU, dropout, 3x3 conv; add the input (through a 1x1 conv if channels change)."""
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float, groups: int,
+                 eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -244,10 +246,10 @@ class SelfAttention(nn.Module):
     Pixels become tokens (B, H*W, C) so q, k and v come out contiguous in their last dimension,
     which scaled_dot_product_attention needs to pick its flash / memory-efficient kernels."""
 
-    def __init__(self, channels: int, head_channels: int, groups: int):
+    def __init__(self, channels: int, head_channels: int, groups: int, eps: float = 1e-5):
         super().__init__()
         self.heads = max(1, channels // head_channels)
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_init(nn.Linear(channels, channels))
 
@@ -263,24 +265,26 @@ class SelfAttention(nn.Module):
 class ResAttnBlock(nn.Module):
     """One U-Net stage: a residual block, then self-attention where the level asks for it."""
 
-    def __init__(self, in_channels, out_channels, time_dim, dropout, groups, attention, head_channels):
+    def __init__(self, in_channels, out_channels, time_dim, dropout, groups, attention, head_channels, eps=1e-5):
         super().__init__()
-        self.res = ResBlock(in_channels, out_channels, time_dim, dropout, groups)
-        self.attn = SelfAttention(out_channels, head_channels, groups) if attention else nn.Identity()
+        self.res = ResBlock(in_channels, out_channels, time_dim, dropout, groups, eps)
+        self.attn = SelfAttention(out_channels, head_channels, groups, eps) if attention else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         return self.attn(self.res(x, time_emb))
 
 
 class Downsample(nn.Module):
-    """Halve height and width with a stride-2 3x3 conv (DDPM)."""
+    """Halve height and width with a stride-2 3x3 conv (DDPM). padding=0 pads only the right and
+    bottom edges, as DDPM's TensorFlow code did (Google's released weights need it)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x):
-        return self.conv(x)
+        return self.conv(x if self.padding else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -306,6 +310,10 @@ class UNetConfig:
     dropout: float = 0.1  # DDPM used 0.1 on CIFAR-10
     norm_groups: int = 32  # GroupNorm groups; must divide every level's channels
     num_classes: int = 0  # 0 = unconditional; else a class embedding, plus one "no class" entry (CFG)
+    # Three details where Google's released DDPM weights (TensorFlow) differ; the defaults are PyTorch's.
+    freq_shift: int = 0  # time embedding frequencies 10000^(-i / (half - freq_shift)); Google's: 1
+    downsample_padding: int = 1  # 0 = pad only right and bottom before a stride-2 conv; Google's: 0
+    norm_eps: float = 1e-5  # GroupNorm epsilon; Google's: 1e-6
 
     def __post_init__(self):
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -318,6 +326,8 @@ class UNetConfig:
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.head_channels < 1 or self.norm_groups < 1 or self.num_classes < 0:
             raise ConfigError("head_channels and norm_groups must be at least 1, num_classes at least 0")
+        if self.freq_shift not in (0, 1) or self.downsample_padding not in (0, 1) or not 0 < self.norm_eps < 1:
+            raise ConfigError("freq_shift and downsample_padding must be 0 or 1, norm_eps in (0, 1)")
         for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
             if channels % self.norm_groups:
                 raise ConfigError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
@@ -362,15 +372,15 @@ class UNet(nn.Module):
         config.check_image_size(height, width)
         self.config = config
         self.height, self.width = height, width  # the size it was built for (attention placement)
-        c0, groups, dropout = config.base_channels, config.norm_groups, config.dropout
+        c0, groups, dropout, eps = config.base_channels, config.norm_groups, config.dropout, config.norm_eps
         time_dim = 4 * c0
         attention = config.attention_levels(height, width)
 
-        def block(in_channels, out_channels, level):
-            return ResAttnBlock(in_channels, out_channels, time_dim, dropout, groups, level in attention,
-                                config.head_channels)
+        def block(in_channels, out_channels, level, attend=None):
+            return ResAttnBlock(in_channels, out_channels, time_dim, dropout, groups,
+                                level in attention if attend is None else attend, config.head_channels, eps)
 
-        self.time_embed = TimeEmbedding(c0, time_dim)
+        self.time_embed = TimeEmbedding(c0, time_dim, config.freq_shift)
         # One row per class and a last one for "no class"; absent from unconditional models, whose
         # checkpoints are unchanged.
         self.class_embed = nn.Embedding(config.num_classes + 1, time_dim) if config.num_classes else None
@@ -387,14 +397,14 @@ class UNet(nn.Module):
                 channels = c0 * mult
                 skip_channels.append(channels)
             last = level == config.levels - 1
-            stage.downsample = nn.Identity() if last else Downsample(channels)
+            stage.downsample = nn.Identity() if last else Downsample(channels, config.downsample_padding)
             if not last:
                 skip_channels.append(channels)
             self.down.append(stage)
 
         # Middle: residual block, attention, residual block.
-        self.mid1 = ResAttnBlock(channels, channels, time_dim, dropout, groups, True, config.head_channels)
-        self.mid2 = ResAttnBlock(channels, channels, time_dim, dropout, groups, False, config.head_channels)
+        self.mid1 = block(channels, channels, None, attend=True)
+        self.mid2 = block(channels, channels, None, attend=False)
 
         # Up: mirror of the down path, one more block per level, each eating one skip.
         self.up = nn.ModuleList()
@@ -407,7 +417,7 @@ class UNet(nn.Module):
             stage.upsample = Upsample(channels) if level > 0 else nn.Identity()
             self.up.append(stage)
 
-        self.norm_out = nn.GroupNorm(groups, channels)
+        self.norm_out = nn.GroupNorm(groups, channels, eps)
         self.conv_out = zero_init(nn.Conv2d(channels, 3, 3, padding=1))
         # Activation checkpointing: in training, keep only each block's input and recompute its
         # insides during backward (same gradients, dropout included; less memory, ~1/3 more compute).
@@ -679,6 +689,7 @@ import difflib  # noqa: E402
 import enum  # noqa: E402
 import errno  # noqa: E402
 import hashlib  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -1358,6 +1369,7 @@ class TrainConfig:
     fid_every: int = 0  # log FID every this many steps and keep best.pt by it; 0 = off
     fid_samples: int = 1000  # samples per FID (the same as `fid -n`, with --seed from `seed`)
     cond_drop: float = 0.1  # conditional models: chance a label is replaced by "no class" (CFG; Ho & Salimans)
+    init: Optional[str] = None  # the checkpoint, .safetensors or diffusers folder this run was fine-tuned from
 
     def __post_init__(self):
         at_least = dict(batch_size=1, accum=1, save_every=1, log_every=1, keep=1, steps=1, ema_every=1, max_bad_steps=1,
@@ -1502,11 +1514,20 @@ def checksum(value) -> str:
     return digest.hexdigest()
 
 
+def is_model_folder(path: Path) -> bool:
+    """A run folder or a diffusers folder (as opposed to a folder of images)."""
+    return any((path / name).is_file() for name in ("ckpt.pt", "model_index.json", "config.json"))
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint written by ddpm.py, safely: weights_only=True admits tensors, numbers,
     strings, lists and dicts and nothing that could run code; then check its checksum and structure.
     Every failure is a one-line UserError."""
     path = Path(path)
+    if path.is_dir() and not (path / "ckpt.pt").exists() and is_model_folder(path):
+        return read_diffusers(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return read_safetensors(path)
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.exists():
@@ -1692,6 +1713,275 @@ def remove_interrupted_writes(run_dir: Path) -> None:
                       f"in {run_dir}.")
 
 # -------------------------------------------------------------------------------------------------
+# Interop: safetensors files and diffusers folders
+# -------------------------------------------------------------------------------------------------
+
+INTEROP_HELP = "pip install -r requirements-interop.txt"
+RESNET_NAMES = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2",
+                "conv2": "conv2", "skip": "conv_shortcut"}
+ATTENTION_NAMES = {"norm": "group_norm", "proj": "to_out.0"}  # and qkv -> to_q, to_k, to_v
+
+
+def optional_import(module: str, purpose: str):
+    """An optional extra's module, or one line saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs the {module.split('.')[0]} package: {INTEROP_HELP}") from None
+
+
+def diffusers_module_names(model: UNet) -> dict[str, str]:
+    """Our module path -> diffusers' UNet2DModel module path, for every module that holds weights
+    (our fused attention qkv maps to the attention module; see to_diffusers)."""
+    names = {"time_embed.mlp.0": "time_embedding.linear_1", "time_embed.mlp.2": "time_embedding.linear_2",
+             "class_embed": "class_embedding", "conv_in": "conv_in", "norm_out": "conv_norm_out",
+             "conv_out": "conv_out"}
+
+    def block(ours: str, resnet: str, attention: str):
+        names.update({f"{ours}.res.{a}": f"{resnet}.{b}" for a, b in RESNET_NAMES.items()})
+        names.update({f"{ours}.attn.{a}": f"{attention}.{b}" for a, b in ATTENTION_NAMES.items()})
+        names[f"{ours}.attn.qkv"] = attention
+
+    for level, stage in enumerate(model.down):
+        for j in range(len(stage.blocks)):
+            block(f"down.{level}.blocks.{j}", f"down_blocks.{level}.resnets.{j}", f"down_blocks.{level}.attentions.{j}")
+        names[f"down.{level}.downsample.conv"] = f"down_blocks.{level}.downsamplers.0.conv"
+    block("mid1", "mid_block.resnets.0", "mid_block.attentions.0")
+    block("mid2", "mid_block.resnets.1", "mid_block.attentions.1")
+    for i, stage in enumerate(model.up):
+        for j in range(len(stage.blocks)):
+            block(f"up.{i}.blocks.{j}", f"up_blocks.{i}.resnets.{j}", f"up_blocks.{i}.attentions.{j}")
+        names[f"up.{i}.upsample.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
+    return names
+
+
+def to_diffusers(state: dict, names: dict[str, str]) -> dict:
+    """Our state dict in diffusers' names; each fused qkv is split into to_q, to_k, to_v."""
+    out = {}
+    for key, value in state.items():
+        module, param = key.rsplit(".", 1)
+        if module.endswith(".qkv"):
+            for part, tensor in zip(("to_q", "to_k", "to_v"), value.chunk(3)):
+                out[f"{names[module]}.{part}.{param}"] = tensor
+        else:
+            out[f"{names[module]}.{param}"] = value
+    return out
+
+
+def from_diffusers(state: dict, model: UNet, source: Path) -> dict:
+    """diffusers' state dict in our names, checked against the model: every tensor used, every shape right."""
+    wanted, names = model.state_dict(), diffusers_module_names(model)
+    out = {}
+    for key in wanted:
+        module, param = key.rsplit(".", 1)
+        theirs = [f"{names[module]}.{p}.{param}" for p in ("to_q", "to_k", "to_v")] if module.endswith(".qkv") \
+            else [f"{names[module]}.{param}"]
+        if any(name not in state for name in theirs):
+            raise UserError(f"{source}: has no {theirs[0]}; it is not a UNet2DModel this ddpm.py can represent")
+        out[key] = torch.cat([state.pop(name) for name in theirs])
+        if out[key].shape != wanted[key].shape:
+            raise UserError(f"{source}: {theirs[0]} has shape {tuple(out[key].shape)}, expected "
+                            f"{tuple(wanted[key].shape)}")
+    if state:
+        raise UserError(f"{source}: holds weights ddpm.py has no place for ({', '.join(sorted(state)[:3])}); "
+                        f"an unsupported block type")
+    return out
+
+
+def diffusers_unet_config(config: RunConfig) -> dict:
+    """UNet2DModel's config.json for our network. diffusers gives every attention layer heads of one
+    width (attention_head_dim), or one head per layer (None); a model with neither gets one line."""
+    unet, height, width = config.unet, config.data.height, config.data.width
+    attention = unet.attention_levels(height, width)
+    widths = [unet.base_channels * m for m in unet.channel_mults]
+    attended = [widths[level] for level in attention] + [widths[-1]]  # the middle block attends too
+    heads = [max(1, c // unet.head_channels) for c in attended]
+    head_widths = {c // h for c, h in zip(attended, heads)}
+    if len(head_widths) > 1 and max(heads) > 1:
+        raise UserError(f"--format diffusers: this model's attention heads are {sorted(head_widths)} channels wide at "
+                        f"different levels, and diffusers' UNet2DModel has one head width for all of them")
+    head_dim = head_widths.pop() if len(head_widths) == 1 else None
+    return dict(
+        _class_name="UNet2DModel", sample_size=[height, width] if height != width else height, in_channels=3,
+        out_channels=3, center_input_sample=False, time_embedding_type="positional", freq_shift=unet.freq_shift,
+        flip_sin_to_cos=False, down_block_types=["AttnDownBlock2D" if level in attention else "DownBlock2D"
+                                                  for level in range(unet.levels)],
+        up_block_types=["AttnUpBlock2D" if level in attention else "UpBlock2D" for level in reversed(range(unet.levels))],
+        block_out_channels=widths, layers_per_block=unet.blocks_per_level, mid_block_scale_factor=1,
+        downsample_padding=unet.downsample_padding, downsample_type="conv", upsample_type="conv", dropout=unet.dropout,
+        act_fn="silu", attention_head_dim=head_dim, norm_num_groups=unet.norm_groups,
+        attn_norm_num_groups=None, norm_eps=unet.norm_eps, resnet_time_scale_shift="default", add_attention=True,
+        class_embed_type=None, num_class_embeds=unet.num_classes + 1 if unet.num_classes else None,
+        **(dict(ddpm_class_names=list(config.data.class_names)) if unet.num_classes else {}))  # the last row: no class
+
+
+def diffusers_scheduler_config(diffusion: DiffusionConfig) -> dict:
+    """DDPMScheduler's config for our schedule: the same betas, variance, clipping and objective."""
+    T = diffusion.timesteps
+    schedule = dict(beta_schedule="squaredcos_cap_v2") if diffusion.schedule == "cosine" else \
+        dict(beta_schedule="linear", beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T)
+    if diffusion.schedule == "linear" and schedule["beta_end"] > MAX_BETA:  # clipped: give the betas themselves
+        schedule = dict(beta_schedule="linear", trained_betas=make_betas("linear", T).tolist())
+    return dict(_class_name="DDPMScheduler", num_train_timesteps=T, **schedule, variance_type="fixed_small",
+                clip_sample=True, clip_sample_range=1.0, prediction_type=dict(eps="epsilon", v="v_prediction")[
+                    diffusion.objective], timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True)
+
+
+def config_from_diffusers(unet: dict, scheduler: Optional[dict], source: Path) -> RunConfig:
+    """Our RunConfig for a diffusers UNet2DModel (+ DDPMScheduler) config; one line naming what we
+    cannot represent."""
+    def unsupported(what):
+        return UserError(f"{source}: {what} is not supported; ddpm.py reads DDPM-style UNet2DModels "
+                         f"(DownBlock2D/AttnDownBlock2D, positional time embedding, no cross-attention)")
+
+    if unet.get("_class_name") != "UNet2DModel":
+        raise unsupported(f"a {unet.get('_class_name')}")
+    expected = dict(in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+                    flip_sin_to_cos=False, mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv",
+                    act_fn="silu", resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
+                    time_embedding_dim=None, mid_block_type="UNetMidBlock2D")
+    for key, value in expected.items():
+        if key in unet and unet[key] != value:
+            raise unsupported(f"{key}={unet[key]!r}")
+    if unet.get("attn_norm_num_groups") not in (None, unet.get("norm_num_groups", 32)):
+        raise unsupported(f"attn_norm_num_groups={unet['attn_norm_num_groups']}")
+    down, up = unet.get("down_block_types", []), unet.get("up_block_types", [])
+    for kind in down + up:
+        if kind not in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"):
+            raise unsupported(f"block type {kind}")
+    attention = [level for level, kind in enumerate(down) if kind.startswith("Attn")]
+    if [k.startswith("Attn") for k in reversed(up)] != [k.startswith("Attn") for k in down]:
+        raise unsupported("attention in the up path that differs from the down path")
+    size = unet.get("sample_size") or 32
+    height, width = (size, size) if isinstance(size, int) else size
+    widths = unet["block_out_channels"]
+    if any(c % widths[0] for c in widths):
+        raise unsupported(f"block_out_channels {widths}, not multiples of the first")
+    names = unet.get("ddpm_class_names") or []
+    classes = unet.get("num_class_embeds") or 0
+    if classes and classes != len(names) + 1:
+        raise unsupported(f"a class embedding of {classes} classes without a 'no class' entry")
+    head = unet.get("attention_head_dim") or max(widths)  # None: one head as wide as the channels
+    config = UNetConfig(base_channels=widths[0], channel_mults=tuple(c // widths[0] for c in widths),
+                        blocks_per_level=unet.get("layers_per_block", 2),
+                        attn_resolutions=tuple(min(height, width) // 2**level for level in attention),
+                        head_channels=head, dropout=unet.get("dropout", 0.0), norm_groups=unet.get("norm_num_groups", 32),
+                        num_classes=len(names), freq_shift=int(unet.get("freq_shift", 0)),
+                        downsample_padding=unet.get("downsample_padding", 1), norm_eps=unet.get("norm_eps", 1e-5))
+    diffusion = diffusion_from_diffusers(scheduler or {}, source)
+    return RunConfig(config, diffusion, DataConfig(None, width, height, class_names=tuple(names)), TrainConfig())
+
+
+def diffusion_from_diffusers(scheduler: dict, source: Path) -> DiffusionConfig:
+    """Our DiffusionConfig for a DDPMScheduler config (diffusers' defaults where a key is absent:
+    DDPM's linear schedule over 1000 steps)."""
+    T = scheduler.get("num_train_timesteps", 1000)
+    kind = scheduler.get("beta_schedule", "linear")
+    objective = {"epsilon": "eps", "v_prediction": "v"}.get(scheduler.get("prediction_type", "epsilon"))
+    if objective is None:
+        raise UserError(f"{source}: prediction_type {scheduler['prediction_type']!r} is not supported (epsilon or "
+                        f"v_prediction)")
+    if scheduler.get("trained_betas") is not None:
+        betas = torch.tensor(scheduler["trained_betas"], dtype=torch.float64)
+        match = next((s for s in SCHEDULES if len(betas) == T and torch.allclose(make_betas(s, T), betas, atol=1e-7)),
+                     None)
+    elif kind == "squaredcos_cap_v2":
+        match = "cosine"
+    elif kind == "linear" and math.isclose(scheduler.get("beta_start", 1e-4), 1e-4 * 1000 / T, rel_tol=1e-6) and \
+            math.isclose(scheduler.get("beta_end", 0.02), 0.02 * 1000 / T, rel_tol=1e-6):
+        match = "linear"
+    else:
+        match = None
+    if match is None:
+        raise UserError(f"{source}: its noise schedule ({kind}, beta_start={scheduler.get('beta_start')}, "
+                        f"beta_end={scheduler.get('beta_end')}, T={T}) is not one of ddpm.py's (DDPM's linear "
+                        f"1e-4..0.02 scaled to T, or cosine)")
+    return DiffusionConfig(match, T, objective)
+
+
+def weights_checkpoint(config: RunConfig, weights: dict, **extra) -> dict:
+    """A weights-only checkpoint (what `export` writes) held in memory."""
+    checkpoint = dict(format_version=FORMAT_VERSION, kind="weights", config=config.to_dict(), ema=weights,
+                      step=extra.pop("step", 0), images_seen=extra.pop("images_seen", 0), **extra)
+    checkpoint["checksum"] = checksum(checkpoint)
+    return checkpoint
+
+
+def read_diffusers(folder: Path) -> dict:
+    """A diffusers DDPMPipeline folder (unet/ + scheduler/) or a bare UNet2DModel folder, as a
+    weights-only checkpoint. Reads safetensors with the safetensors package (or a .bin weights file
+    with torch.load(weights_only=True))."""
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    try:
+        unet = json.loads((unet_dir / "config.json").read_text())
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{folder}: cannot read its diffusers config ({error})") from None
+    config = config_from_diffusers(unet, scheduler, folder)
+    safetensors_file = unet_dir / "diffusion_pytorch_model.safetensors"
+    if safetensors_file.is_file():
+        state = optional_import("safetensors.torch", f"reading {safetensors_file}").load_file(safetensors_file)
+    elif (unet_dir / "diffusion_pytorch_model.bin").is_file():
+        state = torch.load(unet_dir / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) in {unet_dir}")
+    model = build_model(config)
+    return weights_checkpoint(config, from_diffusers(dict(state), model, folder), source=str(folder))
+
+
+def write_diffusers(checkpoint: dict, out: Path, weights: dict, dtype: torch.dtype) -> None:
+    """A DDPMPipeline folder: model_index.json, unet/ (config.json + safetensors), scheduler/."""
+    safetensors_torch = optional_import("safetensors.torch", "--format diffusers")
+    config = RunConfig.from_dict(checkpoint["config"])
+    unet_config = diffusers_unet_config(config)
+    model = build_model(config)
+    state = to_diffusers({k: v.to(dtype).contiguous() for k, v in weights.items()}, diffusers_module_names(model))
+    version = "0.30.0"  # the layout of this diffusers version and later
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "model_index.json").write_text(json.dumps(dict(
+        _class_name="DDPMPipeline", _diffusers_version=version, unet=["diffusers", "UNet2DModel"],
+        scheduler=["diffusers", "DDPMScheduler"]), indent=2))
+    (out / "unet" / "config.json").write_text(json.dumps(dict(unet_config, _diffusers_version=version), indent=2))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
+        diffusers_scheduler_config(config.diffusion), _diffusers_version=version), indent=2))
+    safetensors_torch.save_file(state, out / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+SAFETENSORS_KEY = "ddpm"  # the metadata entry that holds our checkpoint's config and counters, as JSON
+
+
+def write_safetensors(checkpoint: dict, out: Path, weights: dict, dtype: torch.dtype) -> None:
+    """The weights in one .safetensors file, with our config (and step, images seen) in its metadata."""
+    safetensors_torch = optional_import("safetensors.torch", "--format safetensors")
+    about = dict(format_version=FORMAT_VERSION, config=checkpoint["config"], step=checkpoint["step"],
+                 images_seen=checkpoint["images_seen"])
+    safetensors_torch.save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, out,
+                                metadata={SAFETENSORS_KEY: json.dumps(about)})
+
+
+def read_safetensors(path: Path) -> dict:
+    """A .safetensors file written by `export --format safetensors`, as a weights-only checkpoint."""
+    safetensors = optional_import("safetensors", f"reading {path}")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # the package raises its own error types for damaged files
+        raise UserError(f"{path} is not a readable safetensors file ({str(error)[:100]})") from None
+    if SAFETENSORS_KEY not in metadata:
+        raise UserError(f"{path}: a safetensors file without ddpm's config in its metadata; for a diffusers model, "
+                        f"give its folder (with config.json)")
+    try:
+        about = json.loads(metadata[SAFETENSORS_KEY])
+        config = RunConfig.from_dict(about["config"])
+    except (ValueError, KeyError, TypeError, UserError, ConfigError) as error:
+        raise UserError(f"{path}: its ddpm metadata is damaged ({error})") from None
+    return weights_checkpoint(config, weights, step=about.get("step", 0), images_seen=about.get("images_seen", 0))
+
+
+# -------------------------------------------------------------------------------------------------
 # Training loop
 # -------------------------------------------------------------------------------------------------
 
@@ -1853,7 +2143,8 @@ class Trainer:
     step, and the periodic log line, checkpoint (with its preview grid) and FID."""
 
     def __init__(self, config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path,
-                 resume: Optional[dict] = None, inception: Optional[str] = None, resume_path: Optional[Path] = None):
+                 resume: Optional[dict] = None, inception: Optional[str] = None, resume_path: Optional[Path] = None,
+                 init: Optional[dict] = None):
         self.config, self.settings, self.run_dir, self.runtime = config, config.train, run_dir, runtime
         self.main = runtime.is_main
         self.say = console.print if self.main else (lambda *a, **k: None)
@@ -1862,7 +2153,7 @@ class Trainer:
         self.global_batch = self.settings.batch_size * self.settings.accum * runtime.world_size  # images per step
         self.fid_scorer = FidScorer.for_training(self.data, inception, cache_dir, runtime) \
             if self.settings.fid_every and self.main else None
-        self.build_model(resume)
+        self.build_model(resume, init)
         if self.main:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.log = LossLog(run_dir / "log.jsonl", self.state.step) if self.main else None
@@ -1907,11 +2198,22 @@ class Trainer:
                             f"({len(loaded)} images); use --batch-size {len(loaded) // (world * accum)} or less")
         return loaded
 
-    def build_model(self, resume: Optional[dict]) -> None:
-        """Network, schedule, EMA and optimiser: fresh from (seed, "init"), or restored from a checkpoint."""
+    def build_model(self, resume: Optional[dict], init: Optional[dict] = None) -> None:
+        """Network, schedule, EMA and optimiser: fresh from (seed, "init"), started from the weights
+        of `init` (fine-tuning), or restored from a checkpoint."""
         settings, runtime = self.settings, self.runtime
         torch.manual_seed(derive_seed(settings.seed, "init"))  # the same initial weights on every rank
-        self.model = runtime.prepare(build_model(self.config))
+        model = build_model(self.config)
+        if init is not None:
+            weights = init["ema"] if init.get("ema") is not None else init["model"]
+            same_classes = init["config"]["data"].get("class_names", []) == list(self.config.data.class_names)
+            if not same_classes:  # new classes: a fresh class embedding, the rest from the source
+                weights = {k: v for k, v in weights.items() if not k.startswith("class_embed.")}
+                if self.config.unet.num_classes:
+                    self.say(f"Fine-tuning with {self.config.unet.num_classes} classes the source did not have: "
+                             f"their embedding starts fresh.")
+            model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=same_classes)
+        self.model = runtime.prepare(model)
         self.model.checkpoint_activations = settings.checkpoint_activations
         self.schedule = NoiseSchedule(self.config.diffusion).to(runtime.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(settings.ema_decay, settings.ema_every)) \
@@ -2114,11 +2416,11 @@ class Trainer:
 
 
 def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, resume: Optional[dict] = None,
-          inception: Optional[str] = None, resume_path: Optional[Path] = None) -> int:
+          inception: Optional[str] = None, resume_path: Optional[Path] = None, init: Optional[dict] = None) -> int:
     """Train until a stop condition; returns the exit code (0 done, 130/143 interrupted, 2 diverged).
     Each pass of the loop is one optimisation step, then the periodic work in named blocks."""
     setup_distributed(runtime)
-    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception, resume_path)
+    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception, resume_path, init)
     settings, state = config.train, trainer.state
     if trainer.limit_reached(clock=False):
         trainer.say(f"Nothing to do: the run is at step {state.step} ({state.images_seen} images), past its "
@@ -2381,7 +2683,11 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.load is deprecated but is how this file ships
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            try:
+                self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            except (RuntimeError, ValueError) as error:
+                raise UserError(f"--inception {path}: not a TorchScript model ({str(error).splitlines()[0][:80]}). "
+                                f"{INCEPTION_HELP}") from None
         stat = path.stat()
         self.identity = f"inception:{path.name}:{stat.st_size}"
 
@@ -2655,6 +2961,7 @@ Resize = enum.Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
 Sampler = enum.Enum("Sampler", {name.replace("+", "p"): name for name in SAMPLERS}, type=str)
 Precision = enum.Enum("Precision", {name: name for name in PRECISIONS}, type=str)
 Dtype = enum.Enum("Dtype", {name: name for name in ("fp32", "fp16", "bf16")}, type=str)
+ExportFormat = enum.Enum("ExportFormat", {name: name for name in ("pt", "safetensors", "diffusers")}, type=str)
 Variance = enum.Enum("Variance", {name: name for name in ("small", "large")}, type=str)
 
 
@@ -2839,6 +3146,9 @@ def cli_train(
     channels_last: Annotated[Optional[bool], typer.Option(
         "--channels-last/--no-channels-last", help="channels_last memory format (default: on for CUDA).")] = None,
     cache_dir: CacheOpt = None,
+    init: Annotated[Optional[Path], typer.Option(help="Fine-tune: start from the weights of a checkpoint, a "
+                                                 ".safetensors export or a diffusers folder (its model and "
+                                                 "schedule; new optimizer, step 0).")] = None,
 ):
     """Train a model; re-running into the same --out resumes from its newest good checkpoint.
 
@@ -2865,13 +3175,19 @@ def cli_train(
             raise UserError(f"--out {out}: folder is not writable")
     with RunLock(out) if runtime.is_main else contextlib.nullcontext():  # held until training ends
         config, found = config_for_run(out, requested, given_options(ctx), resume, fresh)
+        source = None
+        if init is not None and found is not None:
+            warn(f"resuming {found[0]}; --init {init} applies only to a new run and is ignored")
+        elif init is not None:
+            source = load_checkpoint(init)
+            config = config_for_init(config, source, init, given_options(ctx))
         check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
         if config.train.fid_every:
             find_inception(inception)  # fail now, not hours in
         if runtime.is_main:
             remove_interrupted_writes(out)
         path, checkpoint = found or (None, None)
-        code = train(config, out, runtime, cache_dir, checkpoint, inception, path)
+        code = train(config, out, runtime, cache_dir, checkpoint, inception, path, source)
     if code:
         raise typer.Exit(code)
 
@@ -2907,7 +3223,8 @@ def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: boo
         raise UserError(f"{path} is a weights-only export and cannot be resumed; use a full checkpoint")
     config = RunConfig.from_dict(checkpoint["config"])
     asked_train = dataclasses.asdict(requested.train)
-    config.train = dataclasses.replace(config.train, **{name: asked_train[name] for name in TRAIN_FIELDS & given})
+    config.train = dataclasses.replace(config.train, **{name: asked_train[name] for name in TRAIN_FIELDS & given
+                                                         if name != "init"})
     if "data" in given:
         config.data.path = requested.data.path
     if "classes" in given:
@@ -2919,6 +3236,22 @@ def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: boo
         warn(f"resuming {path}, whose model and data settings are kept; "
                       f"ignoring {', '.join(ignored)}")
     return config, found
+
+
+def config_for_init(requested: RunConfig, source: dict, init: Path, given: set[str]) -> RunConfig:
+    """A new run that fine-tunes `source`: its network and schedule, at its image size; data and
+    training settings as asked. Model options typed on the command line cannot apply: said once."""
+    theirs = RunConfig.from_dict(source["config"])
+    if "size" in given and (requested.data.width, requested.data.height) != (theirs.data.width, theirs.data.height):
+        raise UserError(f"--size {requested.data.size_text}: --init {init} was trained at {theirs.data.size_text}; "
+                        f"fine-tune at its size (omit --size)")
+    ignored = sorted(given & {"preset", "base_channels", "channel_mults", "blocks_per_level", "attn_res", "dropout",
+                              "schedule", "timesteps", "objective"})
+    if ignored:
+        warn(f"--init {init} sets the model and schedule; ignoring {', '.join('--' + o.replace('_', '-') for o in ignored)}")
+    data = dataclasses.replace(requested.data, width=theirs.data.width, height=theirs.data.height, class_names=())
+    unet = dataclasses.replace(theirs.unet, num_classes=0)  # the classes come from the data
+    return RunConfig(unet, theirs.diffusion, data, dataclasses.replace(requested.train, init=str(init)))
 
 
 def load_for_sampling(ckpt: Path, use_ema: bool, runtime: Runtime):
@@ -3052,7 +3385,8 @@ def describe_checkpoint(path: Path, checkpoint: dict) -> dict:
         weights_dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""),
         loss_first=history[0][1] if history else None, loss_last=history[-1][1] if history else None,
         loss_history=history, bad_steps=checkpoint.get("bad_steps"), best_fid=checkpoint.get("best_fid"),
-        file_bytes=path.stat().st_size, torch_version=checkpoint.get("torch_version"),
+        file_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else
+        path.stat().st_size, torch_version=checkpoint.get("torch_version"),
         created=checkpoint.get("created"), config=config,
     )
 
@@ -3074,8 +3408,9 @@ def cli_inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
     """Show what a checkpoint holds: config, parameters, step, images seen, loss trend, size."""
-    path = ckpt / "ckpt.pt" if ckpt.is_dir() else ckpt
-    info = describe_checkpoint(path, load_checkpoint(path))
+    checkpoint = load_checkpoint(ckpt)
+    path = ckpt / "ckpt.pt" if (ckpt / "ckpt.pt").is_file() else ckpt
+    info = describe_checkpoint(path, checkpoint)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -3106,32 +3441,53 @@ def cli_inspect(
 
 @app.command("export")
 def cli_export(
-    ckpt: Annotated[Path, typer.Argument(help="Full checkpoint (or run folder).")],
-    out: Annotated[Path, typer.Argument(help="Weights file to write.")],
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint, run folder, .safetensors export or diffusers folder.")],
+    out: Annotated[Path, typer.Argument(help="File (.pt, .safetensors) or, for --format diffusers, a new folder.")],
+    format: Annotated[Optional[ExportFormat], typer.Option(
+        "--format", help="pt (ddpm.py's own), safetensors (weights + our config in its metadata) or diffusers "
+                         "(a DDPMPipeline folder). Default: safetensors for a .safetensors name, else pt.")] = None,
     dtype: Annotated[Dtype, typer.Option(help="Store the weights as fp32, fp16 or bf16.")] = Dtype.fp16,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Export the EMA weights.")] = True,
 ):
-    """Write the (EMA) weights and config only: no optimizer, a fraction of the size; loads with
-    sample, inspect and fid."""
+    """Write the (EMA) weights and config only, in ddpm.py's format, as safetensors, or as a
+    diffusers DDPMPipeline folder (DDPMPipeline.from_pretrained and DDIMPipeline load it). Each
+    loads with sample, inspect, fid and train --init."""
+    kind = format.value if format else ("safetensors" if out.suffix == ".safetensors" else "pt")
+    if kind == "diffusers":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"output {out}: already exists; --format diffusers writes a new folder")
+        check_output_path(out, "output")
+    else:
+        check_output_path(out, "output", (".safetensors",) if kind == "safetensors" else None)
     checkpoint = load_checkpoint(ckpt)
-    check_output_path(out, "output")
     if not ema and checkpoint.get("model") is None:
         raise UserError(f"{ckpt} is a weights-only export with no raw (non-EMA) weights; drop --no-ema, or export "
                         f"from the run's full checkpoint")
     weights = checkpoint["ema"] if ema and checkpoint.get("ema") is not None else checkpoint["model"]
     target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype.value]
-    small = dict(format_version=FORMAT_VERSION, kind="weights", config=checkpoint["config"],
-                 step=checkpoint["step"], images_seen=checkpoint["images_seen"],
-                 loss_history=checkpoint.get("loss_history", []), best_fid=checkpoint.get("best_fid"),
-                 ema={k: v.to(target) for k, v in weights.items()}, torch_version=str(torch.__version__),
-                 created=checkpoint.get("created"))
     try:
-        atomic_save(dict(small, checksum=checksum(small)), out)
+        if kind == "pt":
+            small = dict(format_version=FORMAT_VERSION, kind="weights", config=checkpoint["config"],
+                         step=checkpoint["step"], images_seen=checkpoint["images_seen"],
+                         loss_history=checkpoint.get("loss_history", []), best_fid=checkpoint.get("best_fid"),
+                         ema={k: v.to(target) for k, v in weights.items()}, torch_version=str(torch.__version__),
+                         created=checkpoint.get("created"))
+            atomic_save(dict(small, checksum=checksum(small)), out)
+        else:  # written beside the target, then renamed into place: a failure leaves nothing half-written
+            partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+            try:
+                (write_diffusers if kind == "diffusers" else write_safetensors)(checkpoint, partial, weights, target)
+                if out.is_dir():
+                    out.rmdir()  # the empty folder checked above
+                os.replace(partial, out)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
     except OSError as error:
         raise disk_error(out, error) from None
-    before = (ckpt / "ckpt.pt" if ckpt.is_dir() else ckpt).stat().st_size
-    console.print(f"Wrote {out}: {out.stat().st_size / 1e6:.1f} MB ({dtype.value}), "
-                  f"{out.stat().st_size / before:.0%} of the checkpoint")
+    size = sum(f.stat().st_size for f in out.rglob("*")) if out.is_dir() else out.stat().st_size
+    source = ckpt / "ckpt.pt" if (ckpt / "ckpt.pt").is_file() else ckpt
+    share = f", {size / source.stat().st_size:.0%} of the checkpoint" if source.is_file() else ""
+    console.print(f"Wrote {out}: {size / 1e6:.1f} MB ({kind}, {dtype.value}){share}")
 
 
 def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int],
@@ -3141,7 +3497,7 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
     checkpoint, or `count` random images of a folder. A conditional model draws its classes as often
     as they occur in the real images (uniformly where those have no matching labels); with --class,
     only those classes, on both sides. Returns (uint8 images, real ImageSet, description, settings)."""
-    if source.is_dir() and not (source / "ckpt.pt").exists():
+    if source.is_dir() and not is_model_folder(source):
         if classes:
             raise UserError(f"--class: {source} is a folder of images; --class needs a conditional checkpoint")
         width, height = parse_size(size) if size else (64, 64)

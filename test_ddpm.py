@@ -379,6 +379,8 @@ def test_a_conditional_model_draws_the_class_it_is_asked_for(tmp_path, capsys):
     assert code == 0 and preview.tobytes() == Image.open(tmp_path / "preview.png").tobytes()
     code, out, _ = run_cli(["inspect", run], capsys)
     assert code == 0 and "2: blue, red" in out
+    code, _, err = run_cli(["train", "--out", run, "--steps", 301, "--classes", "none"], capsys)  # resume, no labels
+    assert code == 2 and "its 0 classes are not the 2 this run was trained on" in err
 
 
 def test_class_names_are_found_by_number_name_or_unique_part():
@@ -544,6 +546,8 @@ def test_without_scipy_the_devkit_asks_for_it_in_one_line_and_classes_none_goes_
     code, _, err = run_cli(["train", *MICRO, "--data", base, "--steps", 1, "--out", run, "--classes", "none"], capsys)
     assert code == 0 and "Classes" not in err
     assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["num_classes"] == 0
+    code, _, err = run_cli(["train", "--out", run, "--steps", 2], capsys)  # an unconditional run stays so
+    assert code == 0 and "Resuming from step 1" in err and "Classes" not in err
 
 
 def test_colour_modes_are_converted(tmp_path):
@@ -802,6 +806,133 @@ def test_export_is_small_and_loads(tmp_path, capsys):
     assert code == 0 and json.loads(out)["kind"] == "weights"
     code, _, err = run_cli(["train", "--out", tmp_path, "--resume"], capsys)  # tmp_path has no checkpoint
     assert code == 2 and "no loadable checkpoint" in err
+
+
+# Interop: safetensors files and diffusers folders (requirements-interop.txt)
+
+
+def random_weights_checkpoint(path: Path, preset="tiny", height=16, width=16, schedule="cosine", timesteps=100,
+                              **unet) -> ddpm.UNet:
+    """A weights-only checkpoint with random weights everywhere (zero-initialised layers included,
+    so that a wrong mapping of any tensor shows), written to path; returns its model in eval mode."""
+    torch.manual_seed(0)
+    config = ddpm.RunConfig(ddpm.UNetConfig(**{**ddpm.PRESETS[preset], **unet}), ddpm.DiffusionConfig(schedule, timesteps),
+                            ddpm.DataConfig(None, width, height), ddpm.TrainConfig())
+    model = ddpm.build_model(config).eval()
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.05)
+    ddpm.atomic_save(ddpm.weights_checkpoint(config, model.state_dict()), path)
+    return model
+
+
+@pytest.mark.parametrize("preset,height,width,schedule", [("tiny", 16, 16, "cosine"), ("small", 32, 16, "linear")])
+def test_a_diffusers_export_loads_in_its_pipelines_and_samples_like_ours(tmp_path, capsys, preset, height, width,
+                                                                         schedule):
+    diffusers = extra("diffusers")
+    T = 20  # every sampler step below runs T times, on both sides
+    model = random_weights_checkpoint(tmp_path / "w.pt", preset, height, width, schedule, T)
+    schedule_ = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule, T))
+    code, _, err = run_cli(["export", tmp_path / "w.pt", tmp_path / "pipe", "--format", "diffusers", "--dtype", "fp32"],
+                           capsys)
+    assert code == 0 and "(diffusers, fp32)" in err
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
+    x, t = torch.randn(2, 3, height, width), torch.tensor([3, T - 1])
+    with torch.no_grad():
+        assert (unet(x, t).sample - model(x, t)).abs().max() < 1e-5  # measured: 2e-7
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    assert (pipe.scheduler.alphas_cumprod.double() - schedule_.alpha_bars.double()).abs().max() < 1e-6
+    pipe.set_progress_bar_config(disable=True)
+    # Ancestral DDPM over all T steps, from the same noise and the same noise at each step.
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=T,
+                  output_type="np").images
+    ours_noise = torch.Generator().manual_seed(4)
+    ours = ddpm.sample(model, schedule_, torch.randn(2, 3, height, width, generator=ours_noise), "ddpm",
+                       randn_like=lambda like: torch.randn(like.shape, generator=ours_noise))
+    assert (torch.tensor(theirs).permute(0, 3, 1, 2) - (ours + 1) / 2).abs().max() < 1e-4  # 7e-6 measured at T = 100 (README)
+    # Deterministic DDIM over every timestep (fewer steps space them differently: see the README).
+    pipe = diffusers.DDIMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), eta=0.0, num_inference_steps=T,
+                  use_clipped_model_output=True, output_type="np").images
+    x_T = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(3))
+    ours = ddpm.sample(model, schedule_, x_T, "ddim", T, 0.0)
+    assert (torch.tensor(theirs).permute(0, 3, 1, 2) - (ours + 1) / 2).abs().max() < 1e-4  # 1.3e-5 measured at T = 100 (README)
+    # And back: the folder samples, inspects and re-imports to the same weights.
+    back = ddpm.load_checkpoint(tmp_path / "pipe")
+    assert all(torch.equal(back["ema"][k], v) for k, v in model.state_dict().items())
+    assert run_cli(["sample", "-c", tmp_path / "pipe", "-n", 1, "--steps", 2, tmp_path / "s.png", *DEV], capsys)[0] == 0
+
+
+def test_without_safetensors_the_interop_commands_say_how_to_install_it(tmp_path, capsys, monkeypatch):
+    ddpm.atomic_save(tiny_checkpoint(), tmp_path / "c.pt")
+    for module in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, module, None)
+    for args in (["export", tmp_path / "c.pt", tmp_path / "w.safetensors"],
+                 ["export", tmp_path / "c.pt", tmp_path / "pipe", "--format", "diffusers"]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and err.strip().endswith("needs the safetensors package: pip install -r "
+                                                  "requirements-interop.txt")
+    assert not (tmp_path / "w.safetensors").exists() and not (tmp_path / "pipe").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # nothing half-written left behind
+
+
+def google_cifar10_layout(**changes) -> dict:
+    """google/ddpm-cifar10-32's UNet2DModel config (35.7M parameters), with changes."""
+    return dict(dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), freq_shift=1,
+                     flip_sin_to_cos=False, downsample_padding=0, norm_eps=1e-6, attention_head_dim=None,
+                     dropout=0.1), **changes)
+
+
+def test_a_google_ddpm_folder_imports_exactly_and_fine_tunes(tmp_path, capsys):
+    """A local copy of google/ddpm-cifar10-32's layout (random weights: the hub is not reachable)."""
+    diffusers = extra("diffusers")
+    torch.manual_seed(0)
+    for name, layout in (("cifar10", google_cifar10_layout()),
+                         ("small", google_cifar10_layout(block_out_channels=(32, 64, 64, 64), norm_num_groups=8))):
+        net = diffusers.UNet2DModel(**layout).eval()
+        for param in net.parameters():
+            nn.init.normal_(param, std=0.02)
+        diffusers.DDPMPipeline(net, diffusers.DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / name)
+    checkpoint = ddpm.load_checkpoint(tmp_path / "cifar10")
+    model, schedule, config = ddpm.model_from_checkpoint(checkpoint)
+    assert (config.unet.freq_shift, config.unet.downsample_padding, config.unet.norm_eps) == (1, 0, 1e-6)
+    assert config.diffusion == ddpm.DiffusionConfig("linear", 1000, "eps") and ddpm.count_parameters(model) == 35_746_307
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 900])
+    with torch.no_grad():
+        assert (model(x, t) - net.__class__.from_pretrained(tmp_path / "cifar10" / "unet").eval()(x, t).sample
+                ).abs().max() < 1e-5  # measured: 4e-8
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--init", tmp_path / "small", "--steps", 2, "--batch-size", 2, "--out", run,
+                            "--preset", "tiny", *DEV, "--no-compile"], capsys)
+    saved = ddpm.load_checkpoint(run / "ckpt.pt")
+    assert code == 0 and "ignoring --preset" in err and saved["step"] == 2
+    assert saved["config"]["train"]["init"] == str(tmp_path / "small") and saved["config"]["unet"]["base_channels"] == 32
+
+
+def test_safetensors_export_samples_like_the_checkpoint_and_every_source_fine_tunes(tmp_path, capsys):
+    extra("safetensors")
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 3, "--dropout", 0.1, "--out", run], capsys)[0] == 0
+    code, _, err = run_cli(["export", run, tmp_path / "w.safetensors", "--dtype", "fp32"], capsys)
+    assert code == 0 and "(safetensors, fp32)" in err
+    for source in (run, tmp_path / "w.safetensors"):
+        assert run_cli(["sample", "-c", source, "-n", 3, "--steps", 4, tmp_path / f"{source.name}.png", *DEV],
+                       capsys)[0] == 0
+    assert Image.open(tmp_path / "run.png").tobytes() == Image.open(tmp_path / "w.safetensors.png").tobytes()
+    code, out, _ = run_cli(["inspect", tmp_path / "w.safetensors", "--json"], capsys)
+    assert code == 0 and json.loads(out)["step"] == 3 and json.loads(out)["config"]["unet"]["base_channels"] == 8
+    assert run_cli(["export", tmp_path / "w.safetensors", tmp_path / "pipe", "--format", "diffusers"], capsys)[0] == 0
+    source_weights = ddpm.load_checkpoint(run)["ema"]
+    for source in (run / "ckpt.pt", tmp_path / "w.safetensors", tmp_path / "pipe"):
+        out = tmp_path / f"tuned-{source.name}"
+        code, _, _ = run_cli(["train", "--init", source, "--steps", 1, "--lr", 1e-30, "--batch-size", 4, "--out", out,
+                              *DEV, "--no-compile"], capsys)  # the toy cars; a step too small to move a weight
+        tuned = ddpm.load_checkpoint(out / "ckpt.pt")
+        assert code == 0 and tuned["step"] == 1 and tuned["config"]["train"]["init"] == str(source)
+        tolerance = 1e-3 if source.name == "pipe" else 1e-20  # the diffusers export is fp16
+        assert all((tuned["model"][k] - v.float()).abs().max() <= tolerance for k, v in source_weights.items())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1670,6 +1801,23 @@ def make_bad_inputs(tmp: Path) -> dict:
         save_image(tmp / "two_images" / f"{i}.png")
     (tmp / "three_columns.csv").write_text("0.png,red\n1.png,red,big\n")
     (tmp / "elsewhere.csv").write_text("file,class\nphotos/0.png,red\n")
+    unet = dict(_class_name="UNet2DModel", sample_size=8, block_out_channels=[8, 16], layers_per_block=1,
+                down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
+                norm_num_groups=8, flip_sin_to_cos=False)
+    for name, changes, scheduler in [
+            ("cross_attention", dict(_class_name="UNet2DConditionModel"), None),
+            ("skip_blocks", dict(down_block_types=["SkipDownBlock2D", "DownBlock2D"]), None),
+            ("timestep_classes", dict(class_embed_type="timestep"), None),
+            ("scaled_linear", {}, dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+            ("x0_objective", {}, dict(prediction_type="sample"))]:
+        (tmp / name / "unet").mkdir(parents=True)
+        (tmp / name / "model_index.json").write_text("{}")
+        (tmp / name / "unet" / "config.json").write_text(json.dumps(dict(unet, **changes)))
+        if scheduler:
+            (tmp / name / "scheduler").mkdir()
+            (tmp / name / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    if importlib.util.find_spec("safetensors"):
+        __import__("safetensors.torch").torch.save_file({"w": torch.zeros(2)}, tmp / "plain.safetensors")
     (tmp / "junk.pt").write_text("this is not a checkpoint")
     save_image(tmp / "photo.jpg")
     ddpm.atomic_save(tiny_checkpoint(), tmp / "good.pt")
@@ -1800,6 +1948,16 @@ BAD_INPUTS = [
      "none of its 1 files is an image in --data {tmp}/two_images; give file paths relative to --data"),
     (["train", "--classes", "{tmp}/elsewhere.csv"], "a CSV names files in --data; give --data too"),
     (["train", "--cond-drop", "1.5"], "--cond-drop 1.5: must be in [0, 1]"),
+    (["sample", "-c", "{tmp}/cross_attention", "{tmp}/o.png"], "cross_attention: a UNet2DConditionModel is not supported"),
+    (["inspect", "{tmp}/skip_blocks"], "skip_blocks: block type SkipDownBlock2D is not supported"),
+    (["train", "--init", "{tmp}/timestep_classes"], "class_embed_type='timestep' is not supported"),
+    (["export", "{tmp}/scaled_linear", "{tmp}/w.pt"], "its noise schedule (scaled_linear, beta_start=0.00085"),
+    (["sample", "-c", "{tmp}/x0_objective", "{tmp}/o.png"], "prediction_type 'sample' is not supported"),
+    (["fid", "{tmp}/good.pt", "--real", "{tmp}/two_images", "--inception", "{tmp}/photo.jpg"],
+     "--inception {tmp}/photo.jpg: not a TorchScript model"),
+    (["sample", "-c", "{tmp}/plain.safetensors", "{tmp}/o.png"], "a safetensors file without ddpm's config in its"),
+    (["export", "{tmp}/good.pt", "{tmp}/good.pt", "--format", "diffusers"], "already exists; --format diffusers writes"),
+    (["export", "{tmp}/good.pt", "{tmp}/w.bin", "--format", "safetensors"], "the file name must end in .safetensors"),
 ]
 
 
@@ -1810,6 +1968,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys, args, messag
         pytest.skip("running as root: a read-only folder is still writable")
     if "CUDA is not available" in message and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    if "safetensors" in " ".join(args):
+        extra("safetensors")
     code, out, err = run_cli([a.format(tmp=tmp_path) for a in args], capsys)
     lines = err.strip().splitlines()
     assert code == 2, err
