@@ -689,7 +689,7 @@ import difflib  # noqa: E402
 import enum  # noqa: E402
 import errno  # noqa: E402
 import hashlib  # noqa: E402
-import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -1806,7 +1806,8 @@ def diffusers_unet_config(config: RunConfig) -> dict:
         out_channels=3, center_input_sample=False, time_embedding_type="positional", freq_shift=unet.freq_shift,
         flip_sin_to_cos=False, down_block_types=["AttnDownBlock2D" if level in attention else "DownBlock2D"
                                                   for level in range(unet.levels)],
-        up_block_types=["AttnUpBlock2D" if level in attention else "UpBlock2D" for level in reversed(range(unet.levels))],
+        up_block_types=["AttnUpBlock2D" if level in attention else "UpBlock2D"
+                        for level in reversed(range(unet.levels))],
         block_out_channels=widths, layers_per_block=unet.blocks_per_level, mid_block_scale_factor=1,
         downsample_padding=unet.downsample_padding, downsample_type="conv", upsample_type="conv", dropout=unet.dropout,
         act_fn="silu", attention_head_dim=head_dim, norm_num_groups=unet.norm_groups,
@@ -1865,7 +1866,8 @@ def config_from_diffusers(unet: dict, scheduler: Optional[dict], source: Path) -
     config = UNetConfig(base_channels=widths[0], channel_mults=tuple(c // widths[0] for c in widths),
                         blocks_per_level=unet.get("layers_per_block", 2),
                         attn_resolutions=tuple(min(height, width) // 2**level for level in attention),
-                        head_channels=head, dropout=unet.get("dropout", 0.0), norm_groups=unet.get("norm_num_groups", 32),
+                        head_channels=head, dropout=unet.get("dropout", 0.0),
+                        norm_groups=unet.get("norm_num_groups", 32),
                         num_classes=len(names), freq_shift=int(unet.get("freq_shift", 0)),
                         downsample_padding=unet.get("downsample_padding", 1), norm_eps=unet.get("norm_eps", 1e-5))
     diffusion = diffusion_from_diffusers(scheduler or {}, source)
@@ -2144,7 +2146,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path,
                  resume: Optional[dict] = None, inception: Optional[str] = None, resume_path: Optional[Path] = None,
-                 init: Optional[dict] = None):
+                 init: Optional[dict] = None, tensorboard: bool = False):
         self.config, self.settings, self.run_dir, self.runtime = config, config.train, run_dir, runtime
         self.main = runtime.is_main
         self.say = console.print if self.main else (lambda *a, **k: None)
@@ -2157,6 +2159,7 @@ class Trainer:
         if self.main:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.log = LossLog(run_dir / "log.jsonl", self.state.step) if self.main else None
+        self.board = tensorboard_writer(run_dir) if tensorboard and self.main else None
         on_gpu = runtime.device.type == "cuda" and \
             self.images.numel() < 0.25 * torch.cuda.mem_get_info(runtime.device)[0]
         self.stream = BatchStream(self.images.to(runtime.device) if on_gpu else self.images, self.settings.seed,
@@ -2305,10 +2308,18 @@ class Trainer:
         return f"step {state.step}  loss {shown}  {speed:.1f} img/s"
 
     def write_log(self, **values) -> None:
-        if self.main:
-            self.log.write(step=self.state.step, images_seen=self.state.images_seen,
-                           lr=learning_rate(self.settings, self.state.step - 1), bad_steps=self.state.bad_steps,
-                           elapsed_s=round(time.monotonic() - self.started, 2), **values)
+        """A line of log.jsonl (and, with --tensorboard, the same numbers as TensorBoard scalars)."""
+        if not self.main:
+            return
+        record = dict(step=self.state.step, images_seen=self.state.images_seen,
+                      lr=learning_rate(self.settings, self.state.step - 1), bad_steps=self.state.bad_steps,
+                      elapsed_s=round(time.monotonic() - self.started, 2), **values)
+        self.log.write(**record)
+        if self.board is not None:
+            for name in ("loss", "lr", "img_per_s", "fid", "bad_steps"):
+                if record.get(name) is not None:
+                    self.board.add_scalar(name, record[name], self.state.step)
+            self.board.flush()
 
     def healthy(self) -> bool:
         """Whether the model may be saved: the last step was finite and every weight (EMA too) is.
@@ -2345,10 +2356,16 @@ class Trainer:
         grid = generate(self.sampling_model, self.schedule, settings.preview_count, self.runtime,
                         steps=default_steps(self.schedule.timesteps), seed=settings.seed, progress=False,
                         labels=spread_classes(settings.preview_count, classes) if classes else None)
-        try:
-            save_grid(grid, preview)
-        except OSError as error:
-            raise disk_error(preview, error) from None
+        for picture, save in ((preview, lambda path: save_grid(grid, path)),
+                              (self.run_dir / "loss.png", lambda path: save_loss_curve(state.loss_history, path))):
+            try:
+                save(picture)
+            except OSError as error:
+                raise disk_error(picture, error) from None
+        if self.board is not None:
+            from torchvision.utils import make_grid
+            self.board.add_image("samples", make_grid(grid, nrow=math.ceil(math.sqrt(len(grid)))), state.step)
+            self.board.flush()
         if improved:
             link_atomically(path, self.run_dir / "best.pt")
         self.last_saved, self.last_good = state.step, path
@@ -2405,6 +2422,8 @@ class Trainer:
                 state.record(state.step, mean_loss)
                 self.write_log(loss=mean_loss)
         path = (self.checkpoint(False) if self.main and state.step != self.last_saved else None) or self.last_good
+        if self.board is not None:
+            self.board.close()
         if reason != "signal":
             self.say(f"Done at step {state.step} ({reason} limit): {state.images_seen} images seen, "
                      f"{state.bad_steps} non-finite steps skipped. Checkpoint: {path}")
@@ -2416,11 +2435,12 @@ class Trainer:
 
 
 def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, resume: Optional[dict] = None,
-          inception: Optional[str] = None, resume_path: Optional[Path] = None, init: Optional[dict] = None) -> int:
+          inception: Optional[str] = None, resume_path: Optional[Path] = None, init: Optional[dict] = None,
+          tensorboard: bool = False) -> int:
     """Train until a stop condition; returns the exit code (0 done, 130/143 interrupted, 2 diverged).
     Each pass of the loop is one optimisation step, then the periodic work in named blocks."""
     setup_distributed(runtime)
-    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception, resume_path, init)
+    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception, resume_path, init, tensorboard)
     settings, state = config.train, trainer.state
     if trainer.limit_reached(clock=False):
         trainer.say(f"Nothing to do: the run is at step {state.step} ({state.images_seen} images), past its "
@@ -2458,6 +2478,14 @@ def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, r
         dist.barrier()
         dist.destroy_process_group()
     return exit_code
+
+
+def tensorboard_writer(run_dir: Path):
+    """torch.utils.tensorboard's writer into run/tensorboard (`tensorboard --logdir run`)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(f"--tensorboard needs the tensorboard package: {INTEROP_HELP}")
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def training_progress(enabled: bool) -> Progress:
@@ -2575,6 +2603,29 @@ def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, p
                       anchor="lm")
         grid = labelled
     grid.save(path)
+
+
+def save_loss_curve(history: list, path: Path, size: tuple[int, int] = (640, 320)) -> None:
+    """The training loss against the step, on a log scale, as a PNG (no plotting library needed)."""
+    points = [(step, loss) for step, loss in history if math.isfinite(loss) and loss > 0]
+    width, height = size
+    picture = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=12)
+    left, right, top, bottom = 60, width - 16, 16, height - 32
+    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    if len(points) >= 2:
+        steps, logs = [p[0] for p in points], [math.log10(p[1]) for p in points]
+        low, high = min(logs), max(logs) + 1e-9
+        x = lambda step: left + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (right - left)
+        y = lambda log: bottom - (log - low) / (high - low) * (bottom - top)
+        draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(200, 40, 40), width=2)
+        for value, anchor in ((high, "rt"), (low, "rb")):
+            draw.text((left - 6, y(value)), f"{10 ** value:.3g}", fill=(0, 0, 0), font=font, anchor=anchor)
+        for step, anchor in ((steps[0], "lt"), (steps[-1], "rt")):
+            draw.text((x(step), bottom + 6), f"step {step}", fill=(0, 0, 0), font=font, anchor=anchor)
+    draw.text((left + 8, top + 6), "training loss (log scale)", fill=(0, 0, 0), font=font)
+    picture.save(path)
 
 
 class TrajectoryRecorder:
@@ -3146,6 +3197,8 @@ def cli_train(
     channels_last: Annotated[Optional[bool], typer.Option(
         "--channels-last/--no-channels-last", help="channels_last memory format (default: on for CUDA).")] = None,
     cache_dir: CacheOpt = None,
+    tensorboard: Annotated[bool, typer.Option(help="Also log loss, lr, img/s, FID and previews for TensorBoard "
+                                              "(run/tensorboard).")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Fine-tune: start from the weights of a checkpoint, a "
                                                  ".safetensors export or a diffusers folder (its model and "
                                                  "schedule; new optimizer, step 0).")] = None,
@@ -3184,17 +3237,19 @@ def cli_train(
         check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
         if config.train.fid_every:
             find_inception(inception)  # fail now, not hours in
+        if tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise UserError(f"--tensorboard needs the tensorboard package: {INTEROP_HELP}")
         if runtime.is_main:
             remove_interrupted_writes(out)
         path, checkpoint = found or (None, None)
-        code = train(config, out, runtime, cache_dir, checkpoint, inception, path, source)
+        code = train(config, out, runtime, cache_dir, checkpoint, inception, path, source, tensorboard)
     if code:
         raise typer.Exit(code)
 
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 RUNTIME_OPTIONS = {"data", "out", "resume", "fresh", "device", "precision", "compile", "channels_last", "cache_dir",
-                   "inception"}
+                   "inception", "tensorboard"}
 
 
 def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool,
@@ -3248,7 +3303,8 @@ def config_for_init(requested: RunConfig, source: dict, init: Path, given: set[s
     ignored = sorted(given & {"preset", "base_channels", "channel_mults", "blocks_per_level", "attn_res", "dropout",
                               "schedule", "timesteps", "objective"})
     if ignored:
-        warn(f"--init {init} sets the model and schedule; ignoring {', '.join('--' + o.replace('_', '-') for o in ignored)}")
+        options = ", ".join("--" + option.replace("_", "-") for option in ignored)
+        warn(f"--init {init} sets the model and schedule; ignoring {options}")
     data = dataclasses.replace(requested.data, width=theirs.data.width, height=theirs.data.height, class_names=())
     unet = dataclasses.replace(theirs.unet, num_classes=0)  # the classes come from the data
     return RunConfig(unet, theirs.diffusion, data, dataclasses.replace(requested.train, init=str(init)))
@@ -3432,8 +3488,8 @@ def cli_inspect(
     for section, values in info["config"].items():
         rows.append((section, ", ".join(f"{k}={v}" for k, v in values.items() if k != "class_names")))
     names = info["config"]["data"].get("class_names") or []
-    rows.append(("classes", f"{len(names)}: {', '.join(names[:5])}{', ... (--json lists all)' if len(names) > 5 else ''}"
-                 if names else "none (unconditional)"))
+    more = ", ... (--json lists all)" if len(names) > 5 else ""
+    rows.append(("classes", f"{len(names)}: {', '.join(names[:5])}{more}" if names else "none (unconditional)"))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
@@ -3539,8 +3595,8 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
                     eta=eta if sampler == "ddim" else None, sample_seconds=round(seconds, 3),
                     guidance=guidance if names else None, classes=sorted(set(labels.tolist())) if classes else None)
     eta_text = f" eta {eta:g}" if settings["eta"] else ""
-    of = (f"{len(settings['classes'])} classes" if classes else "classes as in the data") + f", guidance {guidance:g}, " \
-        if names else ""
+    drawn = f"{len(settings['classes'])} classes" if classes else "classes as in the data"
+    of = f"{drawn}, guidance {guidance:g}, " if names else ""
     return (images, real_set, f"{count} samples, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
             settings)
 
@@ -3692,7 +3748,8 @@ def cli_bench(
     report = dict(setting=setting, results=results)
     if data is not None:
         console.print("Timing one epoch of data both ways ...")
-        report["data"] = benchmark_data(data, DataConfig(str(data), width, height, classes="none"), cache_dir, batch_size, workers)
+        report["data"] = benchmark_data(data, DataConfig(str(data), width, height, classes="none"), cache_dir,
+                                        batch_size, workers)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

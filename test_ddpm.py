@@ -876,6 +876,26 @@ def test_without_safetensors_the_interop_commands_say_how_to_install_it(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # nothing half-written left behind
 
 
+def test_tensorboard_gets_the_logged_numbers_and_the_previews(tmp_path, capsys, monkeypatch):
+    accumulator = extra("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    code, _, _ = run_cli(["train", *MICRO, "--steps", 4, "--log-every", 2, "--save-every", 4, "--tensorboard",
+                          "--out", run], capsys)
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = read_log(run)
+    scalars = events.Scalars("loss")
+    assert code == 0 and [e.step for e in scalars] == [r["step"] for r in logged] == [2, 4]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in logged], rel=1e-6)  # TensorBoard's float32
+    assert {"lr", "img_per_s"} <= set(events.Tags()["scalars"]) and len(events.Images("samples")) == 1
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else
+                        find_spec(name, *a))
+    code, _, err = run_cli(["train", *MICRO, "--steps", 1, "--tensorboard", "--out", tmp_path / "other"], capsys)
+    assert code == 2 and err.strip().endswith("--tensorboard needs the tensorboard package: pip install -r "
+                                              "requirements-interop.txt")
+
+
 def google_cifar10_layout(**changes) -> dict:
     """google/ddpm-cifar10-32's UNet2DModel config (35.7M parameters), with changes."""
     return dict(dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -1700,7 +1720,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     code, _, err = run_cli(["train", *MICRO, "--steps", 6, "--save-every", 3, "--log-every", 2, "--out", run], capsys)
     assert code == 0 and "built-in toy cars" in err and "Done at step 6" in err
     assert sorted(p.name for p in run.iterdir()) == [".lock", "ckpt-00000003.pt", "ckpt-00000006.pt", "ckpt.pt",
-                                                     "log.jsonl", "samples"]
+                                                     "log.jsonl", "loss.png", "samples"]
+    curve = Image.open(run / "loss.png").convert("RGB")
+    assert curve.size == (640, 320) and (200, 40, 40) in {colour for _, colour in curve.getcolors(1 << 16)}
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
     assert Image.open(run / "samples" / "step-00000006.png").size == (4 * 8 + 5 * 2,) * 2  # 16 previews, 4x4
 
