@@ -2480,10 +2480,14 @@ def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, r
     return exit_code
 
 
-def tensorboard_writer(run_dir: Path):
-    """torch.utils.tensorboard's writer into run/tensorboard (`tensorboard --logdir run`)."""
+def require_tensorboard() -> None:
     if importlib.util.find_spec("tensorboard") is None:
         raise UserError(f"--tensorboard needs the tensorboard package: {INTEROP_HELP}")
+
+
+def tensorboard_writer(run_dir: Path):
+    """torch.utils.tensorboard's writer into run/tensorboard (`tensorboard --logdir run`)."""
+    require_tensorboard()
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -3237,8 +3241,8 @@ def cli_train(
         check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
         if config.train.fid_every:
             find_inception(inception)  # fail now, not hours in
-        if tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise UserError(f"--tensorboard needs the tensorboard package: {INTEROP_HELP}")
+        if tensorboard:
+            require_tensorboard()  # fail now, not after the data is decoded
         if runtime.is_main:
             remove_interrupted_writes(out)
         path, checkpoint = found or (None, None)
