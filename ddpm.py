@@ -1514,9 +1514,18 @@ def checksum(value) -> str:
     return digest.hexdigest()
 
 
+def is_diffusers_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("model_index.json", "config.json"))
+
+
 def is_model_folder(path: Path) -> bool:
     """A run folder or a diffusers folder (as opposed to a folder of images)."""
-    return any((path / name).is_file() for name in ("ckpt.pt", "model_index.json", "config.json"))
+    return (path / "ckpt.pt").is_file() or is_diffusers_folder(path)
+
+
+def disk_size(path: Path) -> int:
+    """Bytes in a file, or in every file below a folder."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -1524,7 +1533,7 @@ def load_checkpoint(path: Path) -> dict:
     strings, lists and dicts and nothing that could run code; then check its checksum and structure.
     Every failure is a one-line UserError."""
     path = Path(path)
-    if path.is_dir() and not (path / "ckpt.pt").exists() and is_model_folder(path):
+    if path.is_dir() and not (path / "ckpt.pt").exists() and is_diffusers_folder(path):
         return read_diffusers(path)
     if path.suffix == ".safetensors" and path.is_file():
         return read_safetensors(path)
@@ -3445,8 +3454,7 @@ def describe_checkpoint(path: Path, checkpoint: dict) -> dict:
         weights_dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""),
         loss_first=history[0][1] if history else None, loss_last=history[-1][1] if history else None,
         loss_history=history, bad_steps=checkpoint.get("bad_steps"), best_fid=checkpoint.get("best_fid"),
-        file_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else
-        path.stat().st_size, torch_version=checkpoint.get("torch_version"),
+        file_bytes=disk_size(path), torch_version=checkpoint.get("torch_version"),
         created=checkpoint.get("created"), config=config,
     )
 
@@ -3544,7 +3552,7 @@ def cli_export(
                 shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
     except OSError as error:
         raise disk_error(out, error) from None
-    size = sum(f.stat().st_size for f in out.rglob("*")) if out.is_dir() else out.stat().st_size
+    size = disk_size(out)
     source = ckpt / "ckpt.pt" if (ckpt / "ckpt.pt").is_file() else ckpt
     share = f", {size / source.stat().st_size:.0%} of the checkpoint" if source.is_file() else ""
     console.print(f"Wrote {out}: {size / 1e6:.1f} MB ({kind}, {dtype.value}){share}")
