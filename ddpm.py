@@ -683,6 +683,7 @@ def evaluations(sampler: str, steps: int, timesteps: int) -> int:
 # =================================================================================================
 
 import csv  # noqa: E402  (Part II's imports open Part II, so Part I reads alone)
+import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import difflib  # noqa: E402
@@ -799,7 +800,8 @@ class RuntimeNet(nn.Module):
 def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,
                     channels_last: Optional[bool] = None) -> Runtime:
     """Pick device, precision and fast paths. On CUDA: bf16 autocast, TF32 matmuls, channels_last and
-    torch.compile by default; on the CPU: fp32, eager. Under torchrun, one GPU per local rank."""
+    torch.compile by default; on the CPU: fp32, eager, malloc keeping freed memory, and under
+    torchrun the cores shared out between the local processes. Under torchrun, one GPU per local rank."""
     try:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     except ValueError:
@@ -841,8 +843,44 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
     if compile and not compile_available(dev):
         warn("torch.compile is unavailable here (no Triton/C++ compiler); running eager")
         compile = False
+    if not on_gpu:
+        keep_freed_memory()
+        if world_size > 1:
+            torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     return Runtime(dev, torch.bfloat16 if precision == "bf16" else None,
                    on_gpu if channels_last is None else channels_last, compile, rank, world_size)
+
+
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep up to 1 GiB of freed memory instead of giving it back to the kernel.
+
+    By default a block above the mmap threshold (at most 32 MiB) is a fresh mapping, unmapped when
+    freed, and free memory above 2x that threshold at the top of the heap is trimmed. A CPU batch
+    allocates the same large activations at every timestep, so each step faulted in and zeroed
+    them anew: sampling `small` at 32x32 in batches of 256 took 11.8 M page faults and 42 of 118
+    CPU-seconds in the kernel, 1.5x slower per image than batches of 16 (README: CPU speed). Both
+    thresholds matter; raising either one alone leaves most of the faults. glibc only (Linux);
+    elsewhere nothing changes. True when set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+                    and libc.mallopt(GLIBC_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+
+
+def cpu_threads_per_process(local_world_size: int) -> int:
+    """OpenMP threads for each of the processes torchrun starts on this machine: the cores this
+    process may use, shared out, so that the sum matches the cores (torchrun's default of 1 wastes
+    all but one core per process; more than the cores between them runs several times slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
 
 
 def compile_available(device: torch.device) -> bool:
@@ -2918,10 +2956,11 @@ def diffusers_peer(config: UNetConfig, height: int, width: int) -> Optional[nn.M
 
 
 def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, runtime: Runtime, steps: int,
-                    warmup: int, sample_steps: int = DEFAULT_STEPS) -> dict:
+                    warmup: int, sample_steps: int = DEFAULT_STEPS, sample_batch_size: int = SAMPLE_BATCH_SIZE) -> dict:
     """Training img/s (forward + backward + fused AdamW), achieved TFLOP/s (FLOPs of one forward +
     backward counted by torch.utils.flop_counter), MFU where the device's peak is known, and
-    sampling img/s (network evaluations/s divided by the sampler's steps)."""
+    sampling img/s (network evaluations/s divided by the sampler's steps) at the training batch and
+    at `sample`'s default batch, so that a slow default shows."""
     from torch.utils.flop_counter import FlopCounterMode
     model = runtime.prepare(model).train()
     net = runtime.wrap(torch.compile(model) if runtime.compile else model)
@@ -2957,18 +2996,18 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
     step_time = timed(train_step, steps)
 
     model.eval()
-    t_eval = torch.full((batch_size,), schedule.timesteps // 2, device=runtime.device)
 
-    @torch.no_grad()
-    def evaluate():
-        net(x0, t_eval)
+    def sampling_img_s(batch: int) -> float:
+        x = torch.randn((batch, 3, height, width), generator=generator, device=runtime.device)
+        t_eval = torch.full((batch,), schedule.timesteps // 2, device=runtime.device)
+        with torch.no_grad():
+            return batch / timed(lambda: net(x, t_eval), steps) / sample_steps
 
-    eval_time = timed(evaluate, steps)
     tflops = flops / step_time / 1e12
     peak = peak_tflops(runtime.device, runtime.precision)
     return dict(params=count_parameters(model), train_img_s=batch_size / step_time, tflops=tflops,
                 mfu=tflops / peak if peak else None, gflop_per_img=flops / batch_size / 1e9,
-                sample_img_s=batch_size / eval_time / sample_steps)
+                sample_img_s=sampling_img_s(batch_size), sample_default_img_s=sampling_img_s(sample_batch_size))
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -3100,6 +3139,8 @@ PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on C
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                     help="torch.compile the network (default: on for CUDA).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
+ChannelsLastOpt = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                         help="channels_last memory format (default: on for CUDA).")]
 CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
 SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T timesteps; ddim; dpm++ = DPM-Solver++(2M).")]
 StepsOpt = Annotated[Optional[int], typer.Option(
@@ -3207,8 +3248,7 @@ def cli_train(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = None,
-    channels_last: Annotated[Optional[bool], typer.Option(
-        "--channels-last/--no-channels-last", help="channels_last memory format (default: on for CUDA).")] = None,
+    channels_last: ChannelsLastOpt = None,
     cache_dir: CacheOpt = None,
     tensorboard: Annotated[bool, typer.Option(help="Also log loss, lr, img/s, FID and previews for TensorBoard "
                                               "(run/tensorboard).")] = False,
@@ -3356,6 +3396,7 @@ def cli_sample(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = False,
+    channels_last: ChannelsLastOpt = None,
 ):
     """Generate images from a checkpoint: a grid PNG, or one PNG per image into a folder. A
     conditional model draws the --class asked for (without one, it samples unconditionally)."""
@@ -3376,7 +3417,7 @@ def cli_sample(
     check_output_path(out, "output", GRID_SUFFIXES if grid else None)
     if trajectory:
         check_output_path(trajectory, "--trajectory", (".gif",))
-    runtime = resolve_runtime(device, precision.value, compile, None)
+    runtime = resolve_runtime(device, precision.value, compile, channels_last)
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
     names = config.data.class_names
     labels, row_labels = None, None
@@ -3729,6 +3770,7 @@ def cli_bench(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = None,
+    channels_last: ChannelsLastOpt = None,
     cache_dir: CacheOpt = None,
 ):
     """Measure training img/s, TFLOP/s, MFU and sampling img/s, side by side with peers (--compare)."""
@@ -3737,7 +3779,7 @@ def cli_bench(
                                ("--workers", workers, 0)):
         if value < low:
             raise UserError(f"{option} {value}: must be at least {low}")
-    runtime = resolve_runtime(device, precision.value, compile, None)
+    runtime = resolve_runtime(device, precision.value, compile, channels_last)
     width, height = parse_size(size)
     unet = UNetConfig(**PRESETS[preset.value])
     DataConfig(None, width, height)  # validates the size
@@ -3756,7 +3798,9 @@ def cli_bench(
         results[name] = benchmark_model(model, height, width, batch_size, runtime, steps, warmup)
     setting = (f"{preset.value} at {width}x{height}, batch {batch_size}, {runtime.device} "
                f"({torch.cuda.get_device_name(runtime.device) if runtime.device.type == 'cuda' else 'CPU'}), "
-               f"{runtime.precision}{', compiled' if runtime.compile else ', eager'}, torch {torch.__version__}")
+               f"{runtime.precision}{', compiled' if runtime.compile else ', eager'}"
+               f"{', channels_last' if runtime.channels_last else ''}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
     report = dict(setting=setting, results=results)
     if data is not None:
         console.print("Timing one epoch of data both ways ...")
@@ -3772,13 +3816,14 @@ def print_bench_report(report: dict) -> None:
     """bench's table, the ratios of ddpm.py to each peer, and the data comparison."""
     results = report["results"]
     table = Table(title=report["setting"])
-    for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", f"sample img/s (x{DEFAULT_STEPS})"):
+    for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", f"sample img/s (x{DEFAULT_STEPS})",
+                   f"at batch {SAMPLE_BATCH_SIZE}"):
         table.add_column(column, justify="right")
     ours = results["ddpm.py"]
     for name, r in results.items():
         table.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['gflop_per_img']:.2f}", f"{r['train_img_s']:.1f}",
                       f"{r['tflops']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
-                      f"{r['sample_img_s']:.2f}")
+                      f"{r['sample_img_s']:.2f}", f"{r['sample_default_img_s']:.2f}")
     Console().print(table)
     for name, r in results.items():
         if name != "ddpm.py":
