@@ -4,6 +4,8 @@ Train a U-Net to undo Gaussian noise on your own photos, then generate new ones:
 
     python ddpm.py train --data ./cars            # train (re-run to resume); no --data: built-in toy cars
     python ddpm.py sample -n 16 out.png           # a grid of 16 images from run/ckpt.pt
+    python ddpm.py sample --init car.jpg out.png  # start from a photo (SDEdit; --mask: inpainting)
+    python ddpm.py interpolate 3 17 walk.png      # between two seeds (or photos), as a strip and a GIF
     python ddpm.py noise-demo img.jpg             # the forward process: one image noised at growing t
     python ddpm.py inspect run/ckpt.pt            # what a checkpoint holds
     python ddpm.py export run/ckpt.pt small.pt    # EMA weights only, a fraction of the size
@@ -23,6 +25,9 @@ References (equation numbers are the papers' own):
   DPM++     Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling ...", arXiv:2211.01095
   v-pred    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling ...", arXiv:2202.00512
   Min-SNR   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556
+  CFG       Ho, Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598
+  SDEdit    Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with SDEs", arXiv:2108.01073
+  RePaint   Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models", arXiv:2201.09865
   EDM       Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"
   FID       Heusel et al. 2017, arXiv:1706.08500;  KID: Binkowski et al. 2018, arXiv:1801.01401
   Attention Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762
@@ -365,7 +370,8 @@ class UNet(nn.Module):
     eps (DDPM) or the velocity v (DiffusionConfig.objective); output shape = input shape. It runs at
     any height and width divisible by 2^(levels - 1), square or not. With num_classes > 0 it also
     takes class labels (NO_CLASS for none), whose learned embedding is added to the time embedding
-    (Ho & Salimans 2022, classifier-free guidance)."""
+    (Ho & Salimans 2022, classifier-free guidance), or (B, C + 1) float weights that blend the
+    embeddings (the last one is "no class")."""
 
     def __init__(self, config: UNetConfig, height: int, width: int):
         super().__init__()
@@ -432,7 +438,10 @@ class UNet(nn.Module):
         time_emb = self.time_embed(t)
         if self.class_embed is not None:  # no labels, or NO_CLASS: the "no class" row
             labels = torch.full_like(t, NO_CLASS) if labels is None else labels
-            time_emb = time_emb + self.class_embed(torch.where(labels < 0, self.config.num_classes, labels))
+            if labels.is_floating_point():  # (B, C + 1) weights: a blend of the rows (interpolation)
+                time_emb = time_emb + labels.to(time_emb.dtype) @ self.class_embed.weight
+            else:
+                time_emb = time_emb + self.class_embed(torch.where(labels < 0, self.config.num_classes, labels))
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
@@ -507,6 +516,13 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def no_class_like(labels: torch.Tensor) -> torch.Tensor:
+    """"No class" for each image, as labels or as one-hot weights on the last embedding."""
+    if labels.is_floating_point():
+        return F.one_hot(torch.full(labels.shape[:1], labels.shape[1] - 1), labels.shape[1]).to(labels)
+    return torch.full_like(labels, NO_CLASS)
+
+
 def guided(model, labels: Optional[torch.Tensor], guidance: float):
     """The network's output for these labels with classifier-free guidance (Ho & Salimans eq. 6,
     written with w = 1 + theirs): out = out_uncond + w * (out_cond - out_uncond), so w = 0 is the
@@ -516,8 +532,8 @@ def guided(model, labels: Optional[torch.Tensor], guidance: float):
         if labels is None:
             return model(x_t, t).float()
         if guidance in (0, 1):
-            return model(x_t, t, labels if guidance == 1 else torch.full_like(labels, NO_CLASS)).float()
-        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, NO_CLASS)]))
+            return model(x_t, t, labels if guidance == 1 else no_class_like(labels)).float()
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, no_class_like(labels)]))
         cond, uncond = both.float().chunk(2)
         return uncond + guidance * (cond - uncond)
 
@@ -550,20 +566,28 @@ def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
     return [round((steps - 1 - i) * (timesteps - 1) / (steps - 1)) for i in range(steps)]  # distinct: steps <= T
 
 
+def from_timestep(times: list[int], start: Optional[int]) -> list[int]:
+    """A sampler's timesteps when it starts at `start` instead of T-1 (SDEdit, below): `start`,
+    then those of `times` below it. None: all of them."""
+    return times if start is None else [start] + [t for t in times if t < start]
+
+
 def timestep_batch(timestep: int, x: torch.Tensor) -> torch.Tensor:
     """The same timestep for every image of the batch x, as a (B,) int64 tensor."""
     return torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
 
 
 def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
-                variance: str = "small", on_step: Optional[StepCallback] = None) -> torch.Tensor:
+                variance: str = "small", on_step: Optional[StepCallback] = None,
+                start: Optional[int] = None) -> torch.Tensor:
     """Ancestral sampling through all T timesteps (DDPM Algorithm 2). The mean of eq. 11 is computed
     through x0, so that x0 can be clipped to the data range first:
         x0_hat = predicted x0 (eq. 15), clipped to [-1, 1]
         x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z,   z ~ N(0, I), and no noise at the last timestep
-    with sigma_t^2 = beta~_t ("small", the posterior variance) or beta_t ("large"); DDPM sec. 3.2."""
+    with sigma_t^2 = beta~_t ("small", the posterior variance) or beta_t ("large"); DDPM sec. 3.2.
+    x is x_T, or x_start for a `start` below T-1."""
     sigmas = (schedule.posterior_variance if variance == "small" else schedule.betas).sqrt()
-    for timestep in reversed(range(schedule.timesteps)):
+    for timestep in reversed(range(schedule.timesteps if start is None else start + 1)):
         t = timestep_batch(timestep, x)
         # Predict x0 from x_t.
         x0, _ = denoise(x, t)
@@ -576,25 +600,31 @@ def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, ran
     return x
 
 
-def sample_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
-                steps: int, eta: float, on_step: Optional[StepCallback] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) on a subsequence of timesteps t > s:
+def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t: int, s: Optional[int], eta: float,
+              randn_like: RandnLike) -> torch.Tensor:
+    """One DDIM update (Song et al. eq. 12) from timestep t to s < t, given x0_hat and eps_hat at t:
         x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z
         sigma = eta * sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_s)   (eq. 16)
-    eta = 0 is deterministic; eta = 1 is ancestral DDPM on the subsequence. After t = 0, alpha_bar_s = 1."""
-    times = sampling_timesteps(schedule.timesteps, steps)
-    for i, timestep in enumerate(times):
-        # Predict x0 and eps from x_t.
+    s = None is the step to the data after t = 0: alpha_bar_s = 1, no noise."""
+    alpha_bar_t = schedule.alpha_bars[t]
+    alpha_bar_s = schedule.alpha_bars[s] if s is not None else torch.ones_like(alpha_bar_t)
+    sigma = eta * ((1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s)).sqrt()
+    x = alpha_bar_s.sqrt() * x0 + (1 - alpha_bar_s - sigma**2).clamp(min=0).sqrt() * eps
+    return x + sigma * randn_like(x) if eta > 0 and s is not None else x
+
+
+def sample_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
+                steps: int, eta: float, on_step: Optional[StepCallback] = None,
+                start: Optional[int] = None) -> torch.Tensor:
+    """DDIM on `steps` evenly spaced timesteps (from `start` if given). eta = 0 is deterministic;
+    eta = 1 is ancestral DDPM on the subsequence."""
+    times = from_timestep(sampling_timesteps(schedule.timesteps, steps), start)
+    for timestep, next_timestep in zip(times, times[1:] + [None]):
+        # Predict x0 and eps from x_t, then step to the next timestep of the subsequence.
         x0, eps = denoise(x, timestep_batch(timestep, x))
         if on_step:
             on_step(timestep, x, x0)
-        # Step to the next timestep s of the subsequence (eqs. 12 and 16).
-        alpha_bar_t = schedule.alpha_bars[timestep]
-        alpha_bar_s = schedule.alpha_bars[times[i + 1]] if i + 1 < len(times) else torch.ones_like(alpha_bar_t)
-        sigma = eta * ((1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s)).sqrt()
-        x = alpha_bar_s.sqrt() * x0 + (1 - alpha_bar_s - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and i + 1 < len(times):
-            x = x + sigma * randn_like(x)
+        x = ddim_step(schedule, x0, eps, timestep, next_timestep, eta, randn_like)
     return x
 
 
@@ -619,7 +649,7 @@ def log_snr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
 
 
 def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, steps: int,
-                         on_step: Optional[StepCallback] = None) -> torch.Tensor:
+                         on_step: Optional[StepCallback] = None, start: Optional[int] = None) -> torch.Tensor:
     """DPM-Solver++(2M), the multistep second-order solver of the diffusion ODE in data
     prediction (Lu et al. 2022, Algorithm 2). With alpha_t = sqrt(alpha_bar_t), sigma_t =
     sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) and h_i = lambda_{t_i} - lambda_{t_{i-1}}:
@@ -628,7 +658,7 @@ def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Te
         x_{t_i} = (sigma_{t_i} / sigma_{t_i-1}) x_{t_i-1} - alpha_{t_i} (exp(-h_i) - 1) D_i
     The network's x0 at t = 0 is returned (the step to sigma = 0), so `steps` network evaluations
     give `steps` updates. Deterministic: it draws no noise."""
-    times = log_snr_timesteps(schedule, steps)
+    times = from_timestep(log_snr_timesteps(schedule, steps), start)
     alpha, sigma, lam = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars, schedule.log_snr
     x0_prev, h_prev = None, None
     for i, timestep in enumerate(times):
@@ -656,24 +686,142 @@ def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Te
 def sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, sampler: str = DEFAULT_SAMPLER,
            steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, randn_like: RandnLike = torch.randn_like,
            variance: str = "small", on_step: Optional[StepCallback] = None, labels: Optional[torch.Tensor] = None,
-           guidance: float = 1.0) -> torch.Tensor:
+           guidance: float = 1.0, start: Optional[int] = None) -> torch.Tensor:
     """Run the reverse process from the noise x_T to images in [-1, 1], with the network in eval mode:
     sampler "ddpm" (all T timesteps, `variance`), "ddim" (`steps`, `eta`) or "dpm++" (`steps`); for
-    a conditional model, of classes `labels` with classifier-free `guidance`."""
+    a conditional model, of classes `labels` with classifier-free `guidance`. With `start`, x_T is
+    x_start and the samplers begin there (SDEdit, below)."""
     with eval_mode(model):
         denoise = make_denoiser(model, schedule, labels=labels, guidance=guidance)
         if sampler == "ddpm":
-            return sample_ddpm(denoise, schedule, x_T, randn_like, variance, on_step)
+            return sample_ddpm(denoise, schedule, x_T, randn_like, variance, on_step, start)
         if sampler == "ddim":
-            return sample_ddim(denoise, schedule, x_T, randn_like, steps, eta, on_step)
+            return sample_ddim(denoise, schedule, x_T, randn_like, steps, eta, on_step, start)
         if sampler == "dpm++":
-            return sample_dpm_solver_pp(denoise, schedule, x_T, steps, on_step)
+            return sample_dpm_solver_pp(denoise, schedule, x_T, steps, on_step, start)
     raise ConfigError(f"--sampler {sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}")
 
 
 def evaluations(sampler: str, steps: int, timesteps: int) -> int:
     """Network evaluations per image."""
     return timesteps if sampler == "ddpm" else len(sampling_timesteps(timesteps, steps))
+
+
+# -------------------------------------------------------------------------------------------------
+# Editing: start from a photo (SDEdit, RePaint), or travel between two (DDIM inversion, slerp)
+# -------------------------------------------------------------------------------------------------
+
+
+def start_timestep(strength: float, timesteps: int) -> Optional[int]:
+    """SDEdit's starting timestep for a strength s in [0, 1]: the paper's t = floor(s T), which is
+    our index t - 1; None when that is 0 (nothing to undo)."""
+    t = math.floor(strength * timesteps)
+    return t - 1 if t > 0 else None
+
+
+def repaint_path(times: list[int], resample: int, jump: int) -> list[int]:
+    """The timesteps RePaint visits (Lugmayr et al. sec. 4.2, "resampling" with jump length j): down
+    `times`; after every `jump` steps down, back up those `jump` steps and down again, so that each
+    stretch is walked `resample` times. resample = 1 is `times` itself."""
+    path, i, repeats = [times[0]], 0, {}
+    while i + 1 < len(times):
+        i += 1
+        path.append(times[i])
+        if i % jump == 0 and i + 1 < len(times) and repeats.setdefault(i, resample - 1) > 0:
+            repeats[i] -= 1
+            for _ in range(jump):
+                i -= 1
+                path.append(times[i])
+    return path
+
+
+def sample_repaint(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
+                   photo: torch.Tensor, mask: torch.Tensor, path: list[int], eta: float,
+                   on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """Inpainting by RePaint (Lugmayr et al. 2022, Algorithm 1) on DDIM steps along `path`. The region
+    to keep (mask = 0) is known at every timestep, since q(x_s | x_0) needs only the photo; so after
+    each step down the kept region is replaced by the photo noised to that timestep, and the model
+    fills in the rest (mask = 1):
+        x_s = mask * ddim_step(x_t) + (1 - mask) * q_sample(photo, s)
+    A jump back up is the forward process: x_s ~ q(x_s | x_t) = N(sqrt(ab_s / ab_t) x_t, (1 - ab_s / ab_t) I),
+    which lets the next pass down harmonise the two regions."""
+    alpha_bars = schedule.alpha_bars
+    for timestep, next_timestep in zip(path, path[1:] + [None]):
+        if next_timestep is not None and next_timestep > timestep:  # jump back up
+            ratio = alpha_bars[next_timestep] / alpha_bars[timestep]
+            x = ratio.sqrt() * x + (1 - ratio).sqrt() * randn_like(x)
+            continue
+        x0, eps = denoise(x, timestep_batch(timestep, x))
+        if on_step:
+            on_step(timestep, x, x0)
+        generated = ddim_step(schedule, x0, eps, timestep, next_timestep, eta, randn_like)
+        known = photo if next_timestep is None else \
+            schedule.q_sample(photo, timestep_batch(next_timestep, x), randn_like(x))
+        x = mask * generated + (1 - mask) * known
+    return x
+
+
+def sampler_timesteps(sampler: str, schedule: NoiseSchedule, steps: int, start: Optional[int] = None) -> list[int]:
+    """The timesteps a sampler evaluates the network at, in order, from `start` (T-1 if None)."""
+    times = {"ddpm": lambda: list(range(schedule.timesteps - 1, -1, -1)),
+             "ddim": lambda: sampling_timesteps(schedule.timesteps, steps),
+             "dpm++": lambda: log_snr_timesteps(schedule, steps)}[sampler]()
+    return from_timestep(times, start)
+
+
+@torch.no_grad()
+def edit(model: nn.Module, schedule: NoiseSchedule, photo: torch.Tensor, noise: torch.Tensor, strength: float,
+         sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA,
+         randn_like: RandnLike = torch.randn_like, variance: str = "small", on_step: Optional[StepCallback] = None,
+         labels: Optional[torch.Tensor] = None, guidance: float = 1.0, mask: Optional[torch.Tensor] = None,
+         resample: int = 1, jump: int = 1) -> torch.Tensor:
+    """Images that start from `photo` (in [-1, 1]) instead of pure noise.
+
+    SDEdit (Meng et al. 2022): noise the photo to timestep floor(s T) with q(x_t | x_0) and run the
+    reverse process from there. What survives that much noise (layout, colours) is kept, the rest
+    is drawn anew: s = 0 returns the photo, s = 1 is plain sampling from `noise` (x_T ignores the
+    photo, as plain sampling assumes q(x_T | x_0) = N(0, I)).
+    With a `mask` (1 = regenerate, 0 = keep; broadcast over channels): RePaint, above, from the same
+    start, on the DDPM (all timesteps, posterior variance) or DDIM (`steps`, `eta`) timesteps."""
+    start = start_timestep(strength, schedule.timesteps)
+    if start is None:
+        return photo.clone()
+    x = noise if start == schedule.timesteps - 1 else schedule.q_sample(photo, timestep_batch(start, photo), noise)
+    if mask is None:
+        return sample(model, schedule, x, sampler, steps, eta, randn_like, variance, on_step, labels, guidance, start)
+    if sampler not in ("ddpm", "ddim"):
+        raise ConfigError(f"--sampler {sampler}: inpainting needs a stochastic sampler (ddpm or ddim)")
+    path = repaint_path(sampler_timesteps(sampler, schedule, steps, start), resample, jump)
+    with eval_mode(model):
+        denoise = make_denoiser(model, schedule, labels=labels, guidance=guidance)
+        return sample_repaint(denoise, schedule, x, randn_like, photo, mask, path, 1.0 if sampler == "ddpm" else eta,
+                              on_step)
+
+
+def invert_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The noise x_T that deterministic DDIM (eta = 0, `steps`) decodes to about the image x: DDIM's
+    update run upwards, x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps_hat, with (x0_hat, eps_hat)
+    predicted at the timestep below (at the lowest one for the first step). Exact as the steps
+    shrink, since DDIM with eta = 0 is an ODE solver (Song et al. sec. 4.3 and 5.4)."""
+    times = sampling_timesteps(schedule.timesteps, steps)[::-1]  # upwards: 0, ..., T-1
+    for below, timestep in zip(times[:1] + times, times):
+        x0, eps = denoise(x, timestep_batch(below, x))
+        x = schedule.alpha_bars[timestep].sqrt() * x0 + (1 - schedule.alpha_bars[timestep]).sqrt() * eps
+    return x
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation from a (alpha = 0) to b (alpha = 1), image by image (Shoemake 1985).
+    Gaussian noise in many dimensions lies near a sphere of radius sqrt(D); a straight line between
+    two draws cuts inside it, through noise too weak to be a likely x_T, while the arc stays on it."""
+    a_flat, b_flat = a.flatten(1), b.flatten(1)
+    cos = (F.normalize(a_flat, dim=1) * F.normalize(b_flat, dim=1)).sum(1).clamp(-1, 1)
+    omega = torch.arccos(cos)[:, None]
+    sin = torch.sin(omega)
+    close = sin.abs() < 1e-6  # (almost) the same direction: the arc is a line
+    wa = torch.where(close, 1 - alpha, torch.sin((1 - alpha) * omega) / torch.where(close, 1, sin))
+    wb = torch.where(close, alpha, torch.sin(alpha * omega) / torch.where(close, 1, sin))
+    return (wa * a_flat + wb * b_flat).view_as(a)
 
 
 # =================================================================================================
@@ -998,20 +1146,20 @@ def parse_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def find_images(root: Path) -> list[Path]:
+def find_images(root: Path, option: str = "--data") -> list[Path]:
     """Every image below root, any depth, extensions in any case, hidden folders skipped. Covers all
     Stanford Cars layouts: torchvision's stanford_cars/{cars_train,cars_test}, Kaggle's nested
     cars_train/cars_train/, class folders car_data/train/<class>/, and a plain folder."""
     if not root.exists():
-        raise UserError(f"--data {root}: folder does not exist; give the folder that holds your images")
+        raise UserError(f"{option} {root}: folder does not exist; give the folder that holds your images")
     if not root.is_dir():
-        raise UserError(f"--data {root}: is a file, not a folder; give the folder that holds your images")
+        raise UserError(f"{option} {root}: is a file, not a folder; give the folder that holds your images")
     everything = [p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
     images = sorted(p for p in everything if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not everything:
-        raise UserError(f"--data {root}: folder is empty; put your images in it (any subfolder depth)")
+        raise UserError(f"{option} {root}: folder is empty; put your images in it (any subfolder depth)")
     if not images:
-        raise UserError(f"--data {root}: no images among its {len(everything)} entries; "
+        raise UserError(f"{option} {root}: no images among its {len(everything)} entries; "
                         f"looked for {' '.join(IMAGE_EXTENSIONS)} in all subfolders")
     return images
 
@@ -2552,6 +2700,30 @@ def training_progress(enabled: bool) -> Progress:
 SAMPLE_BATCH_SIZE = 256  # images per batch when sampling; image i is the same for any batch size
 
 
+@dataclass
+class Edits:
+    """What `sample --init` starts from: one photo per output image, in [-1, 1], with the SDEdit
+    strength; and for inpainting a (1, 1, H, W) mask, 1 = regenerate, with RePaint's settings."""
+
+    photos: torch.Tensor
+    strength: float
+    mask: Optional[torch.Tensor] = None
+    resample: int = 1
+    jump: int = 1
+
+
+def edit_evaluations(sampler: str, schedule: NoiseSchedule, steps: int, edits: Edits) -> int:
+    """Network evaluations per image of an edit: RePaint's steps down, or the sampler's from the start."""
+    start = start_timestep(edits.strength, schedule.timesteps)
+    if start is None:
+        return 0
+    times = sampler_timesteps(sampler, schedule, steps, start)
+    if edits.mask is None:
+        return len(times)
+    path = repaint_path(times, edits.resample, edits.jump)
+    return sum(after < before for before, after in zip(path, path[1:] + [-1]))
+
+
 def default_steps(timesteps: int) -> int:
     """Sampling timesteps when none are asked for: DEFAULT_STEPS, or all T when T is smaller."""
     return min(DEFAULT_STEPS, timesteps)
@@ -2577,12 +2749,14 @@ def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Run
              steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, seed: int = 0,
              batch_size: int = SAMPLE_BATCH_SIZE, progress: bool = True, on_step: Optional[StepCallback] = None,
              variance: str = "small", labels: Optional[torch.Tensor] = None,
-             guidance: float = DEFAULT_GUIDANCE) -> torch.Tensor:
+             guidance: float = DEFAULT_GUIDANCE, edits: Optional[Edits] = None) -> torch.Tensor:
     """`count` new images as (count, 3, H, W) uint8, in batches. Image i depends only on (seed, i):
     its starting noise and every later draw come from its own generator. labels: the class of each
-    image, for a conditional model (None: unconditional). on_step sees the first batch."""
+    image, for a conditional model (None: unconditional). edits: start image i from edits.photos[i]
+    (SDEdit, RePaint). on_step sees the first batch."""
     net = runtime.wrap(model)
-    per_image = evaluations(sampler, steps, schedule.timesteps)
+    per_image = evaluations(sampler, steps, schedule.timesteps) if edits is None else \
+        edit_evaluations(sampler, schedule, steps, edits)
     out, started = [], time.perf_counter()
     with sampling_progress(progress) as bar:
         task = bar.add_task(f"{sampler} x{per_image}", total=math.ceil(count / batch_size) * per_image)
@@ -2597,8 +2771,14 @@ def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Run
                     on_step(timestep, x, x0)
 
             batch_labels = labels[start:start + len(x_T)].to(runtime.device) if labels is not None else None
-            images = sample(net, schedule, x_T, sampler, steps, eta, noise.randn_like, variance, callback, batch_labels,
-                            guidance)
+            if edits is None:
+                images = sample(net, schedule, x_T, sampler, steps, eta, noise.randn_like, variance, callback,
+                                batch_labels, guidance)
+            else:
+                photos = edits.photos[start:start + len(x_T)].to(runtime.device)
+                mask = edits.mask.to(runtime.device) if edits.mask is not None else None
+                images = edit(net, schedule, photos, x_T, edits.strength, sampler, steps, eta, noise.randn_like,
+                              variance, callback, batch_labels, guidance, mask, edits.resample, edits.jump)
             out.append(to_uint8(images))
             if progress and start == 0 and count > len(images) and not console.is_terminal:  # a log has no bar
                 seconds = (time.perf_counter() - started) * count / len(images)
@@ -2679,6 +2859,13 @@ def save_loss_curve(history: list, path: Path, size: tuple[int, int] = (640, 320
     picture.save(path)
 
 
+def save_animation(pictures: list[Image.Image], path: Path, durations) -> None:
+    """A looping GIF of the pictures, enlarged to about 256 pixels wide; durations in ms (one or per picture)."""
+    scale = max(1, 256 // pictures[0].width)
+    pictures = [enlarge(p, scale) for p in pictures]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
 class TrajectoryRecorder:
     """Keeps x_t and the predicted x0 of the first few images at every sampler step, for the
     denoising animation (GIF) and strip (PNG)."""
@@ -2699,10 +2886,7 @@ class TrajectoryRecorder:
     def save_gif(self, path: Path, final: torch.Tensor) -> None:
         frames = self.frames + [(0, final[:self.count], final[:self.count])]
         pictures = [to_pil(self.panel(f)) for f in frames]
-        scale = max(1, 256 // pictures[0].width)
-        pictures = [enlarge(p, scale) for p in pictures]
-        durations = [60] * (len(pictures) - 1) + [1500]  # hold the final image
-        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+        save_animation(pictures, path, [60] * (len(pictures) - 1) + [1500])  # hold the final image
 
     def save_strip(self, path: Path, columns: int = 8) -> None:
         """Evenly spaced steps left to right; for each image, x_t over predicted x0."""
@@ -3393,14 +3577,30 @@ def cli_sample(
     per_class: Annotated[Optional[int], typer.Option(help="K images of each --class (of every class if none "
                                                      "is given): a grid with one labelled row per class.")] = None,
     guidance: GuidanceOpt = DEFAULT_GUIDANCE,
+    init: Annotated[Optional[list[Path]], typer.Option(
+        "--init", help="Start from these photos (files or folders) instead of noise, -n images from each "
+                       "(default 1): SDEdit, or inpainting with --mask.")] = None,
+    strength: Annotated[Optional[float], typer.Option(help="How much of each --init photo is redrawn: 0 returns "
+                                                      "it, 1 ignores it [default: 0.5; 1 with --mask].")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="Inpainting mask for --init: white = regenerate, black = "
+                                                 "keep (RePaint).")] = None,
+    resample: Annotated[int, typer.Option(help="RePaint: walk every stretch of --jump timesteps this many times "
+                                          "(better blending, as many times the work).")] = 5,
+    jump: Annotated[int, typer.Option(help="RePaint: timesteps per jump back.")] = 5,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = False,
     channels_last: ChannelsLastOpt = None,
 ):
     """Generate images from a checkpoint: a grid PNG, or one PNG per image into a folder. A
-    conditional model draws the --class asked for (without one, it samples unconditionally)."""
+    conditional model draws the --class asked for (without one, it samples unconditionally).
+    With --init, start from photos: a grid row per photo, the photo first."""
     given = given_options(ctx)
+    check_edit_options(given, init, strength, mask, resample, jump, sampler.value, variance.value, per_class)
+    photos: list[Path] = []
+    if init:
+        photos = [file for path in init for file in (find_images(path, "--init") if path.is_dir() else [path])]
+        n = n if "n" in given else 1
     if per_class is not None and "n" in given:
         raise UserError("--per-class K makes K images per class; give it or -n, not both")
     if per_class is not None and per_class < 1:
@@ -3420,32 +3620,45 @@ def cli_sample(
     runtime = resolve_runtime(device, precision.value, compile, channels_last)
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
     names = config.data.class_names
+    total = n * max(1, len(photos))  # with --init: n from each photo, photo by photo
     labels, row_labels = None, None
     if classes or per_class:
         chosen = resolve_classes(classes, names, ckpt)
         if per_class:
-            n = len(chosen) * per_class
+            n = total = len(chosen) * per_class
             labels = torch.tensor(chosen).repeat_interleave(per_class)
             row_labels = [f"{i}: {names[i]}" for i in chosen]
-        elif n < len(chosen):
+        elif total < len(chosen):
             raise UserError(f"-n {n}: fewer images than the {len(chosen)} classes asked for")
         else:  # in blocks: with -n 16 and two classes, 8 of each
-            labels = torch.tensor(chosen)[torch.arange(n) * len(chosen) // n]
-    if grid and n > MAX_GRID_IMAGES:
+            labels = torch.tensor(chosen)[torch.arange(total) * len(chosen) // total]
+    shown = total + len(photos) * (2 if mask else 1)  # a grid row per photo starts with the photo (and its mask)
+    if grid and shown > MAX_GRID_IMAGES:
         raise UserError(f"-n {n}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a folder "
                         f"(a name without a suffix) for one PNG per image")
     if sampler.value == "ddpm" and steps is not None:
         raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
     steps = default_steps(schedule.timesteps) if steps is None else steps
-    check_memory(config.unet, config.data.height, config.data.width, min(n, batch_size), runtime.device, False)
+    check_memory(config.unet, config.data.height, config.data.width, min(total, batch_size), runtime.device, False)
     if not grid:
-        check_disk_space(out.parent, n * 3 * config.data.height * config.data.width, f"-n {n}")
+        check_disk_space(out.parent, total * 3 * config.data.height * config.data.width, f"-n {n}")
+    edits = None
+    if photos:
+        pictures = load_photos(photos, config.data)
+        regenerate = load_mask(mask, photos[0], config.data) if mask else None
+        strength = strength if strength is not None else (1.0 if mask else 0.5)
+        edits = Edits(pictures.float().div(127.5).sub(1).repeat_interleave(n, 0), strength, regenerate, resample, jump)
     recorder = TrajectoryRecorder() if trajectory else None
     started = time.perf_counter()
-    images = generate(model, schedule, n, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
-                      variance=variance.value, labels=labels, guidance=guidance)
+    images = generate(model, schedule, total, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
+                      variance=variance.value, labels=labels, guidance=guidance, edits=edits)
     seconds = time.perf_counter() - started
-    if grid:
+    if grid and photos:
+        shown_mask = [masked_view(pictures, regenerate)] if mask else []
+        rows = torch.cat([pictures[:, None], *[m[:, None] for m in shown_mask],
+                          images.view(len(photos), n, *images.shape[1:])], 1)
+        save_grid(rows.flatten(0, 1), out, rows.shape[1])
+    elif grid:
         save_grid(images, out, per_class, row_labels=row_labels)
     else:
         out.mkdir(exist_ok=True)
@@ -3454,11 +3667,148 @@ def cli_sample(
     if recorder:
         recorder.save_gif(trajectory, images)
         recorder.save_strip(trajectory.with_suffix(".png"))
-    evals = evaluations(sampler.value, steps, schedule.timesteps)
-    of = f"{len(set(labels.tolist()))} classes, guidance {guidance:g}, " if labels is not None else \
+    if edits:
+        evals = edit_evaluations(sampler.value, schedule, steps, edits)
+        how = f"inpainting, resample {resample}, jump {jump}, " if mask else ""
+        of = f"from {len(photos)} photo(s), strength {strength:g}, {how}"
+    else:
+        evals = evaluations(sampler.value, steps, schedule.timesteps)
+        of = ""
+    of += f"{len(set(labels.tolist()))} classes, guidance {guidance:g}, " if labels is not None else \
         ("unconditional, " if names else "")
-    console.print(f"Wrote {n} images to {out} ({of}{sampler.value}, {evals} steps, {seconds:.1f}s, "
-                  f"{n / seconds:.2f} img/s){f'; trajectory {trajectory}' if trajectory else ''}")
+    console.print(f"Wrote {total} images to {out} ({of}{sampler.value}, {evals} steps, {seconds:.1f}s, "
+                  f"{total / seconds:.2f} img/s){f'; trajectory {trajectory}' if trajectory else ''}")
+
+
+def check_edit_options(given: set[str], init, strength, mask, resample: int, jump: int, sampler: str, variance: str,
+                       per_class) -> None:
+    """sample's editing options: each needs the ones it builds on, and values in range."""
+    if not init:
+        for option in ("strength", "mask", "resample", "jump"):
+            if option in given:
+                raise UserError(f"--{option} edits a photo: give the photo with --init")
+        return
+    if per_class is not None:
+        raise UserError("--per-class draws rows of classes from noise; with --init, use --class")
+    if strength is not None:
+        check_finite(strength, "--strength", 0, 1)
+    if not mask:
+        for option in ("resample", "jump"):
+            if option in given:
+                raise UserError(f"--{option} is a setting of inpainting: give --mask with it")
+        return
+    if sampler not in ("ddpm", "ddim"):
+        raise UserError(f"--sampler {sampler}: inpainting needs a stochastic sampler, ddpm or ddim")
+    if variance != "small":
+        raise UserError("--variance large: inpainting uses DDPM's posterior variance (small)")
+    for option, value in (("--resample", resample), ("--jump", jump)):
+        if value < 1:
+            raise UserError(f"{option} {value}: must be at least 1")
+
+
+def load_photos(files: list[Path], data: DataConfig) -> torch.Tensor:
+    """--init photos as the model's training data saw them: RGB, resized the same way, (N, 3, H, W) uint8."""
+    return torch.stack([pil_to_uint8(resize_image(to_rgb(open_image(path)), data.width, data.height, data.resize))
+                        for path in files])
+
+
+def load_mask(path: Path, photo: Path, data: DataConfig) -> torch.Tensor:
+    """--mask as a (1, 1, H, W) float tensor, 1 = regenerate: resized like the photos and
+    thresholded at mid-grey. A mask that is not black and white, or not the photo's size, is used
+    with a warning; one with nothing to regenerate is refused."""
+    image = open_image(path).convert("L")
+    values = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    if not ((values == 0) | (values == 255)).all():
+        warn(f"--mask {path}: not only black and white; thresholded at mid-grey")
+    photo_size = Image.open(photo).size
+    if image.size != photo_size:
+        warn(f"--mask {path}: {image.width}x{image.height}, and --init {photo} is {photo_size[0]}x{photo_size[1]}; "
+             f"both are resized to the model's {data.size_text}, so check that they line up")
+    resized = pil_to_uint8(resize_image(image.convert("RGB"), data.width, data.height, data.resize))[:1]
+    regenerate = (resized >= 128).float()[None]
+    if not regenerate.any():
+        raise UserError(f"--mask {path}: all black, so nothing would be regenerated; paint white where new content "
+                        f"should go")
+    return regenerate
+
+
+def masked_view(photos: torch.Tensor, regenerate: torch.Tensor) -> torch.Tensor:
+    """The photos with the region to regenerate greyed out, to show the mask in a grid."""
+    return torch.where(regenerate.bool(), torch.full_like(photos, 128), photos)
+
+
+MAX_FRAMES = 256
+
+
+@app.command("interpolate")
+def cli_interpolate(
+    start: Annotated[str, typer.Argument(help="From: a seed (the first image of `sample --seed SEED`) or a photo.")],
+    end: Annotated[str, typer.Argument(help="To: a seed or a photo.")],
+    out: Annotated[Path, typer.Argument(help="The frames in a row (PNG); a GIF of them is written next to it.")] =
+    Path("interpolation.png"),
+    ckpt: CkptOpt = Path("run/ckpt.pt"),
+    frames: Annotated[int, typer.Option(help="Frames, both ends included.")] = 8,
+    steps: StepsOpt = None,
+    classes: ClassOpt = None,
+    guidance: GuidanceOpt = DEFAULT_GUIDANCE,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    compile: CompileOpt = False,
+):
+    """Travel between two seeds or two photos: their noise x_T is interpolated along the sphere
+    (a photo is first inverted to its x_T by deterministic DDIM) and every frame is decoded with
+    DDIM eta = 0. For a conditional model, one --class for all frames, or two to blend from the
+    first to the second."""
+    if not 2 <= frames <= MAX_FRAMES:
+        raise UserError(f"--frames {frames}: must be between 2 and {MAX_FRAMES}")
+    check_output_path(out, "output", (".png",))
+    if classes and len(classes) > 2:
+        raise UserError(f"--class given {len(classes)} times: give one class, or two to blend between")
+    check_finite(guidance, "--guidance", 0, 100)
+    ends = [interpolation_end(text, name) for text, name in ((start, "START"), (end, "END"))]
+    runtime = resolve_runtime(device, precision.value, compile, None)
+    model, schedule, config = load_for_sampling(ckpt, ema, runtime)
+    steps = default_steps(schedule.timesteps) if steps is None else steps
+    sampling_timesteps(schedule.timesteps, steps)  # validates --steps
+    net, shape = runtime.wrap(model), (1, 3, config.data.height, config.data.width)
+    weights, w = None, 1.0
+    if classes:
+        chosen = resolve_classes(classes, config.data.class_names, ckpt)
+        one_hot = F.one_hot(torch.tensor(chosen), config.unet.num_classes + 1).float().to(runtime.device)
+        weights, w = (one_hot[0], one_hot[-1]), guidance
+    noises = []
+    for end_point, class_weights in zip(ends, weights or (None, None)):
+        labels = class_weights[None] if class_weights is not None else None
+        if isinstance(end_point, int):
+            noises.append(PerImageNoise(end_point, range(1), runtime.device).randn_like(torch.empty(shape,
+                                                                                                 device=runtime.device)))
+        else:
+            photo = load_photos([end_point], config.data).float().div(127.5).sub(1).to(runtime.device)
+            with torch.no_grad(), eval_mode(net):
+                noises.append(invert_ddim(make_denoiser(net, schedule, labels=labels, guidance=w), schedule, photo, steps))
+    alphas = [i / (frames - 1) for i in range(frames)]
+    x_T = torch.cat([slerp(noises[0], noises[1], alpha) for alpha in alphas])
+    labels = torch.stack([(1 - a) * weights[0] + a * weights[1] for a in alphas]) if weights else None
+    started = time.perf_counter()
+    images = to_uint8(sample(net, schedule, x_T, "ddim", steps, 0.0, labels=labels, guidance=w))
+    save_grid(images, out, frames)
+    gif = out.with_suffix(".gif")
+    pictures = [to_pil(image) for image in images]
+    save_animation(pictures + pictures[-2:0:-1], gif, 200)  # there and back
+    console.print(f"Wrote {frames} frames to {out} and {gif} (DDIM eta 0, {steps} steps, "
+                  f"{time.perf_counter() - started:.1f}s)")
+
+
+def interpolation_end(text: str, name: str):
+    """An end of `interpolate`: an existing image file (a Path) or a seed (an int)."""
+    path = Path(text)
+    if path.exists():
+        open_image(path)  # readable, or one line
+        return path
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    raise UserError(f"{name} {text!r}: neither an image file nor a seed (a whole number)")
 
 
 @app.command("noise-demo")
