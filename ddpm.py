@@ -895,7 +895,9 @@ def derive_seed(*parts) -> int:
 # Runtime: device, precision, compile
 # -------------------------------------------------------------------------------------------------
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FP16_INITIAL_SCALE = 2.0**16  # GradScaler's default; it halves on overflow and doubles after 2000 good steps
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -920,7 +922,12 @@ class Runtime:
 
     @property
     def precision(self) -> str:
-        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        """fp16 gradients underflow (and overflow) where bf16 ones do not: train with a GradScaler."""
+        return self.dtype == torch.float16
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -947,8 +954,8 @@ class RuntimeNet(nn.Module):
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,
                     channels_last: Optional[bool] = None) -> Runtime:
-    """Pick device, precision and fast paths. On CUDA: bf16 autocast, TF32 matmuls, channels_last and
-    torch.compile by default; on the CPU: fp32, eager, malloc keeping freed memory, and under
+    """Pick device, precision and fast paths. On CUDA: bf16 autocast (fp16 with loss scaling on GPUs
+    without bf16, before Ampere: T4, V100), TF32 matmuls, channels_last and torch.compile by default; on the CPU: fp32, eager, malloc keeping freed memory, and under
     torchrun the cores shared out between the local processes. Under torchrun, one GPU per local rank."""
     try:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -984,7 +991,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") \
+            if dev.type == "cuda" else "fp32"
     on_gpu = dev.type == "cuda"
     if compile is None:
         compile = on_gpu
@@ -995,7 +1003,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
         keep_freed_memory()
         if world_size > 1:
             torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None,
+    return Runtime(dev, AUTOCAST_DTYPES.get(precision),
                    on_gpu if channels_last is None else channels_last, compile, rank, world_size)
 
 
@@ -1825,8 +1833,10 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> tuple[UNet,
     return model.eval(), NoiseSchedule(config.diffusion), config
 
 
-def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState) -> dict:
-    """The whole run as plain data (weights_only=True can read all of it back), with its checksum."""
+def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> dict:
+    """The whole run as plain data (weights_only=True can read all of it back), with its checksum.
+    `scaler`: fp16's loss scale, so that resuming is exact."""
     checkpoint = dict(
         format_version=FORMAT_VERSION,
         kind="full",
@@ -1840,6 +1850,7 @@ def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel]
         ema=ema.module.state_dict() if ema is not None else None,
         ema_updates=int(ema.n_averaged) if ema is not None else 0,
         optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         torch_version=str(torch.__version__),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -2418,10 +2429,14 @@ class Trainer:
             if settings.ema_decay else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr,
                                            weight_decay=settings.weight_decay, fused=True)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, init_scale=FP16_INITIAL_SCALE,
+                                           enabled=runtime.needs_loss_scaling)
         self.state = TrainState()
         if resume is not None:
             self.model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(resume["scaler"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(resume["ema"] if resume.get("ema") is not None else resume["model"])
                 self.ema.n_averaged.fill_(resume.get("ema_updates", 0))
@@ -2445,7 +2460,9 @@ class Trainer:
         (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B == 1 GPU x B x 2
         micro-batches (--accum 2), and resuming is exact. Micro-batches add up their gradients, and
         under DDP only the last one all-reduces them. A non-finite loss or gradient skips the
-        update. Returns the non-finite steps in a row."""
+        update. In fp16 the loss is scaled up for backward (GradScaler): a step whose scaled
+        gradients overflow is skipped and the scale halved, which is the scaler's business, not a bad
+        step; a non-finite loss still is one. Returns the non-finite steps in a row."""
         settings, runtime, state, data = self.settings, self.runtime, self.state, self.config.data
         self.generator.manual_seed(derive_seed(settings.seed, "step", state.step))
         torch.manual_seed(derive_seed(settings.seed, "dropout", state.step, runtime.rank))
@@ -2472,12 +2489,18 @@ class Trainer:
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 micro_loss = diffusion_loss(self.net, self.schedule, x0, t[micro], noise[micro], settings.loss,
                                             settings.min_snr_gamma, labels) / settings.accum
-                micro_loss.backward()
+                self.scaler.scale(micro_loss).backward()  # the identity unless fp16
             loss = loss + micro_loss.detach()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip or float("inf"))
-        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        self.optimizer.found_inf = (~ok).float()  # fused AdamW skips the update, on the device, when this is 1
-        self.optimizer.step()
+        if self.scaler.is_enabled():
+            ok = torch.isfinite(loss)
+            self.scaler.step(self.optimizer)  # skipped, on the device, when a gradient is not finite
+            self.scaler.update()
+        else:
+            ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            self.optimizer.found_inf = (~ok).float()  # fused AdamW skips the update, on the device, when this is 1
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.images_seen += self.global_batch
@@ -2545,7 +2568,7 @@ class Trainer:
             self.write_log(fid=score)
             self.say(f"step {state.step}: FID {score:.2f} ({settings.fid_samples} samples)")
         path = save_run_checkpoint(self.run_dir, make_checkpoint(self.config, self.model, self.ema, self.optimizer,
-                                                                 state), settings.keep)
+                                                                 state, self.scaler), settings.keep)
         preview = self.run_dir / "samples" / f"step-{state.step:08d}.png"
         classes = len(self.data.class_names)
         grid = generate(self.sampling_model, self.schedule, settings.preview_count, self.runtime,
@@ -3079,7 +3102,7 @@ def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch
 # Benchmark
 # -------------------------------------------------------------------------------------------------
 
-PEAK_TFLOPS = {  # dense datasheet peaks, TFLOP/s: (bf16, fp32 via TF32)
+PEAK_TFLOPS = {  # dense datasheet peaks, TFLOP/s: (bf16 = fp16, fp32 via TF32)
     "H100": (989.0, 494.5), "H200": (989.0, 494.5), "A100": (312.0, 156.0), "L40S": (362.0, 181.0),
     "4090": (165.2, 82.6), "A10G": (70.0, 35.0), "L4": (121.0, 60.0),
 }
@@ -3091,7 +3114,7 @@ def peak_tflops(device: torch.device, precision: str) -> Optional[float]:
     name = torch.cuda.get_device_name(device)
     for key, (bf16, tf32) in PEAK_TFLOPS.items():
         if key in name:
-            return bf16 if precision == "bf16" else tf32
+            return bf16 if precision in AUTOCAST_DTYPES else tf32  # fp16's dense peak is bf16's
     return None
 
 
@@ -3149,6 +3172,7 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
     model = runtime.prepare(model).train()
     net = runtime.wrap(torch.compile(model) if runtime.compile else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_loss_scaling)
     schedule = NoiseSchedule(DiffusionConfig()).to(runtime.device)
     generator = torch.Generator(runtime.device).manual_seed(0)
     x0 = torch.rand((batch_size, 3, height, width), generator=generator, device=runtime.device) * 2 - 1
@@ -3157,8 +3181,9 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
         t = torch.randint(0, schedule.timesteps, (batch_size,), generator=generator, device=runtime.device)
         noise = torch.randn(x0.shape, generator=generator, device=runtime.device)
         loss = diffusion_loss(net, schedule, x0, t, noise)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     def timed(fn, n) -> float:
@@ -3319,7 +3344,8 @@ def open_image(path: Path) -> Image.Image:
 
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA, fp32 on the CPU.")]
+PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA (fp16 with loss scaling before "
+                                                         "Ampere), fp32 on the CPU.")]
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                     help="torch.compile the network (default: on for CUDA).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]

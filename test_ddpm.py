@@ -1005,7 +1005,9 @@ def test_resume_is_bit_exact(tmp_path, capsys):
     assert a["images_seen"] == b["images_seen"] == 2400
 
 
-def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys, precision):
+    """A NaN loss is a bad step in fp16 too, where the loss scaler also skips the update."""
     real_loss = ddpm.diffusion_loss
     calls = {"n": 0}
 
@@ -1017,7 +1019,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch, 
     monkeypatch.setattr(ddpm, "diffusion_loss", poisoned)
     run = tmp_path / "run"
     code, _, err = run_cli(["train", *MICRO, "--steps", 100, "--log-every", 1, "--save-every", 10,
-                            "--max-bad-steps", 5, "--out", run], capsys)
+                            "--max-bad-steps", 5, "--precision", precision, "--out", run], capsys)
     assert code == 2 and "5 steps in a row had a non-finite loss" in err and "lower --lr" in err
     log = read_log(run)
     assert log[2]["loss"] is None and log[2]["bad_steps"] == 1 and log[3]["loss"] is not None  # step 3 skipped
@@ -1025,6 +1027,27 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch, 
     checkpoint = ddpm.load_checkpoint(run / "ckpt.pt")
     assert checkpoint["step"] == 10 and checkpoint["bad_steps"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+@pytest.mark.skipif(not ON_CPU, reason="bit-exact on the CPU")
+def test_fp16_scales_the_loss_resumes_exactly_and_overflow_is_not_a_bad_step(tmp_path, monkeypatch, capsys):
+    """fp16 autocast with a GradScaler that starts far too high: the first steps overflow, are skipped
+    and halve the scale without counting as bad steps; then training goes on, and a run resumed
+    from the middle (scale included) ends bit for bit where the straight one does."""
+    monkeypatch.setattr(ddpm, "FP16_INITIAL_SCALE", 2.0**40)
+    common = [*MICRO, "--precision", "fp16", "--log-every", 5, "--save-every", 20, "--dropout", 0.1]
+    code, _, err = run_cli(["train", *common, "--steps", 40, "--out", tmp_path / "straight"], capsys)
+    assert code == 0 and "cpu fp16" in err
+    assert run_cli(["train", *common, "--steps", 20, "--out", tmp_path / "resumed"], capsys)[0] == 0
+    assert run_cli(["train", "--steps", 40, "--precision", "fp16", "--out", tmp_path / "resumed"], capsys)[0] == 0
+    a, b = (ddpm.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("straight", "resumed"))
+    assert a["bad_steps"] == 0 and read_log(tmp_path / "straight")[-1]["bad_steps"] == 0
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0**40 / 2**20  # halved on each overflow
+    steps_taken = a["optimizer"]["state"][0]["step"].item()
+    assert 0 < steps_taken < 40  # overflowed steps never reached AdamW
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert read_log(tmp_path / "straight") == read_log(tmp_path / "resumed")
+    assert ddpm.load_checkpoint(tmp_path / "straight" / "ckpt-00000020.pt")["scaler"]["scale"] > a["scaler"]["scale"]
 
 
 def test_skipped_step_leaves_weights_and_optimizer_untouched():
