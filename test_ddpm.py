@@ -13,6 +13,7 @@ import pickle
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1258,17 +1259,34 @@ def test_temporary_files_of_killed_saves_are_removed_at_the_next_start(tmp_path,
     assert not (run / ".ckpt-00000004.pt.tmp-12345").exists() and (run / "notes.tmp").exists()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on localhost, tested on Linux")
-def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path, nodes):
+    """One node with 2 processes, or 2 "nodes" of 1 process each (torchrun --nnodes 2 on localhost,
+    as the README's multi-node commands), train like 1 process with twice the batch."""
     common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", "6", "--log-every", "2",
               "--device", "cpu"]  # gloo between CPU processes (one GPU cannot host two NCCL ranks)
     one = run_script([*common, "--batch-size", 4, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(HERE / "ddpm.py"), *common, "--batch-size", "1", "--accum", "2",  # no_sync micro-batches
-                          "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    train = [str(HERE / "ddpm.py"), *common, "--batch-size", "1", "--accum", "2",  # no_sync micro-batches
+             "--out", str(tmp_path / "two")]
+    launch = lambda *how: subprocess.Popen([PYTHON, "-m", "torch.distributed.run", *how, *train], cwd=HERE, text=True,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if nodes == 1:
+        processes = [launch("--standalone", "--nproc_per_node=2")]
+    else:
+        port = free_port()
+        processes = [launch("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                            f"--master_port={port}") for rank in (0, 1)]
+    outcomes = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-3000:] for _, err in outcomes]
+    two = subprocess.CompletedProcess([], 0, "", "".join(err for _, err in outcomes))
     assert two.stderr.count("Done at step 6") == 1  # only rank 0 talks and writes
     log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in log_two] == [2, 4, 6] and [r["images_seen"] for r in log_two] == [8, 16, 24]
