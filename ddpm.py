@@ -360,6 +360,8 @@ PRESETS = {
     "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=1, norm_groups=8, dropout=0.0),  # 1.1M
     "small": dict(),  # the UNetConfig defaults: 9.0M
     "base": dict(base_channels=128),  # 35.7M: DDPM's CIFAR-10 network
+    # 113.7M: DDPM's network for 256x256 (LSUN, CelebA-HQ), for 128x128 and up (sizes divisible by 32)
+    "large": dict(base_channels=128, channel_mults=(1, 1, 2, 2, 4, 4), dropout=0.0),
 }
 NO_CLASS = -1  # the label that means "no class": the unconditional half of classifier-free guidance
 
@@ -3167,7 +3169,8 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
     """Training img/s (forward + backward + fused AdamW), achieved TFLOP/s (FLOPs of one forward +
     backward counted by torch.utils.flop_counter), MFU where the device's peak is known, and
     sampling img/s (network evaluations/s divided by the sampler's steps) at the training batch and
-    at `sample`'s default batch, so that a slow default shows."""
+    at `sample`'s default batch, so that a slow default shows. On CUDA also the peak memory allocated
+    while training (GiB)."""
     from torch.utils.flop_counter import FlopCounterMode
     model = runtime.prepare(model).train()
     net = runtime.wrap(torch.compile(model) if runtime.compile else model)
@@ -3202,7 +3205,11 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
         diffusion_loss(runtime.wrap(model), schedule, x0, t, torch.randn_like(x0)).backward()
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
+    on_gpu = runtime.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     step_time = timed(train_step, steps)
+    peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30 if on_gpu else None
 
     model.eval()
 
@@ -3213,9 +3220,9 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
             return batch / timed(lambda: net(x, t_eval), steps) / sample_steps
 
     tflops = flops / step_time / 1e12
-    peak = peak_tflops(runtime.device, runtime.precision)
+    best = peak_tflops(runtime.device, runtime.precision)
     return dict(params=count_parameters(model), train_img_s=batch_size / step_time, tflops=tflops,
-                mfu=tflops / peak if peak else None, gflop_per_img=flops / batch_size / 1e9,
+                mfu=tflops / best if best else None, gflop_per_img=flops / batch_size / 1e9, train_peak_gib=peak,
                 sample_img_s=sampling_img_s(batch_size), sample_default_img_s=sampling_img_s(sample_batch_size))
 
 
@@ -3264,6 +3271,7 @@ class Preset(str, enum.Enum):
     tiny = "tiny"
     small = "small"
     base = "base"
+    large = "large"
 
 
 Schedule = enum.Enum("Schedule", {name: name for name in SCHEDULES}, type=str)

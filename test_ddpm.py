@@ -206,6 +206,15 @@ def test_preset_sizes_and_output_shape(preset, low, high):
         assert model(x, torch.tensor([0, 999])).shape == x.shape
 
 
+def test_large_preset_is_ddpms_256x256_network():
+    """DDPM's LSUN / CelebA-HQ layout: 113,673,219 parameters, as google/ddpm-celebahq-256 has."""
+    config = ddpm.UNetConfig(**ddpm.PRESETS["large"])
+    assert config.attention_levels(256, 256) == {4}  # attention at 16x16
+    assert ddpm.count_parameters(ddpm.UNet(config, 256, 256)) == 113_673_219
+    if importlib.util.find_spec("diffusers"):
+        assert ddpm.count_parameters(ddpm.diffusers_peer(config, 256, 256)) == 113_673_219
+
+
 @pytest.mark.parametrize("height,width", [(32, 48), (24, 40), (64, 16)])
 def test_non_square_images(height, width):
     model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), height, width)
