@@ -749,14 +749,17 @@ def sample_repaint(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, 
     which lets the next pass down harmonise the two regions."""
     alpha_bars = schedule.alpha_bars
     for timestep, next_timestep in zip(path, path[1:] + [None]):
-        if next_timestep is not None and next_timestep > timestep:  # jump back up
+        # A jump back up: noise x_t forward to the later timestep.
+        if next_timestep is not None and next_timestep > timestep:
             ratio = alpha_bars[next_timestep] / alpha_bars[timestep]
             x = ratio.sqrt() * x + (1 - ratio).sqrt() * randn_like(x)
             continue
+        # A step down: the model's DDIM step for the whole image ...
         x0, eps = denoise(x, timestep_batch(timestep, x))
         if on_step:
             on_step(timestep, x, x0)
         generated = ddim_step(schedule, x0, eps, timestep, next_timestep, eta, randn_like)
+        # ... then the kept region from the photo, noised to the new timestep (the photo itself at the end).
         known = photo if next_timestep is None else \
             schedule.q_sample(photo, timestep_batch(next_timestep, x), randn_like(x))
         x = mask * generated + (1 - mask) * known
