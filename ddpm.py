@@ -3808,6 +3808,7 @@ def cli_interpolate(
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
     steps = default_steps(schedule.timesteps) if steps is None else steps
     sampling_timesteps(schedule.timesteps, steps)  # validates --steps
+    check_memory(config.unet, config.data.height, config.data.width, frames, runtime.device, False, "--frames")
     net, shape = runtime.wrap(model), (1, 3, config.data.height, config.data.width)
     weights, w = None, 1.0
     if classes:
