@@ -3363,6 +3363,7 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the
 ChannelsLastOpt = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
                                                          help="channels_last memory format (default: on for CUDA).")]
 CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
+EmaOpt = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")]
 SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T timesteps; ddim; dpm++ = DPM-Solver++(2M).")]
 StepsOpt = Annotated[Optional[int], typer.Option(
     "--steps", help=f"Sampling timesteps (network evaluations per image) for ddim/dpm++ ({DEFAULT_STEPS}, or T "
@@ -3607,7 +3608,7 @@ def cli_sample(
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch; any size gives the same images.")] =
     SAMPLE_BATCH_SIZE,
-    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    ema: EmaOpt = True,
     trajectory: Annotated[Optional[Path], typer.Option(help="Also write the denoising of the first images as "
                                                        "a GIF (and a PNG strip next to it).")] = None,
     classes: ClassOpt = None,
@@ -3788,7 +3789,7 @@ def cli_interpolate(
     steps: StepsOpt = None,
     classes: ClassOpt = None,
     guidance: GuidanceOpt = DEFAULT_GUIDANCE,
-    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    ema: EmaOpt = True,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = False,
