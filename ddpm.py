@@ -964,9 +964,10 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
     torchrun the cores shared out between the local processes. Under torchrun, one GPU per local rank."""
     try:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
     except ValueError:
-        raise UserError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: not whole "
-                        f"numbers; run under torchrun, or unset them") from None
+        raise UserError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} / LOCAL_RANK="
+                        f"{os.environ.get('LOCAL_RANK')!r}: not whole numbers; run under torchrun, or unset them") from None
     if world_size > 1 and not all(os.environ.get(name) for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")):
         raise UserError(f"WORLD_SIZE={world_size} is set, but not MASTER_ADDR, MASTER_PORT and LOCAL_RANK: start "
                         f"several processes with torchrun (see the README), or unset RANK and WORLD_SIZE")
@@ -983,7 +984,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
             raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
                             f"use --device cpu")
         if world_size > 1:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            dev = torch.device("cuda", local_rank)
         elif dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
         if dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -1119,7 +1120,8 @@ def setup_distributed(runtime: Runtime) -> None:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RESIZE_MODES = ("squash", "crop", "pad")
 TOY_DATASET_SIZE = 2048
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1  # part of the cache key: bump it when decoding or resizing changes the pixels
+CACHE_CHUNK_BYTES = 64 << 20  # the image cache is decoded, written and fsynced this much at a time
 
 
 @dataclass
@@ -1214,34 +1216,132 @@ def load_image(path: Path, width: int, height: int, resize: str) -> tuple[torch.
     return pil_to_uint8(image), mode, upscaled
 
 
-def decode_images(files: list[Path], root: Path, config: DataConfig) -> tuple[torch.Tensor, dict]:
-    """Decode every file once into an (N, 3, H, W) uint8 tensor, with a preflight report of what was
-    skipped (and why), converted from another colour mode, or upscaled."""
+def decode_image(path: Path, config: DataConfig):
+    """load_image's result, or the reason the file is not an image (a str)."""
+    try:
+        return load_image(path, config.width, config.height, config.resize)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's "not an image"
+        return "empty file" if path.stat().st_size == 0 else str(error).split("\n")[0][:120]
 
-    def decode(path):
-        try:
-            return load_image(path, config.width, config.height, config.resize)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's "not an image"
-            reason = "empty file" if path.stat().st_size == 0 else str(error).split("\n")[0][:120]
-            return reason
 
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        results = list(pool.map(decode, files))
-    images, skipped, converted, upscaled = [], [], {}, 0
-    for path, result in zip(files, results):
+def decode_chunks(files: list[Path], root: Path, config: DataConfig, report: dict, store, quiet: bool) -> None:
+    """Decode files[report["done"]:] in file order, in parallel (PIL decodes without the GIL), a
+    chunk of CACHE_CHUNK_BYTES at a time, with a progress bar. After each chunk, `report` says how
+    many files are done, how many images were used, and what was skipped (and why), converted from
+    another colour mode, or upscaled; then store(the chunk's images, report) is called. The chunk's
+    buffer is reused for the next one, so memory stays one chunk whatever the data set's size."""
+    chunk = min(len(files), max(1, CACHE_CHUNK_BYTES // (3 * config.width * config.height)))
+    buffer = torch.empty(chunk, 3, config.height, config.width, dtype=torch.uint8)
+
+    def decode_into(slot: int, path: Path):
+        result = decode_image(path, config)
         if isinstance(result, str):
-            skipped.append([str(path.relative_to(root)), result])
-            continue
-        tensor, mode, was_upscaled = result
-        images.append(tensor)
-        if mode != "RGB":
-            converted[mode] = converted.get(mode, 0) + 1
-        upscaled += was_upscaled
-    report = dict(found=len(files), used=len(images), skipped=skipped, converted=converted, upscaled=upscaled)
-    if not images:
+            return result
+        buffer[slot], mode, upscaled = result
+        return mode, upscaled
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool, counting_progress(not quiet) as bar:
+        task = bar.add_task("Decoding images", total=len(files), completed=report["done"])
+        for first in range(report["done"], len(files), chunk):
+            part = files[first:first + chunk]
+            kept = []
+            for slot, (path, result) in enumerate(zip(part, pool.map(decode_into, range(len(part)), part))):
+                bar.advance(task)
+                if isinstance(result, str):
+                    report["skipped"].append([str(path.relative_to(root)), result])
+                    continue
+                kept.append(slot)
+                mode, upscaled = result
+                if mode != "RGB":
+                    report["converted"][mode] = report["converted"].get(mode, 0) + 1
+                report["upscaled"] += upscaled
+            report["done"], report["used"] = first + len(part), report["used"] + len(kept)
+            store(buffer[:len(part)] if len(kept) == len(part) else buffer[kept], report)
+    if not report["used"]:
+        skipped = report["skipped"]
         raise UserError(f"--data {root}: none of the {len(files)} image files could be read "
                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
-    return torch.stack(images), report
+
+
+def new_report(found: int) -> dict:
+    return dict(found=found, done=0, used=0, skipped=[], converted={}, upscaled=0)
+
+
+def decode_images(files: list[Path], root: Path, config: DataConfig, quiet: bool = True) -> tuple[torch.Tensor, dict]:
+    """Decode every file into one (N, 3, H, W) uint8 tensor in memory, with the preflight report."""
+    chunks, report = [], new_report(len(files))
+    decode_chunks(files, root, config, report, lambda images, _: chunks.append(images.clone()), quiet)
+    return torch.cat(chunks), report
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path, say):
+    """An exclusive lock (flock) on one cache entry while it is built, so that two processes (the ranks
+    of a machine, or two trainings) never decode the same images at once: the second waits."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    with open(path, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            say(f"Waiting for another process (another rank, or another run) that is decoding the same images "
+                f"into {path.parent} ...")
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def cached_images(files: list[Path], root: Path, config: DataConfig, cache_file: Path,
+                  quiet: bool) -> tuple[torch.Tensor, dict]:
+    """The images as an (N, 3, H, W) uint8 tensor memory-mapped from cache_file (raw bytes, file order),
+    so a data set larger than memory trains, read by index, and the processes of one machine share
+    one copy in the page cache. The file is filled in place a chunk at a time; once a chunk is
+    fsynced, cache_file.json records how far the decode got, so an interrupted decode resumes there."""
+    say = (lambda *a: None) if quiet else console.print
+    state_file = cache_file.with_suffix(".json")
+    image_bytes = 3 * config.width * config.height
+    with cache_lock(cache_file.with_suffix(".lock"), say):
+        try:
+            report = json.loads(state_file.read_text())
+            size = cache_file.stat().st_size
+            expected = report["used"] if report["done"] == report["found"] else report["found"]
+            if report["found"] != len(files) or size != expected * image_bytes:
+                raise ValueError("does not match")
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: start again
+            report = new_report(len(files))
+        if report["done"] < len(files):
+            if report["done"]:
+                say(f"Resuming the image cache {cache_file} at file {report['done']} of {len(files)}.")
+            check_disk_space(cache_file.parent, (len(files) - report["done"]) * image_bytes, "--cache-dir",
+                             "the image cache needs", "free some space, or give a --cache-dir on a larger disk")
+            started = time.perf_counter()
+            with open(cache_file, "r+b" if report["done"] else "wb") as f:
+                f.truncate(len(files) * image_bytes)  # sparse: disk is used as chunks land
+
+                def store(images: torch.Tensor, report: dict) -> None:
+                    f.seek((report["used"] - len(images)) * image_bytes)
+                    f.write(images.numpy())
+                    f.flush()
+                    os.fsync(f.fileno())
+                    atomic_save(json.dumps(report).encode(), state_file)
+
+                try:
+                    decode_chunks(files, root, config, report, store, quiet)
+                except OSError as error:
+                    raise UserError(f"--cache-dir {cache_file.parent}: could not write the image cache "
+                                    f"({error.strerror}); the images decoded so far are kept for the next run") from None
+                f.truncate(report["used"] * image_bytes)
+            atomic_save(json.dumps(report).encode(), state_file)
+            cache_file.with_suffix(".pt").unlink(missing_ok=True)  # the same images in the format before memory-mapping
+            say(f"Decoded {report['used']} images in {time.perf_counter() - started:.1f}s (cached in {cache_file}).")
+    shape = (report["used"], 3, config.height, config.width)
+    try:
+        images = torch.from_file(str(cache_file), shared=True, size=report["used"] * image_bytes, dtype=torch.uint8)
+    except RuntimeError:  # a read-only cache: a private mapping, still paged in on demand
+        images = torch.from_file(str(cache_file), shared=False, size=report["used"] * image_bytes, dtype=torch.uint8)
+    return images.view(shape), report
 
 
 def cache_key(files: list[Path], config: DataConfig) -> str:
@@ -1430,11 +1530,11 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
                 leave_out: tuple[Path, ...] = ()) -> ImageSet:
     """All training images, with their class labels where config.classes finds any.
 
-    A folder is decoded and resized once and cached on disk (memory-mapped on load), keyed by the
-    image list, sizes and resize mode; a preflight summary says what was found, skipped, converted,
-    and which classes. Files inside the `leave_out` folders (the run folder and the cache, if they
-    sit inside --data: previews must not become training data) are left out, and that is said.
-    Images without a label, when there are labels, are counted and left out too."""
+    A folder is decoded and resized once into a memory-mapped cache on disk (`cached_images`),
+    keyed by the image list, sizes and resize mode. A preflight summary says what was found, skipped,
+    converted, and which classes. Files inside the `leave_out` folders (the run folder and the
+    cache, if they sit inside --data: previews must not become training data) are left out, and
+    that is said. Images without a label, when there are labels, are counted and left out too."""
     say = (lambda *a: None) if quiet else console.print
     caution = (lambda *a: None) if quiet else warn
     if config.path is None:
@@ -1456,22 +1556,12 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
         unlabelled = len(files) - len(labels.index)
         files = [f for f in files if f in labels.index]
     key = cache_key(files, config)
-    cache_file = cache_dir / f"images-{key}.pt"
-    if cache_file.exists():
-        try:
-            cached = torch.load(cache_file, map_location="cpu", weights_only=True, mmap=True)
-            images, report = cached["images"], cached["report"]
-        except Exception:  # a damaged cache is just rebuilt
-            cache_file.unlink(missing_ok=True)
-    if not cache_file.exists():
-        started = time.perf_counter()
-        images, report = decode_images(files, root, config)
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save(dict(images=images, report=report), cache_file)
-        except OSError as error:
-            caution(f"could not write the image cache {cache_file} ({error.strerror}); continuing")
-        say(f"Decoded {report['used']} images in {time.perf_counter() - started:.1f}s (cached in {cache_file}).")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        images, report = cached_images(files, root, config, cache_dir / f"images-{key}.u8", quiet)
+    except OSError as error:  # e.g. a read-only cache folder
+        caution(f"could not write the image cache in {cache_dir} ({error.strerror}); decoding into memory")
+        images, report = decode_images(files, root, config, quiet)
     converted = ", ".join(f"{n} {mode}" for mode, n in sorted(report["converted"].items())) or "none"
     say(f"Data: {report['found'] + unlabelled} image files in {root} -> {report['used']} used at {config.size_text} "
         f"({config.resize}); {len(report['skipped'])} skipped; converted to RGB: {converted}.")
@@ -1628,15 +1718,15 @@ LOSS_HISTORY_POINTS = 256
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save that never leaves a half-written file: write a temporary file in the same folder,
-    flush and fsync it, then rename it over the target (atomic on POSIX and Windows) and fsync the
-    folder. A crash at any moment leaves either the old file or the new one."""
+    """torch.save (or, for bytes, a plain write) that never leaves a half-written file: write a
+    temporary file in the same folder, flush and fsync it, then rename it over the target (atomic on
+    POSIX and Windows) and fsync the folder. A crash at any moment leaves either the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             try:
-                torch.save(obj, f)
+                f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
             except RuntimeError as error:  # torch wraps the file system's error (e.g. disk full)
                 if isinstance(error.__context__, OSError):
                     raise error.__context__ from None
@@ -2389,18 +2479,15 @@ class Trainer:
                  f"{runtime.world_size}; run folder {run_dir}")
 
     def load_data(self, cache_dir: Path, resuming: bool) -> ImageSet:
-        """Rank 0 decodes (and caches) the images first; the other ranks then read its cache. The
+        """All ranks load at once: the first to take the cache's lock decodes the images, and the
+        others on that machine wait on the lock (not at a barrier, which a long decode would time
+        out), then map the same file. The
         classes found make a new run conditional; a resumed run keeps the classes it was built with."""
         leave_out = (self.run_dir, cache_dir)  # a run folder or cache inside --data is not training data
         data = self.config.data
         if resuming and not data.class_names:  # an unconditional run stays unconditional
             data = dataclasses.replace(data, classes="none")
-        if self.main:
-            loaded = load_images(data, cache_dir, leave_out=leave_out)
-        if self.runtime.world_size > 1:
-            dist.barrier()
-        if not self.main:
-            loaded = load_images(data, cache_dir, quiet=True, leave_out=leave_out)
+        loaded = load_images(data, cache_dir, quiet=not self.main, leave_out=leave_out)
         if resuming and loaded.class_names != data.class_names:
             raise UserError(f"--data {data.path}: its {len(loaded.class_names)} classes are not the "
                             f"{len(data.class_names)} this run was trained on; resume with the same data")
@@ -2786,7 +2873,7 @@ def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Run
     per_image = evaluations(sampler, steps, schedule.timesteps) if edits is None else \
         edit_evaluations(sampler, schedule, steps, edits)
     out, started = [], time.perf_counter()
-    with sampling_progress(progress) as bar:
+    with counting_progress(progress) as bar:
         task = bar.add_task(f"{sampler} x{per_image}", total=math.ceil(count / batch_size) * per_image)
         for start in range(0, count, batch_size):
             noise = PerImageNoise(seed, range(start, min(count, start + batch_size)), runtime.device)
@@ -2827,7 +2914,7 @@ def classes_as_in_data(labels: torch.Tensor, count: int, seed: int) -> torch.Ten
     return labels[torch.randint(len(labels), (count,), generator=generator)]
 
 
-def sampling_progress(enabled: bool) -> Progress:
+def counting_progress(enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
                     disable=not enabled or not console.is_terminal)
@@ -3016,7 +3103,7 @@ def extract_features(extractor: nn.Module, images: torch.Tensor, device: torch.d
                      label: str = "features") -> torch.Tensor:
     """Features of a uint8 image tensor, in batches, as float64 on the CPU."""
     out = []
-    with sampling_progress(True) as bar:
+    with counting_progress(True) as bar:
         task = bar.add_task(label, total=len(images))
         for start in range(0, len(images), batch_size):
             out.append(extractor(images[start:start + batch_size].to(device)).double().cpu())
@@ -3324,12 +3411,13 @@ def check_output_path(path: Path, option: str = "output", suffixes: Optional[tup
                             f"most); choose a shorter one")
 
 
-def check_disk_space(folder: Path, needed: int, option: str) -> None:
+def check_disk_space(folder: Path, needed: int, option: str, what: str = "the images need up to",
+                     remedy: str = "ask for fewer") -> None:
     """Refuse a job whose output cannot fit on the disk (needed: an upper estimate in bytes)."""
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise UserError(f"{option}: the images need up to {needed / 1e9:.1f} GB and {folder} has {free / 1e9:.1f} GB "
-                        f"free; ask for fewer")
+        gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+        raise UserError(f"{option}: {what} {gb(needed)} and {folder} has {gb(free)} free; {remedy}")
 
 
 def check_finite(value: float, option: str, low: float, high: float) -> None:

@@ -4,6 +4,7 @@ They run on the CPU; DDPM_TEST_DEVICE=cuda runs the training and sampling ones o
 CUDA-only tests (bf16, torch.compile, data on the GPU) run wherever CUDA is available. Tests on
 the real photos read ../shared/data/cars and skip (saying why) where it is absent."""
 
+import collections
 import importlib
 import io
 import json
@@ -653,7 +654,7 @@ def test_image_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     config = ddpm.DataConfig(str(tmp_path / "data"), 8, 8)
     load = lambda config: ddpm.load_images(config, tmp_path / "cache", quiet=True)
     first, key = load(config).images, load(config).key
-    assert len(list((tmp_path / "cache").glob("images-*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("images-*.u8"))) == 1
     monkeypatch.setattr(ddpm, "decode_images", lambda *a: pytest.fail("should have used the cache"))
     again, key_again = load(config).images, load(config).key
     assert key_again == key and torch.equal(first, again)
@@ -664,6 +665,114 @@ def test_image_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     key_size = load(ddpm.DataConfig(str(tmp_path / "data"), 16, 16)).key
     key_mode = load(ddpm.DataConfig(str(tmp_path / "data"), 8, 8, "crop")).key
     assert len({key, key_changed, key_size, key_mode}) == 4
+
+
+def test_an_interrupted_cache_resumes_where_its_last_chunk_ended_and_matches_a_fresh_decode(tmp_path, monkeypatch, capsys):
+    for i in range(11):
+        save_image(tmp_path / "data" / f"{i:02d}.png", colour=(i * 20, 255 - i * 20, 7))
+    (tmp_path / "data" / "03.png").write_text("not a picture")  # skipped, so later images shift up one place
+    config, cache = ddpm.DataConfig(str(tmp_path / "data"), 8, 8), tmp_path / "cache"
+    monkeypatch.setattr(ddpm, "CACHE_CHUNK_BYTES", 4 * 3 * 8 * 8)  # chunks of 4 files
+    decode, decoded = ddpm.decode_image, []
+
+    def interrupted(path, config):
+        if path.name == "09.png":
+            raise KeyboardInterrupt  # Ctrl-C during the third chunk (files 8-10)
+        decoded.append(path.name)
+        return decode(path, config)
+
+    monkeypatch.setattr(ddpm, "decode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ddpm.load_images(config, cache, quiet=True)
+    state = json.loads(next(cache.glob("images-*.json")).read_text())
+    assert (state["done"], state["used"], len(state["skipped"])) == (8, 7, 1)  # two whole chunks kept
+    decoded.clear()
+    monkeypatch.setattr(ddpm, "decode_image", lambda path, config: decoded.append(path.name) or decode(path, config))
+    resumed = ddpm.load_images(config, cache)
+    assert decoded == ["08.png", "09.png", "10.png"]  # only the chunk that was cut short
+    assert "Resuming the image cache" in capsys.readouterr().err
+    fresh, report = ddpm.decode_images(ddpm.find_images(tmp_path / "data"), tmp_path / "data", config)
+    assert torch.equal(resumed.images, fresh) and len(fresh) == 10
+    assert [(name, reason[:5]) for name, reason in report["skipped"]] == [("03.png", "canno")]
+    assert next(cache.glob("images-*.u8")).stat().st_size == fresh.numel()  # the sparse tail is cut off
+
+
+def test_a_cache_that_cannot_fit_on_disk_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    for i in range(3):
+        save_image(tmp_path / "data" / f"{i}.png")
+    free = collections.namedtuple("usage", "total used free")(10**9, 10**9 - 500, 500)
+    monkeypatch.setattr(ddpm.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(ddpm, "decode_image", lambda *a: pytest.fail("decoded before checking the space"))
+    code, _, err = run_cli(["train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--cache-dir",
+                            tmp_path / "cache", *MICRO], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--cache-dir: the image cache needs 0.0 MB and {tmp_path / 'cache'} has 0.0 MB free; free some space" in err
+
+
+def test_two_processes_on_one_machine_decode_the_cache_once(tmp_path):
+    """The ranks of a machine (or two trainings) share one cache: the second waits on its lock, then maps it."""
+    for i in range(40):
+        save_image(tmp_path / "data" / f"{i:02d}.png", colour=(i * 6, 0, 0))
+    started = tmp_path / "started"  # the first process is decoding (and holds the lock) once this exists
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(HERE)!r})
+import ddpm
+from pathlib import Path
+decode, started = ddpm.decode_image, Path({str(started)!r})
+if sys.argv[1] == "first":
+    ddpm.decode_image = lambda *a: started.touch() or time.sleep(0.1) or decode(*a)
+else:
+    while not started.exists():
+        time.sleep(0.01)
+images = ddpm.load_images(ddpm.DataConfig({str(tmp_path / "data")!r}, 8, 8), Path({str(tmp_path / "cache")!r})).images
+print(images.float().mean().item())
+"""
+    first, second = (subprocess.Popen([PYTHON, "-c", script, role], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for role in ("first", "second"))
+    (first_out, first_err), (second_out, second_err) = first.communicate(timeout=120), second.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, first_err + second_err
+    assert "Decoded 40 images" in first_err and "Decoded" not in second_err
+    assert "Waiting for another process (another rank, or another run) that is decoding the same images" in second_err
+    assert first_out == second_out
+
+
+def test_a_data_set_several_times_the_memory_cap_trains_from_its_memory_mapped_cache(tmp_path):
+    """25,000 files at 128x128 make a 1.2 GB cache. The training process may grow its private memory
+    (RLIMIT_DATA: heap and private mappings) by 400 MB past what importing torch took, a third of
+    that; the cache is built in 64 MB chunks and read through a shared file mapping, which the
+    kernel pages in and out and does not count. Decoding into one tensor, or torch.load(mmap=True)'s
+    private mapping, would need the whole cache and fail."""
+    (tmp_path / "data").mkdir()
+    for i in range(25_000):  # hard links to eight small pictures: 1.2 GB decoded, nothing on disk
+        source = tmp_path / "data" / f"source{i % 8}.bmp"
+        if i < 8:
+            Image.new("RGB", (128, 128), (30 * i, 255 - 30 * i, 100)).save(source)
+        os.link(source, tmp_path / "data" / f"{i:05d}.bmp")
+    headroom = 400_000_000
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(HERE)!r})
+import ddpm
+from pathlib import Path
+status = lambda: {{k: int(v.split()[0]) << 10 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+                  if k.startswith("Vm")}}
+config = ddpm.RunConfig(data=ddpm.DataConfig({str(tmp_path / "data")!r}, 128, 128),
+                        unet=ddpm.UNetConfig(**ddpm.PRESETS["tiny"]),
+                        train=ddpm.TrainConfig(steps=3, batch_size=1, save_every=3, preview_count=1))
+runtime = ddpm.resolve_runtime("cpu")
+before = status()
+resource.setrlimit(resource.RLIMIT_DATA, (before["VmData"] + {headroom},) * 2)
+code = ddpm.train(config, Path({str(tmp_path / "run")!r}), runtime, Path({str(tmp_path / "cache")!r}))
+print(code, before["VmRSS"], status()["VmHWM"])
+"""
+    result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    code, rss_before, rss_peak = map(int, result.stdout.split())
+    cache = next((tmp_path / "cache").glob("images-*.u8")).stat().st_size
+    assert code == 0 and cache == 25_008 * 3 * 128 * 128 > 3 * headroom
+    assert "Decoded 25008 images" in result.stderr and (tmp_path / "run" / "ckpt.pt").exists()
+    assert rss_peak - rss_before < headroom  # resident memory grew by a third of the cache at most
 
 
 def test_batch_stream_visits_every_image_once_per_epoch():
@@ -1278,9 +1387,13 @@ def free_port() -> int:
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path, nodes):
     """One node with 2 processes, or 2 "nodes" of 1 process each (torchrun --nnodes 2 on localhost,
-    as the README's multi-node commands), train like 1 process with twice the batch."""
+    as the README's multi-node commands), train like 1 process with twice the batch. The ranks share
+    one image cache: the first to take its lock decodes it while the other waits."""
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 32)):
+        ddpm.to_pil(car).save((tmp_path / "data").mkdir(exist_ok=True) or tmp_path / "data" / f"{i:02d}.png")
     common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", "6", "--log-every", "2",
-              "--device", "cpu"]  # gloo between CPU processes (one GPU cannot host two NCCL ranks)
+              "--device", "cpu",  # gloo between CPU processes (one GPU cannot host two NCCL ranks)
+              "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
     one = run_script([*common, "--batch-size", 4, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     train = [str(HERE / "ddpm.py"), *common, "--batch-size", "1", "--accum", "2",  # no_sync micro-batches
@@ -1305,7 +1418,9 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path, node
     flat = lambda c: torch.cat([v.flatten() for v in c["model"].values()])
     assert (flat(a) - flat(b)).norm() < 1e-5 * flat(a).norm()
     # A 2-process checkpoint resumes in 1 process (a different world size).
-    resumed = run_script(["train", "--out", tmp_path / "two", "--steps", 8, "--batch-size", 4, "--device", "cpu"])
+    assert len(list((tmp_path / "cache").glob("images-*.u8"))) == 1
+    resumed = run_script(["train", "--out", tmp_path / "two", "--steps", 8, "--batch-size", 4, "--device", "cpu",
+                          "--cache-dir", tmp_path / "cache"])
     assert resumed.returncode == 0 and "Resuming from step 6" in resumed.stderr
 
 
