@@ -3255,15 +3255,17 @@ def diffusers_peer(config: UNetConfig, height: int, width: int) -> Optional[nn.M
 
 
 def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, runtime: Runtime, steps: int,
-                    warmup: int, sample_steps: int = DEFAULT_STEPS, sample_batch_size: int = SAMPLE_BATCH_SIZE) -> dict:
+                    warmup: int, sample_steps: int = DEFAULT_STEPS, sample_batch_size: int = SAMPLE_BATCH_SIZE,
+                    compile_mode: str = "default") -> dict:
     """Training img/s (forward + backward + fused AdamW), achieved TFLOP/s (FLOPs of one forward +
     backward counted by torch.utils.flop_counter), MFU where the device's peak is known, and
     sampling img/s (network evaluations/s divided by the sampler's steps) at the training batch and
     at `sample`'s default batch, so that a slow default shows. On CUDA also the peak memory allocated
-    while training (GiB)."""
+    while training (GiB). compile_mode is torch.compile's: "reduce-overhead" adds CUDA graphs,
+    "max-autotune" also searches kernel configurations."""
     from torch.utils.flop_counter import FlopCounterMode
     model = runtime.prepare(model).train()
-    net = runtime.wrap(torch.compile(model) if runtime.compile else model)
+    net = runtime.wrap(torch.compile(model, mode=compile_mode) if runtime.compile else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_loss_scaling)
     schedule = NoiseSchedule(DiffusionConfig()).to(runtime.device)
@@ -3373,6 +3375,7 @@ Precision = enum.Enum("Precision", {name: name for name in PRECISIONS}, type=str
 Dtype = enum.Enum("Dtype", {name: name for name in ("fp32", "fp16", "bf16")}, type=str)
 ExportFormat = enum.Enum("ExportFormat", {name: name for name in ("pt", "safetensors", "diffusers")}, type=str)
 Variance = enum.Enum("Variance", {name: name for name in ("small", "large")}, type=str)
+CompileMode = enum.Enum("CompileMode", {name: name for name in ("default", "reduce-overhead", "max-autotune")}, type=str)
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -4247,6 +4250,9 @@ def cli_bench(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = None,
+    compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode (with --compile): reduce-overhead "
+                                                      "adds CUDA graphs, max-autotune also tunes kernels.")]
+    = CompileMode.default,
     channels_last: ChannelsLastOpt = None,
     cache_dir: CacheOpt = None,
 ):
@@ -4272,10 +4278,11 @@ def cli_bench(
     results = {}
     for name, model in models.items():
         console.print(f"Measuring {name} ...")
-        results[name] = benchmark_model(model, height, width, batch_size, runtime, steps, warmup)
+        results[name] = benchmark_model(model, height, width, batch_size, runtime, steps, warmup,
+                                        compile_mode=compile_mode.value)
     setting = (f"{preset.value} at {width}x{height}, batch {batch_size}, {runtime.device} "
                f"({torch.cuda.get_device_name(runtime.device) if runtime.device.type == 'cuda' else 'CPU'}), "
-               f"{runtime.precision}{', compiled' if runtime.compile else ', eager'}"
+               f"{runtime.precision}{f', compiled ({compile_mode.value})' if runtime.compile else ', eager'}"
                f"{', channels_last' if runtime.channels_last else ''}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
     report = dict(setting=setting, results=results)
