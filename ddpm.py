@@ -1221,7 +1221,7 @@ def decode_image(path: Path, config: DataConfig):
     try:
         return load_image(path, config.width, config.height, config.resize)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's "not an image"
-        return "empty file" if path.stat().st_size == 0 else str(error).split("\n")[0][:120]
+        return "empty file" if path.is_file() and path.stat().st_size == 0 else str(error).split("\n")[0][:120]
 
 
 def decode_chunks(files: list[Path], root: Path, config: DataConfig, report: dict, store, quiet: bool) -> None:
@@ -1321,17 +1321,18 @@ def cached_images(files: list[Path], root: Path, config: DataConfig, cache_file:
                 f.truncate(len(files) * image_bytes)  # sparse: disk is used as chunks land
 
                 def store(images: torch.Tensor, report: dict) -> None:
-                    f.seek((report["used"] - len(images)) * image_bytes)
-                    f.write(images.numpy())
-                    f.flush()
-                    os.fsync(f.fileno())
-                    atomic_save(json.dumps(report).encode(), state_file)
+                    try:
+                        f.seek((report["used"] - len(images)) * image_bytes)
+                        f.write(images.numpy())
+                        f.flush()
+                        os.fsync(f.fileno())
+                        atomic_save(json.dumps(report).encode(), state_file)
+                    except OSError as error:  # only the cache's own writes: a file that vanished is not this
+                        raise UserError(f"--cache-dir {cache_file.parent}: could not write the image cache "
+                                        f"({error.strerror}); the images decoded so far are kept for the next "
+                                        f"run") from None
 
-                try:
-                    decode_chunks(files, root, config, report, store, quiet)
-                except OSError as error:
-                    raise UserError(f"--cache-dir {cache_file.parent}: could not write the image cache "
-                                    f"({error.strerror}); the images decoded so far are kept for the next run") from None
+                decode_chunks(files, root, config, report, store, quiet)
                 f.truncate(report["used"] * image_bytes)
             atomic_save(json.dumps(report).encode(), state_file)
             cache_file.with_suffix(".pt").unlink(missing_ok=True)  # the same images in the format before memory-mapping
