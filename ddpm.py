@@ -2250,7 +2250,8 @@ def write_diffusers(checkpoint: dict, out: Path, weights: dict, dtype: torch.dty
     (out / "unet" / "config.json").write_text(json.dumps(dict(unet_config, _diffusers_version=version), indent=2))
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
         diffusers_scheduler_config(config.diffusion), _diffusers_version=version), indent=2))
-    safetensors_torch.save_file(state, out / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    # save() and write_bytes rather than save_file, which creates the file readable by its owner alone
+    (out / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(safetensors_torch.save(state, {"format": "pt"}))
 
 
 SAFETENSORS_KEY = "ddpm"  # the metadata entry that holds our checkpoint's config and counters, as JSON
@@ -2261,8 +2262,8 @@ def write_safetensors(checkpoint: dict, out: Path, weights: dict, dtype: torch.d
     safetensors_torch = optional_import("safetensors.torch", "--format safetensors")
     about = dict(format_version=FORMAT_VERSION, config=checkpoint["config"], step=checkpoint["step"],
                  images_seen=checkpoint["images_seen"])
-    safetensors_torch.save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, out,
-                                metadata={SAFETENSORS_KEY: json.dumps(about)})
+    out.write_bytes(safetensors_torch.save({k: v.to(dtype).contiguous() for k, v in weights.items()},
+                                           {SAFETENSORS_KEY: json.dumps(about)}))
 
 
 def read_safetensors(path: Path) -> dict:

@@ -1092,6 +1092,10 @@ def test_safetensors_export_samples_like_the_checkpoint_and_every_source_fine_tu
     code, out, _ = run_cli(["inspect", tmp_path / "w.safetensors", "--json"], capsys)
     assert code == 0 and json.loads(out)["step"] == 3 and json.loads(out)["config"]["unet"]["base_channels"] == 8
     assert run_cli(["export", tmp_path / "w.safetensors", tmp_path / "pipe", "--format", "diffusers"], capsys)[0] == 0
+    umask = os.umask(0o22)
+    os.umask(umask)
+    for exported in (tmp_path / "w.safetensors", tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"):
+        assert exported.stat().st_mode & 0o777 == 0o666 & ~umask  # as shareable as any file the user writes
     source_weights = ddpm.load_checkpoint(run)["ema"]
     for source in (run / "ckpt.pt", tmp_path / "w.safetensors", tmp_path / "pipe"):
         out = tmp_path / f"tuned-{source.name}"
