@@ -39,13 +39,14 @@ declare -A VARIANTS=(
   [l1]="--loss l1"
   [linear]="--schedule linear"
 )
+FASTER_OR_SLOWER="reference batch16 batch64 tiny channels48 channels96 attn8 attn-none"  # the others: same img/s
 mkdir -p "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
 batch_of() { echo "$REFERENCE ${VARIANTS[$1]}" | grep -o -- '--batch-size [0-9]*' | tail -1 | cut -d' ' -f2; }
 
 case "${1:-}" in
 speed)  # 40 steps of each variant whose speed differs, in turn; img/s over steps 20-40
-  for name in reference batch16 batch64 tiny channels48 channels96 attn8 attn-none; do
+  for name in $FASTER_OR_SLOWER; do
     rm -rf "$OUT/speed-$name"
     $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps 40 --log-every 20 --save-every 1000 \
       --out "$OUT/speed-$name" >/dev/null 2>&1
@@ -55,10 +56,12 @@ speed)  # 40 steps of each variant whose speed differs, in turn; img/s over step
 train)
   shift
   for name in $(names "$@"); do
-    speed=$(grep "^$name " "$OUT/speed.txt" | cut -d' ' -f2 || true)
-    [ -n "$speed" ] || speed=$(grep "^reference " "$OUT/speed.txt" | cut -d' ' -f2)
-    reference=$(grep "^reference " "$OUT/speed.txt" | cut -d' ' -f2)
-    steps=$($PY -c "print(round($BUDGET_IMAGES * $speed / $reference / $(batch_of "$name")))")
+    ratio=1  # a variant of the reference's speed gets the reference's images; the others, in proportion
+    if [[ " $FASTER_OR_SLOWER " == *" $name "* ]]; then
+      speed_of() { grep "^$1 " "$OUT/speed.txt" | cut -d' ' -f2; }
+      ratio="$(speed_of "$name") / $(speed_of reference)"
+    fi
+    steps=$($PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$name")))")
     echo "$name: $steps steps"
     $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps "$steps" --log-every 25 \
       --save-every 100000 --out "$OUT/$name" 2>&1 | tail -1
