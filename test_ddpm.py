@@ -39,8 +39,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 DEV = ["--device", DEVICE]
 
 # A very small U-Net for anything that trains: 8 channels, 2 levels, no attention.
-MICRO = ["--preset", "tiny", "--base-channels", "8", "--channel-mults", "1,2", "--attn-res", "none",
-         "--size", "8", "--batch-size", "4", "--warmup-steps", "10", *DEV, "--no-compile"]
+MICRO_NET = ["--preset", "tiny", "--base-channels", "8", "--channel-mults", "1,2", "--attn-res", "none",
+             "--size", "8", "--batch-size", "4", "--warmup-steps", "10", "--no-compile"]
+MICRO = [*MICRO_NET, *DEV]
+# Bit-for-bit claims about training (resume, accumulation) are claims about the state a run keeps, and
+# every random draw is seeded by the step alone, whatever the device. They are tested on the CPU on
+# every machine: CUDA kernels are not bitwise reproducible (cuDNN and cuBLAS choose algorithms per
+# shape, atomic adds land in any order, TF32 and bf16 round), so a GPU run only ever agrees closely.
+EXACT = [*MICRO_NET, "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -344,7 +350,8 @@ def test_guidance_is_the_cfg_formula_with_w0_unconditional_and_w1_conditional_ex
         assert batches == [3, 3]  # w = 0 and w = 1 need one pass each
         w3 = ddpm.guided(model, labels, 3.0)(x, t)
     assert batches == [3, 3, 6]  # the guided pair: one batch of 2B
-    assert torch.allclose(w3, uncond + 3 * (cond - uncond), atol=1e-5)
+    tolerance = 1e-5 if ON_CPU else 1e-3 * uncond.abs().max()  # a batch of 6 may take other TF32 kernels
+    assert torch.allclose(w3, uncond + 3 * (cond - uncond), atol=tolerance)
 
 
 def mean_colour(folder: Path) -> torch.Tensor:
@@ -1115,7 +1122,7 @@ def test_safetensors_export_samples_like_the_checkpoint_and_every_source_fine_tu
 @pytest.mark.skipif(not ON_CPU, reason="bit-exact on the CPU; cuDNN's backward kernels are not deterministic")
 def test_resume_is_bit_exact(tmp_path, capsys):
     """600 steps straight == 300 steps, stop, resume, 300 more: same losses, same weights (dropout on)."""
-    common = [*MICRO, "--dropout", 0.1, "--log-every", 25, "--save-every", 150]
+    common = [*EXACT, "--dropout", 0.1, "--log-every", 25, "--save-every", 150]
     assert run_cli(["train", *common, "--steps", 600, "--out", tmp_path / "straight"], capsys)[0] == 0
     assert run_cli(["train", *common, "--steps", 300, "--out", tmp_path / "resumed"], capsys)[0] == 0
     code, _, err = run_cli(["train", "--steps", 600, "--out", tmp_path / "resumed"], capsys)
@@ -1160,7 +1167,7 @@ def test_fp16_scales_the_loss_resumes_exactly_and_overflow_is_not_a_bad_step(tmp
     and halve the scale without counting as bad steps; then training goes on, and a run resumed
     from the middle (scale included) ends bit for bit where the straight one does."""
     monkeypatch.setattr(ddpm, "FP16_INITIAL_SCALE", 2.0**40)
-    common = [*MICRO, "--precision", "fp16", "--log-every", 5, "--save-every", 20, "--dropout", 0.1]
+    common = [*EXACT, "--precision", "fp16", "--log-every", 5, "--save-every", 20, "--dropout", 0.1]
     code, _, err = run_cli(["train", *common, "--steps", 40, "--out", tmp_path / "straight"], capsys)
     assert code == 0 and "cpu fp16" in err
     assert run_cli(["train", *common, "--steps", 20, "--out", tmp_path / "resumed"], capsys)[0] == 0
@@ -1490,7 +1497,7 @@ def test_a_run_with_few_timesteps_trains_previews_and_samples(tmp_path, capsys, 
 
 
 def test_accumulating_two_micro_batches_of_4_trains_like_one_batch_of_8(tmp_path, capsys):
-    common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", 6, "--log-every", 2,
+    common = ["train", *[a for a in EXACT if a not in ("--batch-size", "4")], "--steps", 6, "--log-every", 2,
               "--save-every", 6]
     assert run_cli([*common, "--batch-size", 8, "--out", tmp_path / "big"], capsys)[0] == 0
     code, _, err = run_cli([*common, "--batch-size", 4, "--accum", 2, "--out", tmp_path / "accum"], capsys)
