@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 13: choose the training recipe by measurement. From the repo root:
-#   bash docs/recipe.sh speed            # 1. img/s of every variant, side by side, alone on the machine
+#   bash docs/recipe.sh speed [NAME...]  # 1. img/s of the reference and the variants, side by side, alone
 #   bash docs/recipe.sh train [NAME...]  # 2. train each variant on its share of the budget (resumable)
 #   bash docs/recipe.sh score [NAME...]  # 3. KID and FID of each (N=$N, DDIM eta=1, 50 steps)
 #   bash docs/recipe.sh table            # 4. the results as a markdown table, best FID first
@@ -32,39 +32,39 @@ declare -A VARIANTS=(
   [ema0.999]="--ema-decay 0.999"
   [ema0.9995]="--ema-decay 0.9995"
   [tiny]="--preset tiny"
-  [channels48]="--base-channels 48"
   [channels96]="--base-channels 96"
   [attn8]="--attn-res 8"
   [attn-none]="--attn-res none"
   [l1]="--loss l1"
   [linear]="--schedule linear"
 )
-FASTER_OR_SLOWER="reference batch16 batch64 tiny channels48 channels96 attn8 attn-none"  # the others: same img/s
+FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 attn8 attn-none"  # the others: same img/s
 mkdir -p "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
 batch_of() { echo "$REFERENCE ${VARIANTS[$1]}" | grep -o -- '--batch-size [0-9]*' | tail -1 | cut -d' ' -f2; }
 
 case "${1:-}" in
-speed)  # 40 steps of each variant whose speed differs, in turn; img/s over steps 20-40
-  for name in $FASTER_OR_SLOWER; do
+speed)  # 40 steps of the reference, then of each variant whose speed differs; img/s over steps 20-40
+  shift
+  for name in reference $(if [ $# -gt 0 ]; then echo "$@"; else echo "$FASTER_OR_SLOWER"; fi | sed 's/reference//'); do
     rm -rf "$OUT/speed-$name"
     $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps 40 --log-every 20 --save-every 1000 \
       --out "$OUT/speed-$name" >/dev/null 2>&1
     $PY -c "import json; print('$name', json.loads(open('$OUT/speed-$name/log.jsonl').read().splitlines()[-1])['img_per_s'])"
-  done | tee "$OUT/speed.txt"
+  done | tee -a "$OUT/speed.txt"  # a later line for a name replaces an earlier one
   ;;
 train)
   shift
   for name in $(names "$@"); do
     ratio=1  # a variant of the reference's speed gets the reference's images; the others, in proportion
     if [[ " $FASTER_OR_SLOWER " == *" $name "* ]]; then
-      speed_of() { grep "^$1 " "$OUT/speed.txt" | cut -d' ' -f2; }
+      speed_of() { grep "^$1 " "$OUT/speed.txt" | tail -1 | cut -d' ' -f2; }
       ratio="$(speed_of "$name") / $(speed_of reference)"
     fi
     steps=$($PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$name")))")
     echo "$name: $steps steps"
     $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps "$steps" --log-every 25 \
-      --save-every 100000 --out "$OUT/$name" 2>&1 | tail -1
+      --save-every 250 --out "$OUT/$name" 2>&1 | tail -1
   done
   ;;
 score)
