@@ -3462,6 +3462,8 @@ StepsOpt = Annotated[Optional[int], typer.Option(
     "--steps", help=f"Sampling timesteps (network evaluations per image) for ddim/dpm++ ({DEFAULT_STEPS}, or T "
                     f"if smaller).")]
 EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 = ancestral on the subsequence.")]
+VarianceOpt = Annotated[Variance, typer.Option(help="ddpm's sigma_t^2: small = beta~_t (posterior), large = "
+                                                 "beta_t (DDPM sec. 3.2).")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Cache for decoded images and FID features "
                                                   "(default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm).")]
 ClassOpt = Annotated[Optional[list[str]], typer.Option(
@@ -3696,8 +3698,7 @@ def cli_sample(
     sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
     steps: StepsOpt = None,
     eta: EtaOpt = DEFAULT_ETA,
-    variance: Annotated[Variance, typer.Option(help="ddpm's sigma_t^2: small = beta~_t (posterior), large = "
-                                               "beta_t (DDPM sec. 3.2).")] = Variance.small,
+    variance: VarianceOpt = Variance.small,
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch; any size gives the same images.")] =
     SAMPLE_BATCH_SIZE,
@@ -4083,7 +4084,7 @@ def cli_export(
 
 def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int],
                       eta: float, seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path,
-                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE):
+                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE, variance: str = "small"):
     """Images to evaluate and the real images to compare them with: `count` samples from a
     checkpoint, or `count` random images of a folder. A conditional model draws its classes as often
     as they occur in the real images (uniformly where those have no matching labels); with --class,
@@ -4124,12 +4125,13 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
     check_memory(config.unet, config.data.height, config.data.width, min(count, batch_size), runtime.device, False)
     started = time.perf_counter()
     images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size, labels=labels,
-                      guidance=guidance)
+                      guidance=guidance, variance=variance)
     seconds = time.perf_counter() - started
     settings = dict(sampler=sampler, steps=evaluations(sampler, steps, schedule.timesteps),
-                    eta=eta if sampler == "ddim" else None, sample_seconds=round(seconds, 3),
+                    eta=eta if sampler == "ddim" else None, variance=variance if sampler == "ddpm" else None,
+                    sample_seconds=round(seconds, 3),
                     guidance=guidance if names else None, classes=sorted(set(labels.tolist())) if classes else None)
-    eta_text = f" eta {eta:g}" if settings["eta"] else ""
+    eta_text = f" eta {eta:g}" if settings["eta"] else f" {variance} variance" if settings["variance"] else ""
     drawn = f"{len(settings['classes'])} classes" if classes else "classes as in the data"
     of = f"{drawn}, guidance {guidance:g}, " if names else ""
     return (images, real_set, f"{count} samples, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
@@ -4145,6 +4147,7 @@ def cli_fid(
     sampler: SamplerOpt = Sampler(DEFAULT_SAMPLER),
     steps: StepsOpt = None,
     eta: EtaOpt = DEFAULT_ETA,
+    variance: VarianceOpt = Variance.small,
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = SAMPLE_BATCH_SIZE,
     size: Annotated[Optional[str], typer.Option(help="Size when SOURCE is a folder (default: 64).")] = None,
@@ -4167,7 +4170,8 @@ def cli_fid(
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, precision.value, False, None)
     images, real_set, what, sampling = evaluation_images(source, real, n, runtime, sampler.value, steps, eta, seed,
-                                                         batch_size, size, resize.value, cache_dir, classes, guidance)
+                                                         batch_size, size, resize.value, cache_dir, classes, guidance,
+                                                         variance.value)
     real_images = real_set.images
     scorer = FidScorer(extractor, real_images, real_set.key, cache_dir, runtime.device)
     started = time.perf_counter()
@@ -4176,7 +4180,7 @@ def cli_fid(
     kid, kid_std = scorer.kid(features)
     size_text = f"{images.shape[3]}x{images.shape[2]}"
     result = dict(source=str(source), what=what, n=n, real=str(real), real_n=len(real_images), size=size_text,
-                  **(sampling or dict(sampler=None, steps=None, eta=None, guidance=None, classes=None)),
+                  **(sampling or dict(sampler=None, steps=None, eta=None, variance=None, guidance=None, classes=None)),
                   fid=fid, kid=kid, kid_std=kid_std, feature_seconds=round(time.perf_counter() - started, 1))
     if as_json:
         print(json.dumps(result))

@@ -1919,8 +1919,15 @@ def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
                             *cache, *DEV], capsys)
     result = json.loads(out)
     assert code == 0 and result["n"] == 20 and result["real_n"] == 40 and result["fid"] > 0
-    assert (result["sampler"], result["steps"], result["eta"]) == ("ddim", 3, ddpm.DEFAULT_ETA)
+    assert (result["sampler"], result["steps"], result["eta"], result["variance"]) == ("ddim", 3, ddpm.DEFAULT_ETA, None)
     assert result["sample_seconds"] > 0
+    ancestral = {}
+    for variance in ("small", "large"):  # DDPM's two choices of sigma_t^2 give different samples, and say so
+        code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--sampler", "ddpm", "--variance", variance,
+                                "--inception", features, "--json", *cache, *DEV], capsys)
+        ancestral[variance] = json.loads(out)
+        assert code == 0 and ancestral[variance]["variance"] == variance and ancestral[variance]["steps"] == 1000
+    assert ancestral["small"]["fid"] != ancestral["large"]["fid"]
     code, out, _ = run_cli(["fid", real, "--real", real, "-n", 40, "--size", 16, "--inception", features, "--json",
                             *cache], capsys)
     result = json.loads(out)
