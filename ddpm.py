@@ -2669,7 +2669,7 @@ class Trainer:
                         steps=default_steps(self.schedule.timesteps), seed=settings.seed, progress=False,
                         labels=spread_classes(settings.preview_count, classes) if classes else None)
         for picture, save in ((preview, lambda path: save_grid(grid, path)),
-                              (self.run_dir / "loss.png", lambda path: save_loss_curve(state.loss_history, path))):
+                              (self.run_dir / "loss.png", lambda path: save_curve(state.loss_history, path, "training loss (log scale)"))):
             try:
                 save(picture)
             except OSError as error:
@@ -2953,26 +2953,35 @@ def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, p
     grid.save(path)
 
 
-def save_loss_curve(history: list, path: Path, size: tuple[int, int] = (640, 320)) -> None:
-    """The training loss against the step, on a log scale, as a PNG (no plotting library needed)."""
-    points = [(step, loss) for step, loss in history if math.isfinite(loss) and loss > 0]
+def save_curve(points: list, path: Path, title: str, unit: str = "step", log_scale: bool = True,
+               size: tuple[int, int] = (640, 320)) -> None:
+    """y against x as a PNG line (no plotting library needed): the training loss against the step, or
+    FID against training minutes. A few points are marked, each with its value."""
+    points = [(x, y) for x, y in points if math.isfinite(y) and (y > 0 or not log_scale)]
     width, height = size
     picture = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default(size=12)
-    left, right, top, bottom = 60, width - 16, 16, height - 32
+    left, right, top, bottom = 60, width - 16, 24, height - 32
     draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    marked = 2 <= len(points) <= 10
     if len(points) >= 2:
-        steps, logs = [p[0] for p in points], [math.log10(p[1]) for p in points]
-        low, high = min(logs), max(logs) + 1e-9
-        x = lambda step: left + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (right - left)
-        y = lambda log: bottom - (log - low) / (high - low) * (bottom - top)
-        draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(200, 40, 40), width=2)
+        xs, ys = [p[0] for p in points], [math.log10(p[1]) if log_scale else p[1] for p in points]
+        low, high = min(ys), max(ys) + 1e-9
+        inset = 40 if marked else 0  # room for the marks' labels inside the frame
+        x = lambda value: left + inset + (value - xs[0]) / max(1e-9, xs[-1] - xs[0]) * (right - left - 2 * inset)
+        y = lambda value: bottom - inset / 2 - (value - low) / (high - low) * (bottom - top - inset)
+        shown = (lambda value: f"{10 ** value:.3g}") if log_scale else (lambda value: f"{value:.3g}")
+        draw.line([(x(a), y(b)) for a, b in zip(xs, ys)], fill=(200, 40, 40), width=2)
         for value, anchor in ((high, "rt"), (low, "rb")):
-            draw.text((left - 6, y(value)), f"{10 ** value:.3g}", fill=(0, 0, 0), font=font, anchor=anchor)
-        for step, anchor in ((steps[0], "lt"), (steps[-1], "rt")):
-            draw.text((x(step), bottom + 6), f"step {step}", fill=(0, 0, 0), font=font, anchor=anchor)
-    draw.text((left + 8, top + 6), "training loss (log scale)", fill=(0, 0, 0), font=font)
+            draw.text((left - 6, y(value)), shown(value), fill=(0, 0, 0), font=font, anchor=anchor)
+        for value, anchor in ((xs[0], "lt"), (xs[-1], "rt")):
+            draw.text((x(value), bottom + 6), f"{value:g} {unit}", fill=(0, 0, 0), font=font, anchor=anchor)
+        if marked:
+            for a, b in zip(xs, ys):
+                draw.ellipse([x(a) - 3, y(b) - 3, x(a) + 3, y(b) + 3], fill=(200, 40, 40))
+                draw.text((x(a) + 6, y(b) - 4), shown(b), fill=(0, 0, 0), font=font, anchor="lb")
+    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
     picture.save(path)
 
 

@@ -1957,6 +1957,26 @@ def test_real_inception_features():
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
 
 
+def test_the_minutes_plot_marks_each_fid_at_its_height(tmp_path):
+    """docs/plot_minutes.py, the README's FID-against-training-time plot, from recipe.sh's fid results."""
+    fids = {5: 150.0, 10: 120.0, 20: 100.0, 40: 60.0}
+    for minutes, fid in fids.items():
+        (tmp_path / f"{minutes}.json").write_text(json.dumps({"fid": fid, "kid": 0.1}))
+    result = subprocess.run([PYTHON, HERE / "docs" / "plot_minutes.py", tmp_path, tmp_path / "plot.png"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "40 minutes: FID 60.0" in result.stdout
+    plot = Image.open(tmp_path / "plot.png").convert("RGB")
+    red = {}  # column -> the highest red pixel in it (y grows downwards)
+    for x in range(plot.width):
+        for y in range(plot.height):
+            if plot.getpixel((x, y)) == (200, 40, 40):
+                red.setdefault(x, y)
+    columns = sorted(red)
+    assert columns[-1] - columns[0] > plot.width / 2  # the curve spans the plot
+    assert all(red[a] <= red[b] + 3 for a, b in zip(columns, columns[1:]))  # only down, but for the round marks
+    assert red[columns[-1]] - red[columns[0]] > plot.height / 2  # from 150 at the top to 60 near the bottom
+
+
 # ------------------------------------------------------------------------------------------------
 # Benchmark
 # ------------------------------------------------------------------------------------------------

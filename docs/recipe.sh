@@ -3,7 +3,11 @@
 #   bash docs/recipe.sh speed [NAME...]  # 1. img/s of the reference and the variants, side by side, alone
 #   bash docs/recipe.sh train [NAME...]  # 2. train each variant on its share of the budget (resumable)
 #   bash docs/recipe.sh score [NAME...]  # 3. KID and FID of each (N=$N, DDIM eta=1, 50 steps)
-#   bash docs/recipe.sh table            # 4. the results as a markdown table, best FID first
+#   bash docs/recipe.sh table            # 4. the results as a markdown table, best KID first
+#   bash docs/recipe.sh confirm NAME...  # 5. finalists: FID and KID at N=1000 ($OUT/NAME-n1000.json)
+#   bash docs/recipe.sh samplers NAME    # 6. the winner's samplers at N=1000 ($OUT/NAME-samplers/*.json)
+#   bash docs/recipe.sh minutes NAME     # 7. FID after 5, 10, 20, 40 minutes' worth of images, then
+#   python docs/plot_minutes.py $OUT/NAME-minutes docs/minutes.png   # the plot
 #
 # The budget is 20 minutes of training on 2 CPU cores. This machine's speed varies up to 2.5x from
 # day to day, so "--minutes 20" would not mean the same thing twice. Instead the budget is fixed in
@@ -42,6 +46,18 @@ FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 attn8 attn-none"  # 
 mkdir -p "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
 batch_of() { echo "$REFERENCE ${VARIANTS[$1]}" | grep -o -- '--batch-size [0-9]*' | tail -1 | cut -d' ' -f2; }
+budget_steps() {  # the reference's images x the variant's speed relative to it, in steps of its batch
+  ratio=1  # a variant of the reference's speed gets the reference's images
+  if [[ " $FASTER_OR_SLOWER " == *" $1 "* ]]; then
+    speed_of() { grep "^$1 " "$OUT/speed.txt" | tail -1 | cut -d' ' -f2; }
+    ratio="$(speed_of "$1") / $(speed_of reference)"
+  fi
+  $PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$1")))"
+}
+fid() {  # fid OUTPUT.json SOURCE [fid options]: skipped when OUTPUT.json exists
+  [ -s "$1" ] && return 0
+  $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp" && mv "$1.tmp" "$1"
+}
 
 case "${1:-}" in
 speed)  # 40 steps of the reference, then of each variant whose speed differs; img/s over steps 20-40
@@ -56,12 +72,7 @@ speed)  # 40 steps of the reference, then of each variant whose speed differs; i
 train)
   shift
   for name in $(names "$@"); do
-    ratio=1  # a variant of the reference's speed gets the reference's images; the others, in proportion
-    if [[ " $FASTER_OR_SLOWER " == *" $name "* ]]; then
-      speed_of() { grep "^$1 " "$OUT/speed.txt" | tail -1 | cut -d' ' -f2; }
-      ratio="$(speed_of "$name") / $(speed_of reference)"
-    fi
-    steps=$($PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$name")))")
+    steps=$(budget_steps "$name")
     echo "$name: $steps steps"
     $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps "$steps" --log-every 25 \
       --save-every 250 --out "$OUT/$name" 2>&1 | tail -1
@@ -69,10 +80,29 @@ train)
   ;;
 score)
   shift
-  for name in $(names "$@"); do
-    [ -s "$OUT/$name.json" ] && continue
-    $PY ddpm.py fid "$OUT/$name" --real $DATA -n "$N" --json > "$OUT/$name.json.tmp"
-    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+  for name in $(names "$@"); do fid "$OUT/$name.json" "$OUT/$name" -n "$N"; done
+  ;;
+confirm)
+  shift
+  for name in "$@"; do fid "$OUT/$name-n1000.json" "$OUT/$name" -n 1000; done
+  ;;
+samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances
+  name=$2
+  mkdir -p "$OUT/$name-samplers"
+  for how in "ddim 25" "ddim 50" "ddim 100" "ddpm small" "ddpm large"; do
+    read -r sampler setting <<< "$how"
+    if [ "$sampler" = ddim ]; then options="--eta 1 --steps $setting"; else options="--variance $setting"; fi
+    fid "$OUT/$name-samplers/$sampler-$setting.json" "$OUT/$name" -n 1000 --sampler "$sampler" $options
+  done
+  ;;
+minutes)  # twice the budget, a checkpoint at each quarter of it: 5, 10, 20 and 40 minutes' worth
+  name=$2
+  quarter=$(( ($(budget_steps "$name") + 2) / 4 ))
+  $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps $((8 * quarter)) --log-every 25 \
+    --save-every "$quarter" --keep 8 --out "$OUT/$name-minutes" 2>&1 | tail -1
+  for minutes in 5 10 20 40; do
+    step=$(printf %08d $((minutes / 5 * quarter)))
+    fid "$OUT/$name-minutes/$minutes.json" "$OUT/$name-minutes/ckpt-$step.pt" -n 1000
   done
   ;;
 table)
@@ -80,14 +110,18 @@ table)
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+scores = lambda path: f"{(r := json.loads(path.read_text()))['fid']:.1f} | {r['kid'] * 1e3:.1f} ± {r['kid_std'] * 1e3:.1f}" \
+    if path.exists() else "|"
 rows = []
-for result in out.glob("*.json"):
-    log = (out / result.stem / "log.jsonl").read_text().splitlines()
-    last, score = json.loads(log[-1]), json.loads(result.read_text())
-    rows.append((score["fid"], result.stem, last["step"], last["images_seen"], score["kid"], score["kid_std"]))
-print("| variant | steps | images | FID | KID x10^3 |\n| --- | ---: | ---: | ---: | ---: |")
-for fid, name, steps, images, kid, kid_std in sorted(rows):
-    print(f"| {name} | {steps} | {images:,} | {fid:.1f} | {kid * 1e3:.1f} ± {kid_std * 1e3:.1f} |")
+for log in out.glob("*/log.jsonl"):
+    name, last = log.parent.name, json.loads(log.read_text().splitlines()[-1])
+    if (out / f"{name}.json").exists():
+        key = json.loads((out / f"{name}.json").read_text())["kid"]
+        rows.append((key, f"| {name} | {last['step']} | {last['images_seen']:,} | {scores(out / f'{name}.json')} | "
+                          f"{scores(out / f'{name}-n1000.json')} |"))
+print("| variant | steps | images | FID, N=500 | KID x10^3, N=500 | FID, N=1000 | KID x10^3, N=1000 |\n"
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("\n".join(row for _, row in sorted(rows)))  # best KID first: it compares across N, FID does not
 EOF
   ;;
 *) sed -n 2,6p "$0"; exit 2 ;;
