@@ -2669,7 +2669,8 @@ class Trainer:
                         steps=default_steps(self.schedule.timesteps), seed=settings.seed, progress=False,
                         labels=spread_classes(settings.preview_count, classes) if classes else None)
         for picture, save in ((preview, lambda path: save_grid(grid, path)),
-                              (self.run_dir / "loss.png", lambda path: save_curve(state.loss_history, path, "training loss (log scale)"))):
+                              (self.run_dir / "loss.png",
+                               lambda path: save_curve(state.loss_history, path, "training loss (log scale)"))):
             try:
                 save(picture)
             except OSError as error:
@@ -2953,7 +2954,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, p
     grid.save(path)
 
 
-def save_curve(points: list, path: Path, title: str, unit: str = "step", log_scale: bool = True,
+def save_curve(points: list, path: Path, title: str, unit: str = "steps", log_scale: bool = True,
                size: tuple[int, int] = (640, 320)) -> None:
     """y against x as a PNG line (no plotting library needed): the training loss against the step, or
     FID against training minutes. A few points are marked, each with its value."""
