@@ -29,7 +29,7 @@ $(VENV)/extras-installed: $(VENV)/installed requirements-classes.txt requirement
 
 # DDPM_TEST_EXTRAS=1: a test of an optional extra fails, rather than skips, when the extra is missing.
 test: $(VENV)/extras-installed
-	DDPM_TEST_EXTRAS=1 $(PY) -m pytest -q test_ddpm.py
+	DDPM_TEST_EXTRAS=1 $(PY) -m pytest -q --durations=15 test_ddpm.py
 
 $(VENV)/bench-installed: $(VENV)/installed requirements-bench.txt
 	$(PY) -m pip install -r requirements-bench.txt
