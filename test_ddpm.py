@@ -1121,20 +1121,20 @@ def test_safetensors_export_samples_like_the_checkpoint_and_every_source_fine_tu
 
 @pytest.mark.skipif(not ON_CPU, reason="bit-exact on the CPU; cuDNN's backward kernels are not deterministic")
 def test_resume_is_bit_exact(tmp_path, capsys):
-    """600 steps straight == 300 steps, stop, resume, 300 more: same losses, same weights (dropout on)."""
-    common = [*EXACT, "--dropout", 0.1, "--log-every", 25, "--save-every", 150]
-    assert run_cli(["train", *common, "--steps", 600, "--out", tmp_path / "straight"], capsys)[0] == 0
-    assert run_cli(["train", *common, "--steps", 300, "--out", tmp_path / "resumed"], capsys)[0] == 0
-    code, _, err = run_cli(["train", "--steps", 600, "--out", tmp_path / "resumed"], capsys)
-    assert code == 0 and "Resuming from step 300" in err
+    """240 steps straight == 120 steps, stop, resume, 120 more: same losses, same weights (dropout on)."""
+    common = [*EXACT, "--dropout", 0.1, "--log-every", 20, "--save-every", 60]
+    assert run_cli(["train", *common, "--steps", 240, "--out", tmp_path / "straight"], capsys)[0] == 0
+    assert run_cli(["train", *common, "--steps", 120, "--out", tmp_path / "resumed"], capsys)[0] == 0
+    code, _, err = run_cli(["train", "--steps", 240, "--out", tmp_path / "resumed"], capsys)
+    assert code == 0 and "Resuming from step 120" in err
     straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
-    assert len(straight) == 24 and straight == resumed
+    assert len(straight) == 12 and straight == resumed
     assert straight[-1]["loss"] < straight[0]["loss"] * 0.8
     a, b = (ddpm.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("straight", "resumed"))
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 600
-    assert a["images_seen"] == b["images_seen"] == 2400
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 240
+    assert a["images_seen"] == b["images_seen"] == 960
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -1914,7 +1914,8 @@ def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
     features = scripted_random_features(tmp_path / "features.pt")
     run = tmp_path / "run"
     cache = ["--cache-dir", tmp_path / "cache"]
-    assert run_cli(["train", *MICRO, "--size", 16, "--data", real, "--steps", 2, "--out", run, *cache], capsys)[0] == 0
+    assert run_cli(["train", *MICRO, "--size", 16, "--data", real, "--timesteps", 100, "--steps", 2, "--out", run,
+                    *cache], capsys)[0] == 0
     code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--inception", features, "--json",
                             *cache, *DEV], capsys)
     result = json.loads(out)
@@ -1926,7 +1927,7 @@ def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
         code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--sampler", "ddpm", "--variance", variance,
                                 "--inception", features, "--json", *cache, *DEV], capsys)
         ancestral[variance] = json.loads(out)
-        assert code == 0 and ancestral[variance]["variance"] == variance and ancestral[variance]["steps"] == 1000
+        assert code == 0 and ancestral[variance]["variance"] == variance and ancestral[variance]["steps"] == 100
     assert ancestral["small"]["fid"] != ancestral["large"]["fid"]
     code, out, _ = run_cli(["fid", real, "--real", real, "-n", 40, "--size", 16, "--inception", features, "--json",
                             *cache], capsys)
