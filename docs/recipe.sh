@@ -49,9 +49,9 @@ names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" 
 batch_of() { echo "$REFERENCE ${VARIANTS[$1]}" | grep -o -- '--batch-size [0-9]*' | tail -1 | cut -d' ' -f2; }
 budget_steps() {  # the reference's images x the variant's speed relative to it, in steps of its batch
   ratio=1  # a variant of the reference's speed gets the reference's images
-  if [[ " $FASTER_OR_SLOWER " == *" $1 "* ]]; then
-    speed_of() { grep "^$1 " "$OUT/speed.txt" | tail -1 | cut -d' ' -f2; }
-    ratio="$(speed_of "$1") / $(speed_of reference)"
+  if [[ " $FASTER_OR_SLOWER " == *" $1 "* ]]; then  # its latest speed over the reference's in the same run
+    ratio=$(awk -v name="$1" '$1 == "reference" { ref = $2 } $1 == name { ratio = $2 / ref } END { print ratio }' \
+      "$OUT/speed.txt")
   fi
   $PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$1")))"
 }
