@@ -8,6 +8,8 @@
 #   bash docs/recipe.sh samplers NAME    # 6. the winner's samplers at N=1000 ($OUT/NAME-samplers/*.json)
 #   bash docs/recipe.sh minutes NAME     # 7. FID after 5, 10, 20, 40 minutes' worth of images, then
 #   python docs/plot_minutes.py $OUT/NAME-minutes docs/minutes.png   # the plot
+# NAME is one of VARIANTS below, or several joined by "+" (tiny+min-snr5: the reference with both
+# changes), which is how the winners are combined and how the final recipe's ablation is named.
 #
 # The budget is 20 minutes of training on 2 CPU cores. This machine's speed varies up to 2.5x from
 # day to day, so "--minutes 20" would not mean the same thing twice. Instead the budget is fixed in
@@ -46,11 +48,19 @@ declare -A VARIANTS=(
 FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 blocks1 attn8 attn-none"  # the others: same img/s
 mkdir -p "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
-batch_of() { echo "$REFERENCE ${VARIANTS[$1]}" | grep -o -- '--batch-size [0-9]*' | tail -1 | cut -d' ' -f2; }
+options() {  # a name joins variants with "+" (tiny+min-snr5: both changes); of one option, the last wins
+  for part in ${1//+/ }; do echo -n "${VARIANTS[$part]} "; done
+}
+speed_key() {  # the parts of a name that change its speed: tiny+min-snr5 trains at tiny's speed
+  for part in ${1//+/ }; do [[ " $FASTER_OR_SLOWER " == *" $part "* ]] && echo "$part"; done | paste -sd+
+}
+batch_of() { echo "$REFERENCE $(options "$1")" | grep -o -- '--batch-size [0-9]*' | tail -1 | cut -d' ' -f2; }
 budget_steps() {  # the reference's images x the variant's speed relative to it, in steps of its batch
   ratio=1  # a variant of the reference's speed gets the reference's images
-  if [[ " $FASTER_OR_SLOWER " == *" $1 "* ]]; then  # its latest speed over the reference's in the same run
-    ratio=$(awk -v name="$1" '$1 == "reference" { ref = $2 } $1 == name { ratio = $2 / ref } END { print ratio }' \
+  key=$(speed_key "$1")
+  if [ -n "$key" ]; then  # its latest speed over the reference's in the same run
+    grep -q "^$key " "$OUT/speed.txt" || { echo "no speed for $key: bash $0 speed $key" >&2; exit 2; }
+    ratio=$(awk -v name="$key" '$1 == "reference" { ref = $2 } $1 == name { ratio = $2 / ref } END { print ratio }' \
       "$OUT/speed.txt")
   fi
   $PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$1")))"
@@ -60,13 +70,15 @@ fid() {  # fid OUTPUT.json SOURCE [fid options]: skipped when OUTPUT.json exists
   $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp" && mv "$1.tmp" "$1"
 }
 
-for name in "${@:2}"; do [ -v "VARIANTS[$name]" ] || { echo "no variant $name: see VARIANTS in $0" >&2; exit 2; }; done
+for name in "${@:2}"; do
+  for part in ${name//+/ }; do [ -v "VARIANTS[$part]" ] || { echo "no variant $part: see VARIANTS in $0" >&2; exit 2; }; done
+done
 case "${1:-}" in
 speed)  # 40 steps of the reference, then of each variant whose speed differs; img/s over steps 20-40
   shift
   for name in reference $(if [ $# -gt 0 ]; then echo "$@"; else echo "$FASTER_OR_SLOWER"; fi | sed 's/reference//'); do
     rm -rf "$OUT/speed-$name"
-    $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps 40 --log-every 20 --save-every 1000 \
+    $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps 40 --log-every 20 --save-every 1000 \
       --out "$OUT/speed-$name" >/dev/null 2>&1
     $PY -c "import json; print('$name', json.loads(open('$OUT/speed-$name/log.jsonl').read().splitlines()[-1])['img_per_s'])"
   done | tee -a "$OUT/speed.txt"  # a later line for a name replaces an earlier one
@@ -76,7 +88,7 @@ train)
   for name in $(names "$@"); do
     steps=$(budget_steps "$name")
     echo "$name: $steps steps"
-    $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps "$steps" --log-every 25 \
+    $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps "$steps" --log-every 25 \
       --save-every 250 --out "$OUT/$name" 2>&1 | tail -1
   done
   ;;
@@ -93,14 +105,14 @@ samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with 
   mkdir -p "$OUT/$name-samplers"
   for how in "ddim 25" "ddim 50" "ddim 100" "ddpm small" "ddpm large"; do
     read -r sampler setting <<< "$how"
-    if [ "$sampler" = ddim ]; then options="--eta 1 --steps $setting"; else options="--variance $setting"; fi
-    fid "$OUT/$name-samplers/$sampler-$setting.json" "$OUT/$name" -n 1000 --sampler "$sampler" $options
+    if [ "$sampler" = ddim ]; then flags="--eta 1 --steps $setting"; else flags="--variance $setting"; fi
+    fid "$OUT/$name-samplers/$sampler-$setting.json" "$OUT/$name" -n 1000 --sampler "$sampler" $flags
   done
   ;;
 minutes)  # twice the budget, a checkpoint at each quarter of it: 5, 10, 20 and 40 minutes' worth
   name=$2
   quarter=$(( ($(budget_steps "$name") + 2) / 4 ))
-  $PY ddpm.py train --data $DATA $REFERENCE ${VARIANTS[$name]} --steps $((8 * quarter)) --log-every 25 \
+  $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps $((8 * quarter)) --log-every 25 \
     --save-every "$quarter" --keep 8 --out "$OUT/$name-minutes" 2>&1 | tail -1
   for minutes in 5 10 20 40; do
     step=$(printf %08d $((minutes / 5 * quarter)))
