@@ -1275,9 +1275,9 @@ def decode_images(files: list[Path], root: Path, config: DataConfig, quiet: bool
 
 
 @contextlib.contextmanager
-def cache_lock(path: Path, say):
+def cache_lock(path: Path, say, doing: str):
     """An exclusive lock (flock) on one cache entry while it is built, so that two processes (the ranks
-    of a machine, or two trainings) never decode the same images at once: the second waits."""
+    of a machine, two trainings, two fid jobs) never build the same entry at once: the second waits."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
@@ -1287,8 +1287,7 @@ def cache_lock(path: Path, say):
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            say(f"Waiting for another process (another rank, or another run) that is decoding the same images "
-                f"into {path.parent} ...")
+            say(f"Waiting for another process (another rank, or another run) that is {doing} into {path.parent} ...")
             fcntl.flock(file, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
 
@@ -1302,7 +1301,7 @@ def cached_images(files: list[Path], root: Path, config: DataConfig, cache_file:
     say = (lambda *a: None) if quiet else console.print
     state_file = cache_file.with_suffix(".json")
     image_bytes = 3 * config.width * config.height
-    with cache_lock(cache_file.with_suffix(".lock"), say):
+    with cache_lock(cache_file.with_suffix(".lock"), say, "decoding the same images"):
         try:
             report = json.loads(state_file.read_text())
             size = cache_file.stat().st_size
@@ -3159,20 +3158,25 @@ def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int =
 
 class FidScorer:
     """FID/KID of generated images against real ones. The real images' features are computed once
-    and cached on disk, keyed by the image list, size, resize mode and feature network."""
+    and cached on disk, keyed by the image list, size, resize mode and feature network; a second
+    process that wants them while they are computed waits, then reads them."""
 
     def __init__(self, extractor: nn.Module, real_images: torch.Tensor, real_key: str, cache_dir: Path,
                  device: torch.device):
         self.extractor = extractor.to(device)
         self.device = device
         cache = cache_dir / f"features-{hashlib.sha256(f'{real_key} {extractor.identity}'.encode()).hexdigest()[:20]}.pt"
-        if cache.exists():
-            self.real_features = torch.load(cache, weights_only=True)
-        else:
-            self.real_features = extract_features(self.extractor, real_images, device, label="real features")
-            with contextlib.suppress(OSError):
+        with contextlib.ExitStack() as locked:
+            with contextlib.suppress(OSError):  # a read-only cache folder: no lock, and nothing is kept
                 cache_dir.mkdir(parents=True, exist_ok=True)
-                atomic_save(self.real_features, cache)
+                locked.enter_context(cache_lock(cache.with_suffix(".lock"), console.print,
+                                                "computing the same real images' features"))
+            if cache.exists():
+                self.real_features = torch.load(cache, weights_only=True)
+            else:
+                self.real_features = extract_features(self.extractor, real_images, device, label="real features")
+                with contextlib.suppress(OSError):
+                    atomic_save(self.real_features, cache)
         self.real_stats = feature_statistics(self.real_features)
 
     @classmethod

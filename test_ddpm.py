@@ -5,6 +5,7 @@ CUDA-only tests (bf16, torch.compile, data on the GPU) run wherever CUDA is avai
 the real photos read ../shared/data/cars and skip (saying why) where it is absent."""
 
 import collections
+import fcntl
 import importlib
 import io
 import json
@@ -15,8 +16,10 @@ import random
 import resource
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1879,6 +1882,28 @@ def test_real_features_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("should have used the cache"))
     second = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))
     assert torch.equal(first.real_features, second.real_features)
+
+
+def test_a_second_process_waits_for_the_real_features_another_is_computing(tmp_path, monkeypatch, capsys):
+    """Two fid jobs on one machine: while the first computes the real features (holding their lock),
+    the second waits, then reads what the first wrote and computes nothing itself."""
+    real = ddpm.toy_cars(16, 16, 50)
+    first = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path / "first", torch.device("cpu"))
+    written = next((tmp_path / "first").glob("features-*.pt"))
+    monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("computed a second time"))
+    second = []
+    with open(tmp_path / written.with_suffix(".lock").name, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first job, computing
+        waiting = threading.Thread(target=lambda: second.append(
+            ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))))
+        waiting.start()
+        waiting.join(timeout=1)
+        assert waiting.is_alive() and not second  # it waits, and does not compute
+        shutil.copy(written, tmp_path / written.name)  # what the first job writes before it lets go
+    waiting.join(timeout=60)
+    assert torch.equal(second[0].real_features, first.real_features)
+    assert "Waiting for another process (another rank, or another run) that is computing the same real images' " \
+           "features" in capsys.readouterr().err
 
 
 def test_missing_inception_weights_say_what_to_do(monkeypatch):
