@@ -14,9 +14,9 @@ import os
 import pickle
 import random
 import resource
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import threading
