@@ -28,8 +28,9 @@ $(VENV)/extras-installed: $(VENV)/installed requirements-classes.txt requirement
 	touch $@
 
 # DDPM_TEST_EXTRAS=1: a test of an optional extra fails, rather than skips, when the extra is missing.
+# A passing test's temporary folder is deleted when it ends (a whole run writes gigabytes).
 test: $(VENV)/extras-installed
-	DDPM_TEST_EXTRAS=1 $(PY) -m pytest -q --durations=15 test_ddpm.py
+	DDPM_TEST_EXTRAS=1 $(PY) -m pytest -q --durations=15 -o tmp_path_retention_policy=failed test_ddpm.py
 
 $(VENV)/bench-installed: $(VENV)/installed requirements-bench.txt
 	$(PY) -m pip install -r requirements-bench.txt

@@ -2216,8 +2216,11 @@ def test_every_command_has_help(command, capsys):
     assert code == 0 and "Usage" in out and len(out.splitlines()) > 5
 
 
-def make_bad_inputs(tmp: Path) -> dict:
-    """Files for the bad-input table below."""
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
+    """Files for the bad-input table below, made once: each is about 50 MB of checkpoints, and no
+    command in the table may change them, since each must fail before it writes anything."""
+    tmp = tmp_path_factory.mktemp("bad-inputs")
     (tmp / "empty_dir").mkdir()
     (tmp / "no_images").mkdir()
     (tmp / "no_images" / "readme.txt").write_text("hi")
@@ -2263,7 +2266,7 @@ def make_bad_inputs(tmp: Path) -> dict:
         edit(checkpoint)
         checkpoint.pop("checksum")  # a hand edit would not update it
         torch.save(checkpoint, tmp / f"{name}.pt")
-    return {}
+    return tmp
 
 
 FOREIGN_CHECKPOINTS = {  # hand-edited or foreign checkpoints, each one line naming what is wrong
@@ -2423,20 +2426,29 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a[:3]) for a, _ in BAD_INPUTS])
-def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys, args, message):
-    make_bad_inputs(tmp_path)
-    if "readonly" in message and os.access(tmp_path / "readonly", os.W_OK):
+def test_bad_input_gives_one_line_and_exit_code_2(bad_inputs, capsys, args, message):
+    tmp = bad_inputs
+    if "readonly" in message and os.access(tmp / "readonly", os.W_OK):
         pytest.skip("running as root: a read-only folder is still writable")
     if "CUDA is not available" in message and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     if "safetensors" in " ".join(args):
         extra("safetensors")
-    code, out, err = run_cli([a.format(tmp=tmp_path) for a in args], capsys)
+    before = folder_state(tmp)
+    code, out, err = run_cli([a.format(tmp=tmp) for a in args], capsys)
     lines = err.strip().splitlines()
     assert code == 2, err
-    assert message.format(tmp=tmp_path) in lines[-1]
+    assert message.format(tmp=tmp) in lines[-1]
     assert lines[-1].startswith("error: ") and "Traceback" not in err
     assert not any(line.startswith("error") for line in lines[:-1])
+    assert folder_state(tmp) == before  # a failed command leaves the user's files as they were
+
+
+def folder_state(folder: Path) -> dict:
+    """Every file under `folder` with its size and modification time, but for run locks (run/.lock
+    stays, empty of meaning, once its holder ends: deleting a flock's file would race a new holder)."""
+    return {p: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file() and p.name != ".lock"}
 
 
 def test_errors_from_the_real_entry_point_are_one_line(tmp_path):
