@@ -39,13 +39,15 @@ declare -A VARIANTS=(
   [ema0.98]="--ema-decay 0.98"  # only caps below that change a 20-minute run; the reference has 0.9999
   [tiny]="--preset tiny"
   [channels96]="--base-channels 96"
+  [channels64]="--base-channels 64"  # small's own width: tiny+channels64 is a wider tiny
+  [channels48]="--base-channels 48"
   [blocks1]="--blocks-per-level 1"  # shallower: 1 residual block per level going down (2 coming up)
   [attn8]="--attn-res 8"
   [attn-none]="--attn-res none"
   [l1]="--loss l1"
   [linear]="--schedule linear"
 )
-FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 blocks1 attn8 attn-none"  # the others: same img/s
+FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 attn8 attn-none"  # the others: same img/s
 mkdir -p "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
 options() {  # a name joins variants with "+" (tiny+min-snr5: both changes); of one option, the last wins
