@@ -28,6 +28,7 @@ REFERENCE="--preset small --size 32 --batch-size 32 --lr 5e-4 --warmup-steps 100
 declare -A VARIANTS=(
   [reference]=""
   [dropout0]="--dropout 0"
+  [dropout0.1]="--dropout 0.1"  # the reference's own: tiny+dropout0.1 is a tiny with dropout
   [lr2e-4]="--lr 2e-4"
   [lr1e-3]="--lr 1e-3"
   [batch16]="--batch-size 16"
