@@ -8,6 +8,8 @@
 #   bash docs/recipe.sh samplers NAME    # 6. the winner's samplers at N=1000 ($OUT/NAME-samplers/*.json)
 #   bash docs/recipe.sh minutes NAME     # 7. FID after 5, 10, 20, 40 minutes' worth of images, then
 #   python docs/plot_minutes.py $OUT/NAME-minutes docs/minutes.png   # the plot
+# The runs go to $RUNS (runs/recipe, not committed); the measurements to $OUT (docs/recipe, committed):
+# speed.txt and one JSON per score, which also records the steps and images its run had reached.
 # NAME is one of VARIANTS below, or several joined by "+" (tiny+min-snr5: the reference with both
 # changes), which is how the winners are combined and how the final recipe's ablation is named.
 #
@@ -20,7 +22,8 @@
 # whatever else the machine is doing; only step 1 must run alone.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
-OUT=${OUT:-q/recipe}
+RUNS=${RUNS:-runs/recipe}
+OUT=${OUT:-docs/recipe}
 N=${N:-500}
 BUDGET_IMAGES=${BUDGET_IMAGES:-25600}
 DATA=../shared/data/cars
@@ -45,11 +48,12 @@ declare -A VARIANTS=(
   [blocks1]="--blocks-per-level 1"  # shallower: 1 residual block per level going down (2 coming up)
   [attn8]="--attn-res 8"
   [attn-none]="--attn-res none"
+  [seed1]="--seed 1"  # the same recipe from another seed: how far apart two runs land
   [l1]="--loss l1"
   [linear]="--schedule linear"
 )
 FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 attn8 attn-none"  # the others: same img/s
-mkdir -p "$OUT"
+mkdir -p "$RUNS" "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
 options() {  # a name joins variants with "+" (tiny+min-snr5: both changes); of one option, the last wins
   for part in ${1//+/ }; do echo -n "${VARIANTS[$part]} "; done
@@ -68,9 +72,17 @@ budget_steps() {  # the reference's images x the variant's speed relative to it,
   fi
   $PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$1")))"
 }
-fid() {  # fid OUTPUT.json SOURCE [fid options]: skipped when OUTPUT.json exists
-  [ -s "$1" ] && return 0
-  $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp" && mv "$1.tmp" "$1"
+fid() {  # fid OUTPUT.json RUN [fid options], RUN a run folder or one of its checkpoints; skipped when
+  [ -s "$1" ] && return 0  # OUTPUT.json exists. It also records the step and images RUN had reached.
+  $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp"
+  $PY -c '
+import json, re, sys
+out, run = sys.argv[1], sys.argv[2]
+step = re.search(r"ckpt-(\d+)\.pt$", run)  # a checkpoint: its own step; a run folder: its last
+log = [json.loads(line) for line in open(re.sub(r"/ckpt-\d+\.pt$", "", run) + "/log.jsonl")]
+at = next(line for line in reversed(log) if not step or line["step"] == int(step[1]))
+json.dump({**json.load(open(out)), "train_steps": at["step"], "images_seen": at["images_seen"]}, open(out, "w"))
+' "$1.tmp" "$2" && mv "$1.tmp" "$1"
 }
 
 for name in "${@:2}"; do
@@ -80,10 +92,10 @@ case "${1:-}" in
 speed)  # 40 steps of the reference, then of each variant whose speed differs; img/s over steps 20-40
   shift
   for name in reference $(if [ $# -gt 0 ]; then echo "$@"; else echo "$FASTER_OR_SLOWER"; fi | sed 's/reference//'); do
-    rm -rf "$OUT/speed-$name"
+    rm -rf "$RUNS/speed-$name"
     $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps 40 --log-every 20 --save-every 1000 \
-      --out "$OUT/speed-$name" >/dev/null 2>&1
-    $PY -c "import json; print('$name', json.loads(open('$OUT/speed-$name/log.jsonl').read().splitlines()[-1])['img_per_s'])"
+      --out "$RUNS/speed-$name" >/dev/null 2>&1
+    $PY -c "import json; print('$name', json.loads(open('$RUNS/speed-$name/log.jsonl').read().splitlines()[-1])['img_per_s'])"
   done | tee -a "$OUT/speed.txt"  # a later line for a name replaces an earlier one
   ;;
 train)
@@ -92,16 +104,16 @@ train)
     steps=$(budget_steps "$name")
     echo "$name: $steps steps"
     $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps "$steps" --log-every 25 \
-      --save-every 250 --out "$OUT/$name" 2>&1 | tail -1
+      --save-every 250 --out "$RUNS/$name" 2>&1 | tail -1
   done
   ;;
 score)
   shift
-  for name in $(names "$@"); do fid "$OUT/$name.json" "$OUT/$name" -n "$N"; done
+  for name in $(names "$@"); do fid "$OUT/$name.json" "$RUNS/$name" -n "$N"; done
   ;;
 confirm)
   shift
-  for name in "$@"; do fid "$OUT/$name-n1000.json" "$OUT/$name" -n 1000; done
+  for name in "$@"; do fid "$OUT/$name-n1000.json" "$RUNS/$name" -n 1000; done
   ;;
 samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances
   name=$2
@@ -109,17 +121,18 @@ samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with 
   for how in "ddim 25" "ddim 50" "ddim 100" "ddpm small" "ddpm large"; do
     read -r sampler setting <<< "$how"
     if [ "$sampler" = ddim ]; then flags="--eta 1 --steps $setting"; else flags="--variance $setting"; fi
-    fid "$OUT/$name-samplers/$sampler-$setting.json" "$OUT/$name" -n 1000 --sampler "$sampler" $flags
+    fid "$OUT/$name-samplers/$sampler-$setting.json" "$RUNS/$name" -n 1000 --sampler "$sampler" $flags
   done
   ;;
 minutes)  # twice the budget, a checkpoint at each quarter of it: 5, 10, 20 and 40 minutes' worth
   name=$2
   quarter=$(( ($(budget_steps "$name") + 2) / 4 ))
+  mkdir -p "$OUT/$name-minutes"
   $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps $((8 * quarter)) --log-every 25 \
-    --save-every "$quarter" --keep 8 --out "$OUT/$name-minutes" 2>&1 | tail -1
+    --save-every "$quarter" --keep 8 --out "$RUNS/$name-minutes" 2>&1 | tail -1
   for minutes in 5 10 20 40; do
     step=$(printf %08d $((minutes / 5 * quarter)))
-    fid "$OUT/$name-minutes/$minutes.json" "$OUT/$name-minutes/ckpt-$step.pt" -n 1000
+    fid "$OUT/$name-minutes/$minutes.json" "$RUNS/$name-minutes/ckpt-$step.pt" -n 1000
   done
   ;;
 table)
@@ -130,12 +143,11 @@ out = Path(sys.argv[1])
 scores = lambda path: f"{(r := json.loads(path.read_text()))['fid']:.1f} | {r['kid'] * 1e3:.1f} ± {r['kid_std'] * 1e3:.1f}" \
     if path.exists() else "|"
 rows = []
-for log in out.glob("*/log.jsonl"):
-    name, last = log.parent.name, json.loads(log.read_text().splitlines()[-1])
-    if (out / f"{name}.json").exists():
-        key = json.loads((out / f"{name}.json").read_text())["kid"]
-        rows.append((key, f"| {name} | {last['step']} | {last['images_seen']:,} | {scores(out / f'{name}.json')} | "
-                          f"{scores(out / f'{name}-n1000.json')} |"))
+for path in out.glob("*.json"):
+    if not path.stem.endswith("-n1000"):
+        r = json.loads(path.read_text())
+        rows.append((r["kid"], f"| {path.stem} | {r['train_steps']:,} | {r['images_seen']:,} | {scores(path)} | "
+                               f"{scores(out / f'{path.stem}-n1000.json')} |"))
 print("| variant | steps | images | FID, N=500 | KID x10^3, N=500 | FID, N=1000 | KID x10^3, N=1000 |\n"
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 print("\n".join(row for _, row in sorted(rows)))  # best KID first: it compares across N, FID does not
