@@ -80,8 +80,10 @@ import json, re, sys
 out, run = sys.argv[1], sys.argv[2]
 step = re.search(r"ckpt-(\d+)\.pt$", run)  # a checkpoint: its own step; a run folder: its last
 log = [json.loads(line) for line in open(re.sub(r"/ckpt-\d+\.pt$", "", run) + "/log.jsonl")]
-at = next(line for line in reversed(log) if not step or line["step"] == int(step[1]))
-json.dump({**json.load(open(out)), "train_steps": at["step"], "images_seen": at["images_seen"]}, open(out, "w"))
+at = next(line for line in reversed(log) if not step or line["step"] <= int(step[1]))  # logged at or before it
+steps = int(step[1]) if step else at["step"]  # images grow by the same batch at every step
+json.dump({**json.load(open(out)), "train_steps": steps, "images_seen": at["images_seen"] * steps // at["step"]},
+          open(out, "w"))
 ' "$1.tmp" "$2" && mv "$1.tmp" "$1"
 }
 
