@@ -76,13 +76,10 @@ fid() {  # fid OUTPUT.json RUN [fid options], RUN a run folder or one of its che
   [ -s "$1" ] && return 0  # OUTPUT.json exists. It also records the step and images RUN had reached.
   $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp"
   $PY -c '
-import json, re, sys
+import json, sys, ddpm
 out, run = sys.argv[1], sys.argv[2]
-step = re.search(r"ckpt-(\d+)\.pt$", run)  # a checkpoint: its own step; a run folder: its last
-log = [json.loads(line) for line in open(re.sub(r"/ckpt-\d+\.pt$", "", run) + "/log.jsonl")]
-at = next(line for line in reversed(log) if not step or line["step"] <= int(step[1]))  # logged at or before it
-steps = int(step[1]) if step else at["step"]  # images grow by the same batch at every step
-json.dump({**json.load(open(out)), "train_steps": steps, "images_seen": at["images_seen"] * steps // at["step"]},
+checkpoint = ddpm.load_checkpoint(run)  # a run folder: its newest checkpoint
+json.dump({**json.load(open(out)), "train_steps": checkpoint["step"], "images_seen": checkpoint["images_seen"]},
           open(out, "w"))
 ' "$1.tmp" "$2" && mv "$1.tmp" "$1"
 }
