@@ -65,12 +65,36 @@ batch_of() { echo "$REFERENCE $(options "$1")" | grep -o -- '--batch-size [0-9]*
 budget_steps() {  # the reference's images x the variant's speed relative to it, in steps of its batch
   ratio=1  # a variant of the reference's speed gets the reference's images
   key=$(speed_key "$1")
-  if [ -n "$key" ]; then  # its latest speed over the reference's in the same run
+  if [ -n "$key" ]; then
     grep -q "^$key " "$OUT/speed.txt" || { echo "no speed for $key: bash $0 speed $key" >&2; exit 2; }
-    ratio=$(awk -v name="$key" '$1 == "reference" { ref = $2 } $1 == name { ratio = $2 / ref } END { print ratio }' \
-      "$OUT/speed.txt")
+    ratio=$(speed_ratio "$key")
   fi
   $PY -c "print(round($BUDGET_IMAGES * $ratio / $(batch_of "$1")))"
+}
+speed_ratio() {  # a name's img/s over the reference's in the same run of "speed". Its first measurement
+  # counts, so that measuring again never changes a budget already trained. The speed ratios of this
+  # machine drift from day to day (tiny+attn-none: 7.16 one day, 5.90 the next), so a later run that
+  # re-measures known names scales its new ones by them: tiny+attn-none+channels48 then gets
+  # tiny+attn-none's budget x their ratio measured side by side.
+  $PY - "$OUT/speed.txt" "$1" <<'EOF_'
+import math, sys
+ratios, run = {}, {}  # name: ratio kept; name: ratio in the run being read
+def close(run):
+    known = [ratios[name] / ratio for name, ratio in run.items() if name in ratios]
+    scale = math.prod(known) ** (1 / len(known)) if known else 1
+    for name, ratio in run.items():
+        ratios.setdefault(name, ratio * scale)
+for line in open(sys.argv[1]):
+    if line.strip() and not line.startswith("#"):
+        name, speed = line.split()
+        if name == "reference":
+            close(run)
+            run, reference = {}, float(speed)
+        else:
+            run[name] = float(speed) / reference
+close(run)
+print(ratios[sys.argv[2]])
+EOF_
 }
 fid() {  # fid OUTPUT.json RUN [fid options], RUN a run folder or one of its checkpoints; skipped when
   [ -s "$1" ] && return 0  # OUTPUT.json exists. It also records the step and images RUN had reached.
@@ -95,7 +119,7 @@ speed)  # 40 steps of the reference, then of each variant whose speed differs; i
     $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps 40 --log-every 20 --save-every 1000 \
       --out "$RUNS/speed-$name" >/dev/null 2>&1
     $PY -c "import json; print('$name', json.loads(open('$RUNS/speed-$name/log.jsonl').read().splitlines()[-1])['img_per_s'])"
-  done | tee -a "$OUT/speed.txt"  # a later line for a name replaces an earlier one
+  done | tee -a "$OUT/speed.txt"  # see speed_ratio for how runs combine
   ;;
 train)
   shift
