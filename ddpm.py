@@ -357,7 +357,9 @@ class UNetConfig:
 
 
 PRESETS = {
-    "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=1, norm_groups=8, dropout=0.0),  # 1.1M
+    # 1.1M; attention only in the middle block: 1.45x the img/s, and FID 49.2 against 59.5 in 20 CPU-minutes (README)
+    "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=1, attn_resolutions=(), norm_groups=8,
+                 dropout=0.0),
     "small": dict(),  # the UNetConfig defaults: 9.0M
     "base": dict(base_channels=128),  # 35.7M: DDPM's CIFAR-10 network
     # 113.7M: DDPM's network for 256x256 (LSUN, CelebA-HQ), for 128x128 and up (sizes divisible by 32)
