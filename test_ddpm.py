@@ -2246,7 +2246,8 @@ def bad_inputs(tmp_path_factory) -> Path:
             (tmp / name / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     if importlib.util.find_spec("safetensors"):
         __import__("safetensors.torch").torch.save_file({"w": torch.zeros(2)}, tmp / "plain.safetensors")
-    ddpm.atomic_save(tiny_checkpoint(channel_mults=(1, 2, 4)), tmp / "odd_heads.pt")  # 1 head of 32, 2 of 64
+    odd_heads = tiny_checkpoint(channel_mults=(1, 2, 4), attn_resolutions=(16,))  # 1 head of 32, 2 of 64
+    ddpm.atomic_save(odd_heads, tmp / "odd_heads.pt")
     (tmp / "junk.pt").write_text("this is not a checkpoint")
     save_image(tmp / "photo.jpg")
     for name, value in (("black.png", 0), ("white.png", 255)):
