@@ -14,7 +14,7 @@ $(VENV)/installed: requirements.txt
 # Train the tiny preset on the built-in toy cars for 3 minutes (2 CPU cores are enough),
 # then write a sample grid and a noise strip into runs/demo/.
 demo: $(VENV)/installed
-	$(PY) ddpm.py train --preset tiny --size 32 --minutes 3 --batch-size 32 --lr 1e-3 --warmup-steps 100 \
+	$(PY) ddpm.py train --preset tiny --size 32 --minutes 3 --batch-size 32 --warmup-steps 100 \
 		--save-every 500 --out runs/demo
 	$(PY) ddpm.py sample -n 36 -c runs/demo runs/demo/samples.png
 	$(PY) ddpm.py noise-demo -o runs/demo/noise.png

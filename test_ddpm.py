@@ -1483,6 +1483,28 @@ def test_fid_during_training_equals_the_fid_command_on_that_checkpoint(tmp_path,
         assert code == 2 and "--class needs a conditional checkpoint" in err
 
 
+def test_a_new_cpu_run_without_a_chosen_model_names_the_measured_cpu_recipe(tmp_path, capsys):
+    """The default preset is sized for GPUs; on the CPU, train says which recipe was measured there."""
+    fast = ["--steps", 1, "--timesteps", 10, "--device", "cpu", "--no-compile"]
+    code, _, err = run_cli(["train", "--size", 16, "--batch-size", 2, *fast, "--out", tmp_path / "default"], capsys)
+    assert code == 0, err
+    assert "Training the small preset on the CPU" in err and ddpm.CPU_RECIPE in err
+    assert ddpm.load_checkpoint(tmp_path / "default")["config"]["train"]["lr"] == ddpm.TrainConfig.lr == 2e-4
+    code, _, err = run_cli(["train", "--out", tmp_path / "default", "--steps", 2, "--device", "cpu"], capsys)
+    assert code == 0 and ddpm.CPU_RECIPE not in err  # resuming: the model is chosen
+    code, _, err = run_cli(["train", *ddpm.CPU_RECIPE.split(), *fast, "--out", tmp_path / "recipe"], capsys)
+    assert code == 0 and ddpm.CPU_RECIPE not in err  # the recipe itself is a valid command
+
+
+def test_tiny_trains_at_its_measured_learning_rate_unless_one_is_given(tmp_path, capsys):
+    lr = lambda run: ddpm.load_checkpoint(run)["config"]["train"]["lr"]
+    assert run_cli(["train", *MICRO, "--steps", 1, "--out", tmp_path / "tiny"], capsys)[0] == 0
+    assert run_cli(["train", *MICRO, "--steps", 1, "--lr", 3e-4, "--out", tmp_path / "given"], capsys)[0] == 0
+    assert lr(tmp_path / "tiny") == ddpm.PRESET_LR["tiny"] == 1e-3 and lr(tmp_path / "given") == 3e-4
+    assert run_cli(["train", "--out", tmp_path / "given", "--steps", 2, *DEV], capsys)[0] == 0
+    assert lr(tmp_path / "given") == 3e-4  # a resumed run keeps its own rate
+
+
 @pytest.mark.parametrize("timesteps", [2, 10, 20])
 def test_a_run_with_few_timesteps_trains_previews_and_samples(tmp_path, capsys, timesteps):
     run = tmp_path / "run"
