@@ -166,14 +166,14 @@ out = Path(sys.argv[1])
 scores = lambda path: f"{(r := json.loads(path.read_text()))['fid']:.1f} | {r['kid'] * 1e3:.1f} ± {r['kid_std'] * 1e3:.1f}" \
     if path.exists() else "|"
 rows = []
-for path in out.glob("*.json"):
-    if not path.stem.endswith("-n1000"):
-        r = json.loads(path.read_text())
-        rows.append((r["kid"], f"| {path.stem} | {r['train_steps']:,} | {r['images_seen']:,} | {scores(path)} | "
-                               f"{scores(out / f'{path.stem}-n1000.json')} |"))
+for name in sorted({path.stem.removesuffix("-n1000") for path in out.glob("*.json")}):
+    n500, n1000 = out / f"{name}.json", out / f"{name}-n1000.json"
+    r = json.loads((n1000 if n1000.exists() else n500).read_text())
+    rows.append((r["kid"], f"| {name} | {r['train_steps']:,} | {r['images_seen']:,} | {scores(n500)} | "
+                           f"{scores(n1000)} |"))
 print("| variant | steps | images | FID, N=500 | KID x10^3, N=500 | FID, N=1000 | KID x10^3, N=1000 |\n"
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-print("\n".join(row for _, row in sorted(rows)))  # best KID first: it compares across N, FID does not
+print("\n".join(row for _, row in sorted(rows)))  # best KID first (N = 1000 where measured): it compares across N
 EOF
   ;;
 *) sed -n 2,6p "$0"; exit 2 ;;
