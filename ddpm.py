@@ -4110,7 +4110,8 @@ def cli_export(
 
 def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int],
                       eta: float, seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path,
-                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE, variance: str = "small"):
+                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE, variance: str = "small",
+                      use_ema: bool = True):
     """Images to evaluate and the real images to compare them with: `count` samples from a
     checkpoint, or `count` random images of a folder. A conditional model draws its classes as often
     as they occur in the real images (uniformly where those have no matching labels); with --class,
@@ -4126,7 +4127,7 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
         real_set = load_images(dataclasses.replace(config, path=str(real)), cache_dir)
         return images[chosen], real_set, f"{count} real images from {source}", None
-    model, schedule, config = load_for_sampling(source, True, runtime)
+    model, schedule, config = load_for_sampling(source, use_ema, runtime)
     names = config.data.class_names
     real_set = load_images(dataclasses.replace(config.data, path=str(real), flip=False,
                                                classes=config.data.classes if names else "none"), cache_dir)
@@ -4155,12 +4156,13 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
     seconds = time.perf_counter() - started
     settings = dict(sampler=sampler, steps=evaluations(sampler, steps, schedule.timesteps),
                     eta=eta if sampler == "ddim" else None, variance=variance if sampler == "ddpm" else None,
-                    sample_seconds=round(seconds, 3),
+                    ema=use_ema, sample_seconds=round(seconds, 3),
                     guidance=guidance if names else None, classes=sorted(set(labels.tolist())) if classes else None)
     eta_text = f" eta {eta:g}" if settings["eta"] else f" {variance} variance" if settings["variance"] else ""
     drawn = f"{len(settings['classes'])} classes" if classes else "classes as in the data"
     of = f"{drawn}, guidance {guidance:g}, " if names else ""
-    return (images, real_set, f"{count} samples, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
+    raw = "" if use_ema else ", raw (non-EMA) weights"
+    return (images, real_set, f"{count} samples{raw}, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
             settings)
 
 
@@ -4181,6 +4183,7 @@ def cli_fid(
     inception: Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file.")] = None,
     classes: ClassOpt = None,
     guidance: GuidanceOpt = DEFAULT_GUIDANCE,
+    ema: EmaOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
@@ -4197,7 +4200,7 @@ def cli_fid(
     runtime = resolve_runtime(device, precision.value, False, None)
     images, real_set, what, sampling = evaluation_images(source, real, n, runtime, sampler.value, steps, eta, seed,
                                                          batch_size, size, resize.value, cache_dir, classes, guidance,
-                                                         variance.value)
+                                                         variance.value, ema)
     real_images = real_set.images
     scorer = FidScorer(extractor, real_images, real_set.key, cache_dir, runtime.device)
     started = time.perf_counter()
@@ -4206,7 +4209,8 @@ def cli_fid(
     kid, kid_std = scorer.kid(features)
     size_text = f"{images.shape[3]}x{images.shape[2]}"
     result = dict(source=str(source), what=what, n=n, real=str(real), real_n=len(real_images), size=size_text,
-                  **(sampling or dict(sampler=None, steps=None, eta=None, variance=None, guidance=None, classes=None)),
+                  **(sampling or dict(sampler=None, steps=None, eta=None, variance=None, guidance=None, classes=None,
+                                      ema=None)),
                   fid=fid, kid=kid, kid_std=kid_std, feature_seconds=round(time.perf_counter() - started, 1))
     if as_json:
         print(json.dumps(result))

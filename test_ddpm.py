@@ -1140,6 +1140,18 @@ def test_resume_is_bit_exact(tmp_path, capsys):
     assert a["images_seen"] == b["images_seen"] == 960
 
 
+@pytest.mark.skipif(not ON_CPU, reason="bit-exact on the CPU")
+def test_the_ema_never_feeds_back_so_ema_decay_0_trains_the_same_raw_weights(tmp_path, capsys):
+    """What EMA buys is measured on one run: `fid --no-ema` scores the weights --ema-decay 0 trains."""
+    common = [*EXACT, "--dropout", 0.1, "--steps", 30, "--log-every", 10, "--save-every", 15]
+    for decay in (0, 0.999):
+        assert run_cli(["train", *common, "--ema-decay", decay, "--out", tmp_path / f"ema{decay}"], capsys)[0] == 0
+    off, on = (ddpm.load_checkpoint(tmp_path / f"ema{decay}" / "ckpt.pt") for decay in (0, 0.999))
+    assert off["ema"] is None and read_log(tmp_path / "ema0") == read_log(tmp_path / "ema0.999")
+    assert all(torch.equal(off["model"][k], on["model"][k]) for k in off["model"])
+    assert not all(torch.equal(on["ema"][k], on["model"][k]) for k in on["model"])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys, precision):
     """A NaN loss is a bad step in fp16 too, where the loss scaler also skips the update."""
@@ -1968,7 +1980,11 @@ def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
     result = json.loads(out)
     assert code == 0 and result["n"] == 20 and result["real_n"] == 40 and result["fid"] > 0
     assert (result["sampler"], result["steps"], result["eta"], result["variance"]) == ("ddim", 3, ddpm.DEFAULT_ETA, None)
-    assert result["sample_seconds"] > 0
+    assert result["sample_seconds"] > 0 and result["ema"] is True
+    code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--no-ema", "--inception", features,
+                            "--json", *cache, *DEV], capsys)
+    raw = json.loads(out)  # the raw weights: what --ema-decay 0 would have trained, as EMA never feeds back
+    assert code == 0 and raw["ema"] is False and raw["fid"] != result["fid"]
     ancestral = {}
     for variance in ("small", "large"):  # DDPM's two choices of sigma_t^2 give different samples, and say so
         code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--sampler", "ddpm", "--variance", variance,
