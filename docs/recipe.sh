@@ -5,7 +5,8 @@
 #   bash docs/recipe.sh score [NAME...]  # 3. KID and FID of each (N=$N, DDIM eta=1, 50 steps)
 #   bash docs/recipe.sh table            # 4. the results as a markdown table, best KID first
 #   bash docs/recipe.sh confirm NAME...  # 5. finalists: FID and KID at N=1000 ($OUT/NAME-n1000.json)
-#   bash docs/recipe.sh samplers NAME    # 6. the winner's samplers at N=1000 ($OUT/NAME-samplers/*.json)
+#   bash docs/recipe.sh samplers NAME    # 6. the winner's samplers at N=1000 ($OUT/NAME-samplers/*.json;
+#                                        #    SAMPLERS="ddim-25 ddpm-large" for some of them)
 #   bash docs/recipe.sh minutes NAME     # 7. FID after 5, 10, 20, 40 minutes' worth of images, then
 #   python docs/plot_minutes.py $OUT/NAME-minutes docs/minutes.png   # the plot
 # The runs go to $RUNS (runs/recipe, not committed); the measurements to $OUT (docs/recipe, committed):
@@ -38,7 +39,7 @@ declare -A VARIANTS=(
   [batch64]="--batch-size 64"
   [v]="--objective v"
   [min-snr5]="--min-snr-gamma 5"
-  [ema0]="--ema-decay 0"
+  [ema0]="--ema-decay 0"  # not trained: NAME+ema0 is NAME's run scored with fid --no-ema (see run_of)
   [ema0.95]="--ema-decay 0.95"  # the EMA's decay warms up as (1 + s) / (10 + s): 0.989 at step 800, so
   [ema0.98]="--ema-decay 0.98"  # only caps below that change a 20-minute run; the reference has 0.9999
   [tiny]="--preset tiny --attn-res 16"  # tiny as measured: with the 16x16 attention layer it had until then
@@ -96,6 +97,10 @@ close(run)
 print(ratios[sys.argv[2]])
 EOF_
 }
+run_of() {  # the run folder that a name is scored from, and how. The EMA never feeds back into training,
+  # so a run with --ema-decay 0 trains the same raw weights as NAME's: NAME+ema0 scores those with --no-ema.
+  if [[ $1 == *+ema0 ]]; then echo "$RUNS/${1%+ema0} --no-ema"; else echo "$RUNS/$1"; fi
+}
 fid() {  # fid OUTPUT.json RUN [fid options], RUN a run folder or one of its checkpoints; skipped when
   [ -s "$1" ] && return 0  # OUTPUT.json exists. It also records the step and images RUN had reached.
   $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp"
@@ -124,6 +129,7 @@ speed)  # 40 steps of the reference, then of each variant whose speed differs; i
 train)
   shift
   for name in $(names "$@"); do
+    [[ $name == *+ema0 ]] && { echo "$name: not trained, scored from $(run_of "$name")"; continue; }
     steps=$(budget_steps "$name")
     echo "$name: $steps steps"
     $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps "$steps" --log-every 25 \
@@ -132,17 +138,17 @@ train)
   ;;
 score)
   shift
-  for name in $(names "$@"); do fid "$OUT/$name.json" "$RUNS/$name" -n "$N"; done
+  for name in $(names "$@"); do fid "$OUT/$name.json" $(run_of "$name") -n "$N"; done
   ;;
 confirm)
   shift
-  for name in "$@"; do fid "$OUT/$name-n1000.json" "$RUNS/$name" -n 1000; done
+  for name in "$@"; do fid "$OUT/$name-n1000.json" $(run_of "$name") -n 1000; done
   ;;
-samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances
+samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances; or those named
   name=$2
   mkdir -p "$OUT/$name-samplers"
-  for how in "ddim 25" "ddim 50" "ddim 100" "ddpm small" "ddpm large"; do
-    read -r sampler setting <<< "$how"
+  for how in ${SAMPLERS:-ddim-25 ddim-50 ddim-100 ddpm-small ddpm-large}; do
+    IFS=- read -r sampler setting <<< "$how"
     if [ "$sampler" = ddim ]; then flags="--eta 1 --steps $setting"; else flags="--variance $setting"; fi
     fid "$OUT/$name-samplers/$sampler-$setting.json" "$RUNS/$name" -n 1000 --sampler "$sampler" $flags
   done
