@@ -1513,7 +1513,6 @@ class ImageSet:
     """Training images as one (N, 3, H, W) uint8 tensor, with their class labels if they have any."""
 
     images: torch.Tensor
-    key: str  # the cache key: changes with the files, the size and the resize mode
     labels: Optional[torch.Tensor] = None  # (N,) int64 class of each image
     class_names: tuple[str, ...] = ()
 
@@ -1541,7 +1540,7 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
     caution = (lambda *a: None) if quiet else warn
     if config.path is None:
         say(f"Data: no --data given, so training on {TOY_DATASET_SIZE} built-in toy cars at {config.size_text}.")
-        return ImageSet(toy_cars(config.width, config.height), f"toy-{config.width}x{config.height}")
+        return ImageSet(toy_cars(config.width, config.height))
     root = Path(config.path)
     files = find_images(root)
     inside = [folder for folder in leave_out if folder.resolve().is_relative_to(root.resolve())]
@@ -1574,13 +1573,13 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
     if report["upscaled"]:
         caution(f"{report['upscaled']} images are smaller than {config.size_text} and were upscaled")
     if labels is None:
-        return ImageSet(images, key)
+        return ImageSet(images)
     unreadable = {name for name, _ in report["skipped"]}
     used = [f for f in files if str(f.relative_to(root)) not in unreadable]
     targets = torch.tensor([labels.index[f] for f in used], dtype=torch.long)
     say(f"Classes: {len(labels.names)} from {labels.source}, so the model is conditional (--classes none: "
         f"unconditional); {describe_classes(targets, labels.names)}; {unlabelled} images without a label skipped.")
-    return ImageSet(images, key, targets, labels.names)
+    return ImageSet(images, targets, labels.names)
 
 
 class BatchStream:
@@ -1784,8 +1783,9 @@ def disk_error(path: Path, error: OSError) -> UserError:
 
 
 def checksum(value) -> str:
-    """A digest of everything in a checkpoint (tensors by their bytes), stored in it and checked on
-    load, so a flipped bit on disk is found instead of sampled from."""
+    """A digest of everything in a dict (tensors by their bytes). A checkpoint stores its own and it is
+    checked on load, so a flipped bit on disk is found instead of sampled from; cached real-image
+    features are named by their images'."""
     digest = hashlib.blake2b(digest_size=16)
 
     def visit(v):
@@ -3163,14 +3163,14 @@ def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int =
 
 class FidScorer:
     """FID/KID of generated images against real ones. The real images' features are computed once
-    and cached on disk, keyed by the image list, size, resize mode and feature network; a second
-    process that wants them while they are computed waits, then reads them."""
+    and cached on disk, keyed by the images themselves (their bytes) and the feature network, so the
+    same photos copied, touched or found in another folder reuse them; a second process that wants
+    them while they are computed waits, then reads them."""
 
-    def __init__(self, extractor: nn.Module, real_images: torch.Tensor, real_key: str, cache_dir: Path,
-                 device: torch.device):
+    def __init__(self, extractor: nn.Module, real_images: torch.Tensor, cache_dir: Path, device: torch.device):
         self.extractor = extractor.to(device)
         self.device = device
-        cache = cache_dir / f"features-{hashlib.sha256(f'{real_key} {extractor.identity}'.encode()).hexdigest()[:20]}.pt"
+        cache = cache_dir / f"features-{checksum(dict(images=real_images, network=extractor.identity))[:20]}.pt"
         with contextlib.ExitStack() as locked:
             with contextlib.suppress(OSError):  # a read-only cache folder: no lock, and nothing is kept
                 cache_dir.mkdir(parents=True, exist_ok=True)
@@ -3186,7 +3186,7 @@ class FidScorer:
 
     @classmethod
     def for_training(cls, data: ImageSet, inception, cache_dir, runtime) -> "FidScorer":
-        return cls(InceptionFeatures(find_inception(inception)), data.images, data.key, cache_dir, runtime.device)
+        return cls(InceptionFeatures(find_inception(inception)), data.images, cache_dir, runtime.device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return extract_features(self.extractor, images, self.device, label="sample features")
@@ -4140,8 +4140,7 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
                 raise UserError(f"--class: the images in --real {real} have no labels for this model's classes, "
                                 f"so there is nothing to compare one class with")
             keep = torch.isin(real_set.labels, torch.tensor(chosen))
-            real_set = ImageSet(real_set.images[keep], f"{real_set.key}-classes-{','.join(map(str, sorted(chosen)))}",
-                                real_set.labels[keep], names)
+            real_set = ImageSet(real_set.images[keep], real_set.labels[keep], names)
         if labelled:
             labels = classes_as_in_data(real_set.labels, count, seed)
         else:
@@ -4202,7 +4201,7 @@ def cli_fid(
                                                          batch_size, size, resize.value, cache_dir, classes, guidance,
                                                          variance.value, ema)
     real_images = real_set.images
-    scorer = FidScorer(extractor, real_images, real_set.key, cache_dir, runtime.device)
+    scorer = FidScorer(extractor, real_images, cache_dir, runtime.device)
     started = time.perf_counter()
     features = scorer.features(images)
     fid = scorer.fid(features)
@@ -4246,7 +4245,7 @@ def cli_nearest(
     samples, real_set, what, _ = evaluation_images(source, real, n, runtime, sampler.value, steps, DEFAULT_ETA, seed,
                                                    SAMPLE_BATCH_SIZE, None, "squash", cache_dir, classes, guidance)
     real_images = real_set.images
-    scorer = FidScorer(extractor, real_images, real_set.key, cache_dir, runtime.device)
+    scorer = FidScorer(extractor, real_images, cache_dir, runtime.device)
     feature_index, feature_dist = nearest_neighbours(scorer.features(samples), scorer.real_features)
     flat = lambda x: x.flatten(1).float() / 255
     pixel_index, pixel_dist = nearest_neighbours(flat(samples), flat(real_images))

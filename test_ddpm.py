@@ -662,19 +662,18 @@ def test_image_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     for i in range(3):
         save_image(tmp_path / "data" / f"{i}.png", colour=(i * 50, 0, 0))
     config = ddpm.DataConfig(str(tmp_path / "data"), 8, 8)
-    load = lambda config: ddpm.load_images(config, tmp_path / "cache", quiet=True)
-    first, key = load(config).images, load(config).key
-    assert len(list((tmp_path / "cache").glob("images-*.u8"))) == 1
+    load = lambda config: ddpm.load_images(config, tmp_path / "cache", quiet=True).images
+    caches = lambda: len(list((tmp_path / "cache").glob("images-*.u8")))
+    first = load(config)
+    assert caches() == 1
     monkeypatch.setattr(ddpm, "decode_images", lambda *a: pytest.fail("should have used the cache"))
-    again, key_again = load(config).images, load(config).key
-    assert key_again == key and torch.equal(first, again)
+    assert torch.equal(load(config), first) and caches() == 1
     monkeypatch.undo()
     save_image(tmp_path / "data" / "3.png")
-    changed, key_changed = load(config).images, load(config).key
-    assert key_changed != key and len(changed) == 4
-    key_size = load(ddpm.DataConfig(str(tmp_path / "data"), 16, 16)).key
-    key_mode = load(ddpm.DataConfig(str(tmp_path / "data"), 8, 8, "crop")).key
-    assert len({key, key_changed, key_size, key_mode}) == 4
+    assert len(load(config)) == 4 and caches() == 2  # a new file: a new cache
+    load(ddpm.DataConfig(str(tmp_path / "data"), 16, 16))
+    load(ddpm.DataConfig(str(tmp_path / "data"), 8, 8, "crop"))
+    assert caches() == 4
 
 
 def test_an_interrupted_cache_resumes_where_its_last_chunk_ended_and_matches_a_fresh_decode(tmp_path, monkeypatch, capsys):
@@ -1895,7 +1894,7 @@ class RandomFeatures(nn.Module):
 
 def test_fid_is_zero_against_itself_and_rises_with_noise(tmp_path):
     real = ddpm.toy_cars(16, 16, 600)
-    scorer = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))
+    scorer = ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))
     same = scorer.features(real)
     assert abs(scorer.fid(same)) < 1e-6
     kid_same, _ = scorer.kid(same)
@@ -1910,26 +1909,30 @@ def test_fid_is_zero_against_itself_and_rises_with_noise(tmp_path):
     assert abs(kid_same) < kids[0] / 10 and kids[0] < kids[1] < kids[2]  # unbiased: ~0 may be slightly < 0
 
 
-def test_real_features_are_cached(tmp_path, monkeypatch):
+def test_real_features_are_cached_by_the_images_bytes(tmp_path, monkeypatch):
     real = ddpm.toy_cars(16, 16, 50)
-    first = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))
+    first = ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))
     monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("should have used the cache"))
-    second = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))
+    second = ddpm.FidScorer(RandomFeatures(), real.clone(), tmp_path, torch.device("cpu"))  # the same photos copied
     assert torch.equal(first.real_features, second.real_features)
+    other = real.clone()
+    other[7, 0, 3, 3] += 1  # one pixel of one image
+    with pytest.raises(pytest.fail.Exception, match="should have used the cache"):
+        ddpm.FidScorer(RandomFeatures(), other, tmp_path, torch.device("cpu"))
 
 
 def test_a_second_process_waits_for_the_real_features_another_is_computing(tmp_path, monkeypatch, capsys):
     """Two fid jobs on one machine: while the first computes the real features (holding their lock),
     the second waits, then reads what the first wrote and computes nothing itself."""
     real = ddpm.toy_cars(16, 16, 50)
-    first = ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path / "first", torch.device("cpu"))
+    first = ddpm.FidScorer(RandomFeatures(), real, tmp_path / "first", torch.device("cpu"))
     written = next((tmp_path / "first").glob("features-*.pt"))
     monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("computed a second time"))
     second = []
     with open(tmp_path / written.with_suffix(".lock").name, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first job, computing
         waiting = threading.Thread(target=lambda: second.append(
-            ddpm.FidScorer(RandomFeatures(), real, "toy", tmp_path, torch.device("cpu"))))
+            ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))))
         waiting.start()
         waiting.join(timeout=1)
         assert waiting.is_alive() and not second  # it waits, and does not compute
