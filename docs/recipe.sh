@@ -42,6 +42,7 @@ declare -A VARIANTS=(
   [ema0]="--ema-decay 0"  # not trained: NAME+ema0 is NAME's run scored with fid --no-ema (see run_of)
   [ema0.95]="--ema-decay 0.95"  # the EMA's decay warms up as (1 + s) / (10 + s): 0.989 at step 800, so
   [ema0.98]="--ema-decay 0.98"  # only caps below that change a 20-minute run; the reference has 0.9999
+  [ema0.995]="--ema-decay 0.995"  # the recipe's decay reaches 0.995 at step 1,790 and 0.9984 at its end
   [tiny]="--preset tiny --attn-res 16"  # tiny as measured: with the 16x16 attention layer it had until then
   [channels96]="--base-channels 96"
   [channels64]="--base-channels 64"  # small's own width: tiny+channels64 is a wider tiny
