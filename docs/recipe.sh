@@ -26,9 +26,11 @@ PY=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-runs/recipe}
 OUT=${OUT:-docs/recipe}
 N=${N:-500}
+PART=${PART:-125}  # DDPM samples per part (samplers)
+SIZE=32
 BUDGET_IMAGES=${BUDGET_IMAGES:-25600}
 DATA=../shared/data/cars
-REFERENCE="--preset small --size 32 --batch-size 32 --lr 5e-4 --warmup-steps 100 --schedule cosine --classes none"
+REFERENCE="--preset small --size $SIZE --batch-size 32 --lr 5e-4 --warmup-steps 100 --schedule cosine --classes none"
 declare -A VARIANTS=(
   [reference]=""
   [dropout0]="--dropout 0"
@@ -105,13 +107,16 @@ run_of() {  # the run folder that a name is scored from, and how. The EMA never 
 fid() {  # fid OUTPUT.json RUN [fid options], RUN a run folder or one of its checkpoints; skipped when
   [ -s "$1" ] && return 0  # OUTPUT.json exists. It also records the step and images RUN had reached.
   $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp"
+  record "$1" "$2"
+}
+record() {  # record OUTPUT RUN [JSON]: the scores in OUTPUT.tmp, with RUN's steps and images and the JSON's fields
   $PY -c '
 import json, sys, ddpm
-out, run = sys.argv[1], sys.argv[2]
+out, run, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}")
 checkpoint = ddpm.load_checkpoint(run)  # a run folder: its newest checkpoint
-json.dump({**json.load(open(out)), "train_steps": checkpoint["step"], "images_seen": checkpoint["images_seen"]},
-          open(out, "w"))
-' "$1.tmp" "$2" && mv "$1.tmp" "$1"
+json.dump({**json.load(open(out + ".tmp")), "train_steps": checkpoint["step"], "images_seen": checkpoint["images_seen"],
+           **extra}, open(out, "w"))
+' "$@" && rm "$1.tmp"
 }
 
 for name in "${@:2}"; do
@@ -150,8 +155,26 @@ samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with 
   mkdir -p "$OUT/$name-samplers"
   for how in ${SAMPLERS:-ddim-25 ddim-50 ddim-100 ddpm-small ddpm-large}; do
     IFS=- read -r sampler setting <<< "$how"
-    if [ "$sampler" = ddim ]; then flags="--eta 1 --steps $setting"; else flags="--variance $setting"; fi
-    fid "$OUT/$name-samplers/$sampler-$setting.json" "$RUNS/$name" -n 1000 --sampler "$sampler" $flags
+    json=$OUT/$name-samplers/$how.json
+    if [ "$sampler" = ddim ]; then
+      fid "$json" "$RUNS/$name" -n 1000 --sampler ddim --eta 1 --steps "$setting"
+      continue
+    fi
+    # DDPM: 1,000 evaluations per image, hours on the CPU. So its 1,000 images are drawn in parts of
+    # $PART, part k with seed k (a finished part survives an interrupted run), then scored as a folder.
+    [ -s "$json" ] && continue
+    (( 1000 % PART == 0 )) || { echo "PART=$PART: it must divide 1000" >&2; exit 2; }
+    samples=$RUNS/$name-$how
+    for ((part = 0; part < 1000 / PART; part++)); do
+      [ -d "$samples/part-$part" ] && continue
+      mkdir -p "$samples" && rm -rf "$samples/.part-$part"  # hidden: a folder's scan skips it until it is complete
+      $PY ddpm.py sample "$samples/.part-$part" -c "$RUNS/$name" -n "$PART" --seed "$part" --sampler ddpm \
+        --variance "$setting" 2>&1 | tail -1
+      mv "$samples/.part-$part" "$samples/part-$part"
+    done
+    $PY ddpm.py fid "$samples" --real $DATA --size $SIZE -n 1000 --json > "$json.tmp"
+    record "$json" "$RUNS/$name" "{\"what\": \"1000 samples from $RUNS/$name (EMA), ddpm $setting, seeds 0-$((1000 / PART - 1)) x $PART\",
+      \"sampler\": \"ddpm\", \"steps\": 1000, \"variance\": \"$setting\", \"ema\": true}"
   done
   ;;
 minutes)  # twice the budget, a checkpoint at each quarter of it: 5, 10, 20 and 40 minutes' worth
