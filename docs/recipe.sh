@@ -114,9 +114,9 @@ record() {  # record OUTPUT RUN [JSON]: the scores in OUTPUT.tmp, with RUN's ste
 import json, sys, ddpm
 out, run, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}")
 checkpoint = ddpm.load_checkpoint(run)  # a run folder: its newest checkpoint
-json.dump({**json.load(open(out + ".tmp")), "train_steps": checkpoint["step"], "images_seen": checkpoint["images_seen"],
-           **extra}, open(out, "w"))
-' "$@" && rm "$1.tmp"
+scores = {**json.load(open(out)), "train_steps": checkpoint["step"], "images_seen": checkpoint["images_seen"], **extra}
+json.dump(scores, open(out, "w"))
+' "$1.tmp" "${@:2}" && mv "$1.tmp" "$1"  # OUTPUT appears only once complete
 }
 
 for name in "${@:2}"; do
