@@ -50,20 +50,21 @@ declare -A VARIANTS=(
   [channels64]="--base-channels 64"  # small's own width: tiny+channels64 is a wider tiny
   [channels48]="--base-channels 48"
   [blocks1]="--blocks-per-level 1"  # shallower: 1 residual block per level going down (2 coming up)
+  [blocks2]="--blocks-per-level 2"  # deeper: tiny has 1 (tiny+blocks2 is a deeper tiny)
   [attn8]="--attn-res 8"
   [attn-none]="--attn-res none"
   [seed1]="--seed 1"  # the same recipe from another seed: how far apart two runs land
   [l1]="--loss l1"
   [linear]="--schedule linear"
 )
-FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 attn8 attn-none"  # the others: same img/s
+FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 blocks2 attn8 attn-none"  # the others: same img/s
 mkdir -p "$RUNS" "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
 options() {  # a name joins variants with "+" (tiny+min-snr5: both changes); of one option, the last wins
   for part in ${1//+/ }; do echo -n "${VARIANTS[$part]} "; done
 }
 speed_key() {  # the parts of a name that change its speed: tiny+min-snr5 trains at tiny's speed
-  for part in ${1//+/ }; do [[ " $FASTER_OR_SLOWER " == *" $part "* ]] && echo "$part"; done | paste -sd+
+  for part in ${1//+/ }; do if [[ " $FASTER_OR_SLOWER " == *" $part "* ]]; then echo "$part"; fi; done | paste -sd+
 }
 batch_of() { echo "$REFERENCE $(options "$1")" | grep -o -- '--batch-size [0-9]*' | tail -1 | cut -d' ' -f2; }
 budget_steps() {  # the reference's images x the variant's speed relative to it, in steps of its batch
