@@ -3534,8 +3534,9 @@ def cli_train(
     resume: Annotated[bool, typer.Option(help="Require a checkpoint in --out to resume from.")] = False,
     fresh: Annotated[bool, typer.Option(help="Start a new run in an --out whose checkpoints are all damaged "
                                         "(they are kept; its log is renamed).")] = False,
-    preset: Annotated[Preset, typer.Option(help="U-Net size: tiny ~1.1M (tests, CPU demo), small ~9M, "
-                                           "base ~36M (DDPM's CIFAR-10 net).")] = Preset.small,
+    preset: Annotated[Preset, typer.Option(help="U-Net size: tiny ~1.1M (CPU), small ~9M, base ~36M "
+                                           "(DDPM's CIFAR-10 net), large ~114M (DDPM's 256x256 net, for "
+                                           "128x128 and up).")] = Preset.small,
     size: Annotated[str, typer.Option(help="Training size: SIZE or WIDTHxHEIGHT.")] = "64",
     resize: Annotated[Resize, typer.Option(help="squash, crop (centre) or pad to the size.")] = Resize.squash,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
@@ -3739,7 +3740,7 @@ def cli_sample(
         "--init", help="Start from these photos (files or folders) instead of noise, -n images from each "
                        "(default 1): SDEdit, or inpainting with --mask.")] = None,
     strength: Annotated[Optional[float], typer.Option(help="How much of each --init photo is redrawn: 0 returns "
-                                                      "it, 1 ignores it [default: 0.5; 1 with --mask].")] = None,
+                                                      "it, 1 ignores it (default 0.5; 1 with --mask).")] = None,
     mask: Annotated[Optional[Path], typer.Option(help="Inpainting mask for --init: white = regenerate, black = "
                                                  "keep (RePaint).")] = None,
     resample: Annotated[int, typer.Option(help="RePaint: walk every stretch of --jump timesteps this many times "
