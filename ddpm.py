@@ -3833,8 +3833,12 @@ def cli_sample(
     else:
         evals = evaluations(sampler.value, steps, schedule.timesteps)
         of = ""
-    of += f"{len(set(labels.tolist()))} classes, guidance {guidance:g}, " if labels is not None else \
-        ("unconditional, " if names else "")
+    drawn = sorted(set(labels.tolist())) if labels is not None else []
+    if drawn:  # one class is named: it shows which class a partial --class matched
+        of += f"class {names[drawn[0]]!r}, " if len(drawn) == 1 else f"{len(drawn)} classes, "
+        of += f"guidance {guidance:g}, "
+    elif names:
+        of += "unconditional, "
     console.print(f"Wrote {total} images to {out} ({of}{sampler.value}, {evals} steps, {seconds:.1f}s, "
                   f"{total / seconds:.2f} img/s){f'; trajectory {trajectory}' if trajectory else ''}")
 

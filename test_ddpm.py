@@ -382,13 +382,13 @@ def test_a_conditional_model_draws_the_class_it_is_asked_for(tmp_path, capsys):
     config = ddpm.load_checkpoint(run / "ckpt.pt")["config"]
     assert config["data"]["class_names"] == ["blue", "red"] and config["unet"]["num_classes"] == 2
     for sampler in ddpm.SAMPLERS:
-        for asked, (bright, dark) in (("RED", (0, 2)), ("blu", (2, 0))):
+        for asked, name, (bright, dark) in (("RED", "red", (0, 2)), ("blu", "blue", (2, 0))):
             out = tmp_path / f"{sampler}-{asked}"
             steps = ["--steps", 20] if sampler != "ddpm" else []
             code, _, err = run_cli(["sample", "-c", run, "-n", 6, "--class", asked, "--guidance", 6, "--sampler",
                                     sampler, *steps, out, *DEV], capsys)
             colour = mean_colour(out)
-            assert code == 0 and "1 classes, guidance 6" in err
+            assert code == 0 and f"class {name!r}, guidance 6" in err  # which class the partial name matched
             assert colour[bright] > colour[dark] + 25, (sampler, asked, colour)
     code, _, err = run_cli(["sample", "-c", run, "--per-class", 3, tmp_path / "rows.png", *DEV], capsys)
     grid = Image.open(tmp_path / "rows.png")
