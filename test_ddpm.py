@@ -5,6 +5,7 @@ CUDA-only tests (bf16, torch.compile, data on the GPU) run wherever CUDA is avai
 the real photos read ../shared/data/cars and skip (saying why) where it is absent."""
 
 import collections
+import contextlib
 import fcntl
 import importlib
 import io
@@ -824,12 +825,21 @@ def test_real_stanford_cars_load(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def tiny_checkpoint(step=5, **unet) -> dict:
+def tiny_checkpoint(step=5, state=None, **unet) -> dict:
     config = ddpm.RunConfig(ddpm.UNetConfig(**{**ddpm.PRESETS["tiny"], **unet}), ddpm.DiffusionConfig(),
                             ddpm.DataConfig(None, 16, 16), ddpm.TrainConfig())
     model = ddpm.build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
-    return ddpm.make_checkpoint(config, model, None, optimizer, ddpm.TrainState(step=step, images_seen=step * 4))
+    return ddpm.make_checkpoint(config, model, None, optimizer, state or ddpm.TrainState(step=step, images_seen=step * 4))
+
+
+def save_checkpoints(folder: Path, steps, keep: int, state=None):
+    """What a run does at each save: save_run_checkpoint of each step, keeping the run's state."""
+    state = state or ddpm.TrainState()
+    for step in steps:
+        state.step, state.images_seen = step, step * 4
+        ddpm.save_run_checkpoint(folder, state, lambda: tiny_checkpoint(state=state), keep)
+    return state
 
 
 def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
@@ -844,15 +854,29 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
 
 
 def test_keep_the_last_n_checkpoints(tmp_path):
-    for step in range(1, 7):
-        ddpm.save_run_checkpoint(tmp_path, tiny_checkpoint(step), keep=2)
+    save_checkpoints(tmp_path, range(1, 7), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000005.pt", "ckpt-00000006.pt", "ckpt.pt"]
     assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 6
+    # It lists what the run wrote and kept (and the one being rotated away as it was written).
+    assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["checkpoints"][-2:] == ["ckpt-00000005.pt", "ckpt-00000006.pt"]
+
+
+def test_rotation_deletes_only_the_checkpoints_this_run_wrote(tmp_path):
+    """A user's files named like early checkpoints (an export called ckpt-0.pt, a copy of another
+    run's checkpoint as ckpt-00000001.pt) are never rotated away: only names the run recorded are."""
+    ddpm.export_weights(tiny_checkpoint(1), tmp_path / "ckpt-0.pt", "pt", torch.float16)
+    ddpm.atomic_save(tiny_checkpoint(1), tmp_path / "ckpt-00000001.pt")
+    state = save_checkpoints(tmp_path, range(2, 5), keep=2)
+    names = lambda: sorted(p.name for p in tmp_path.iterdir())
+    assert names() == ["ckpt-0.pt", "ckpt-00000001.pt", "ckpt-00000003.pt", "ckpt-00000004.pt", "ckpt.pt"]
+    # After a resume, the run goes on rotating the files it wrote before.
+    state = ddpm.TrainState(checkpoints=ddpm.load_checkpoint(tmp_path / "ckpt.pt")["checkpoints"])
+    save_checkpoints(tmp_path, range(5, 7), keep=2, state=state)
+    assert names() == ["ckpt-0.pt", "ckpt-00000001.pt", "ckpt-00000005.pt", "ckpt-00000006.pt", "ckpt.pt"]
 
 
 def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
-    for step in (1, 2):
-        ddpm.save_run_checkpoint(tmp_path, tiny_checkpoint(step), keep=3)
+    save_checkpoints(tmp_path, (1, 2), keep=3)
     newest = tmp_path / "ckpt-00000002.pt"
     data = newest.read_bytes()
     (tmp_path / "ckpt.pt").unlink()
@@ -888,7 +912,58 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
     assert not marker.exists()
 
 
+# ------------------------------------------------------------------------------------------------
+# Files: what ddpm.py may replace or remove (README "Never lose a run")
+# ------------------------------------------------------------------------------------------------
+
+KILLED_WRITER = """
+import sys, time; sys.path.insert(0, {here!r})
+import ddpm
+from pathlib import Path
+with ddpm.unfinished(Path({target!r})) as tmp:
+    tmp.write_bytes(b"x" * 100_000)
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def kill_while_writing(target: Path) -> Path:
+    """A ddpm.py process killed with SIGKILL while it writes `target`: returns the file it leaves."""
+    process = subprocess.Popen([PYTHON, "-c", KILLED_WRITER.format(here=str(HERE), target=str(target))],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    process.kill()
+    process.wait()
+    (leftover,) = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp-")]
+    return leftover
+
+
+def test_only_unfinished_files_this_program_recorded_are_removed(tmp_path, capsys):
+    """Leftovers of killed writes go at the next start; a user's files named like them stay, and so
+    does everything outside the folder."""
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
+    leftover = kill_while_writing(run / "ckpt-00000004.pt")
+    users = [run / ".ckpt-00000004.pt.tmp-12345", run / "log.jsonl.tmp", run / ".notes.tmp-abc"]
+    for path in users:
+        path.write_text("the user's own file")
+    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
+    assert code == 0 and "Removed 1 unfinished file(s) (0.1 MB)" in err
+    assert not leftover.exists() and all(path.exists() for path in users)
+    assert not (run / ddpm.JOURNAL).exists()  # an empty journal is removed
+
+
+def test_a_killed_export_leaves_nothing_after_the_next_export_there(tmp_path, capsys):
+    leftover = kill_while_writing(tmp_path / "small.pt")
+    ddpm.atomic_save(tiny_checkpoint(), tmp_path / "c.pt")
+    code, _, err = run_cli(["export", tmp_path / "c.pt", tmp_path / "other.pt"], capsys)
+    assert code == 0 and "Removed 1 unfinished file(s)" in err and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "other.pt"]
+
+
 def test_kill_9_during_saves_never_corrupts_the_checkpoint(tmp_path):
+    """Each kill lands at a random moment of a loop of saves; at least one must land inside a write
+    (its temporary file is then on disk, and in the journal), and the checkpoint always loads."""
     checkpoint = tiny_checkpoint()
     checkpoint.pop("checksum")
     torch.save(checkpoint, tmp_path / "template.pt")
@@ -902,21 +977,133 @@ i = 0
 while True:
     payload["step"] = i
     ddpm.atomic_save(dict(payload, checksum=ddpm.checksum(payload)), Path({str(tmp_path / 'ckpt.pt')!r}))
+    print(i, flush=True)
     i += 1
 """
-    rng = random.Random(0)
-    for trial in range(4):
-        process = subprocess.Popen([PYTHON, "-c", script])
-        deadline = time.time() + 60
-        while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.05, 0.6))  # somewhere in the middle of a write
+    rng, inside = random.Random(0), 0
+    for trial in range(5):
+        process = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "0\n"  # a first save is complete: the next one is under way
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a write
         process.kill()
         process.wait()
-        loaded = ddpm.load_checkpoint(tmp_path / "ckpt.pt")
-        assert loaded["x"].shape == (2_000_000,)
-        for leftover in tmp_path.glob(".ckpt.pt.tmp-*"):
-            leftover.unlink()  # what a killed writer leaves: never the real name
+        assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["x"].shape == (2_000_000,)
+        leftovers = list(tmp_path.glob(".ckpt.pt.tmp-*"))
+        inside += bool(leftovers)
+        ddpm.remove_unfinished(tmp_path)
+        assert not any(p.exists() for p in leftovers)
+    assert inside >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "template.pt"]
+
+
+def test_pictures_carry_the_marker_and_only_marked_ones_are_replaced(tmp_path, capsys):
+    for suffix in (".png", ".jpg", ".webp", ".gif"):
+        ddpm.save_picture(Image.new("RGB", (8, 8)), tmp_path / f"ours{suffix}")
+        save_image(tmp_path / f"theirs{suffix}")
+        assert ddpm.written_by_ddpm(tmp_path / f"ours{suffix}") and not ddpm.written_by_ddpm(tmp_path / f"theirs{suffix}")
+    # A command's own earlier output is replaced: the same command twice just works.
+    for _ in range(2):
+        assert run_cli(["noise-demo", "-o", tmp_path / "noise.png"], capsys)[0] == 0
+    code, _, err = run_cli(["noise-demo", "-o", tmp_path / "theirs.png"], capsys)
+    assert code == 2 and "already exists and was not written by ddpm.py" in err
+
+
+def test_a_sample_folder_never_mixes_old_and_new_images(tmp_path, capsys):
+    ckpt, out = tmp_path / "c.pt", tmp_path / "out"
+    ddpm.atomic_save(tiny_checkpoint(), ckpt)
+    sample = lambda n: run_cli(["sample", "-c", ckpt, "-n", n, "--steps", 2, out, *DEV], capsys)
+    assert sample(3)[0] == 0 and sample(3)[0] == 0 and sample(4)[0] == 0  # the same names again, or more
+    code, _, err = sample(2)  # 000002.png and 000003.png would stay behind among the new ones
+    assert code == 2 and "already holds 2 file(s) that this command would not replace (000002.png, 000003.png" in err
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(4)]
+
+
+def test_resume_skips_weights_only_files_named_like_checkpoints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 2, "--save-every", 1, "--out", run], capsys)[0] == 0
+    assert run_cli(["export", run, tmp_path / "w.pt"], capsys)[0] == 0
+    shutil.copy(tmp_path / "w.pt", run / "ckpt-00000099.pt")  # an export named like a later checkpoint
+    (run / "ckpt.pt").unlink()
+    shutil.copy(tmp_path / "w.pt", run / "ckpt.pt")  # and one copied over the newest's link
+    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
+    assert code == 0 and "Resuming from step 2" in err
+    assert f"skipping {run / 'ckpt.pt'}: a weights-only export" in err
+
+
+@pytest.mark.parametrize("damage", ["used_zero", "mistyped", "zeroed", "one_byte", "truncated", "no_checksums"])
+def test_a_damaged_image_cache_is_found_and_rebuilt(tmp_path, damage):
+    data = tmp_path / "data"
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 40)):
+        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i:02d}.png")
+    config, cache = ddpm.DataConfig(str(data), 8, 8), tmp_path / "cache"
+    truth = ddpm.load_images(config, cache, quiet=True).images.clone()
+    (images,) = cache.glob("images-*.u8")
+    record = json.loads(images.with_suffix(".json").read_text())
+    raw = bytearray(images.read_bytes())
+    if damage in ("used_zero", "mistyped", "no_checksums"):
+        record.update(dict(used_zero=dict(used=0), mistyped=dict(used="40"), no_checksums=dict(chunks=None))[damage])
+        images.with_suffix(".json").write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
+    else:
+        raw = dict(zeroed=bytes(len(raw)), one_byte=raw[:100] + bytes([raw[100] ^ 1]) + raw[101:],
+                   truncated=raw[: len(raw) // 2])[damage]
+        images.write_bytes(raw)
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console):
+        loaded = ddpm.load_images(config, cache, quiet=False).images
+    assert "decoding the images again" in console.getvalue()
+    assert torch.equal(loaded, truth)
+
+
+def test_a_damaged_feature_cache_is_computed_again(tmp_path, capsys):
+    extractor = ddpm.InceptionFeatures(scripted_random_features(tmp_path / "net.pt"))
+    real = ddpm.toy_cars(16, 16, 12)
+    first = ddpm.FidScorer(extractor, real, tmp_path / "cache", torch.device("cpu")).real_features
+    (features,) = (tmp_path / "cache").glob("features-*.pt")
+    for damage in (features.read_bytes()[:200], None):
+        if damage is None:
+            torch.save(torch.zeros(5, 3, dtype=torch.float64), features)  # wrong shape
+        else:
+            features.write_bytes(damage)
+        again = ddpm.FidScorer(extractor, real, tmp_path / "cache", torch.device("cpu")).real_features
+        assert torch.equal(again, first) and "computing them again" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="needs a file system that takes any bytes")
+def test_a_file_name_that_is_not_utf8_trains(tmp_path, capsys):
+    data = tmp_path / "data"
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 6)):
+        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i}.png")
+    os.rename(data / "0.png", os.path.join(os.fsencode(data), b"car-\xff\xfe.png"))
+    code, _, err = run_cli(["train", *MICRO, "--data", data, "--steps", 1, "--out", tmp_path / "run",
+                            "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0 and "6 used" in err, err
+
+
+def without_root_powers(args: list) -> list:
+    """A command that file permissions apply to even when the tests run as root (setpriv drops the
+    capabilities that let root write anywhere)."""
+    if os.geteuid() != 0:
+        return args
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a read-only folder is still writable")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps", "-all", *args]
+
+
+def test_a_complete_cache_in_a_read_only_folder_is_used(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 8)):
+        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i}.png")
+    ddpm.load_images(ddpm.DataConfig(str(data), 8, 8, classes="none"), cache, quiet=True)  # complete and valid
+    net = scripted_random_features(tmp_path / "net.pt")
+    for path in (cache, *cache.iterdir()):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = folder_state(cache)
+    result = subprocess.run(without_root_powers([PYTHON, str(HERE / "ddpm.py"), "fid", str(data), "--real", str(data),
+                                                 "--size", "8", "-n", "4", "--inception", str(net), "--cache-dir",
+                                                 str(cache), "--json"]), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "decoding into memory" not in result.stderr and "Decoded" not in result.stderr
+    assert json.loads(result.stdout)["n"] == 4 and folder_state(cache) == before
 
 
 FIXTURES = HERE / "fixtures"
@@ -1116,6 +1303,67 @@ def test_safetensors_export_samples_like_the_checkpoint_and_every_source_fine_tu
         assert code == 0 and tuned["step"] == 1 and tuned["config"]["train"]["init"] == str(source)
         tolerance = 1e-3 if source.name == "pipe" else 1e-20  # the diffusers export is fp16
         assert all((tuned["model"][k] - v.float()).abs().max() <= tolerance for k, v in source_weights.items())
+
+
+DIFFUSERS_UNET = dict(_class_name="UNet2DModel", sample_size=8, block_out_channels=[8, 16], layers_per_block=1,
+                      down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
+                      norm_num_groups=8, flip_sin_to_cos=False)
+DAMAGED_DIFFUSERS = {  # name: (what changes in the UNet's config, the scheduler's config, the error's words)
+    "config_is_a_list": ("list", None, "the UNet's config.json is not a JSON object"),
+    "no_widths": (dict(block_out_channels=None), None, "has no block_out_channels"),
+    "empty_widths": (dict(block_out_channels=[]), None, "block_out_channels is []; expected a list of channel"),
+    "text_widths": (dict(block_out_channels=["8", "16"]), None, "block_out_channels is ['8', '16']"),
+    "size_zero": (dict(sample_size=0), None, "sample_size is 0; expected a size from 8"),
+    "size_3d": (dict(sample_size=[8, 8, 8]), None, "sample_size is [8, 8, 8]"),
+    "layers_text": (dict(layers_per_block="2"), None, "layers_per_block is '2'; expected a count"),
+    "dropout_text": (dict(dropout="x"), None, "dropout is 'x'; expected a number"),
+    "dropout_two": (dict(dropout=2), None, "--dropout 2: must be in [0, 1)"),
+    "no_groups": (dict(norm_num_groups=0), None, "norm_num_groups is 0; expected a count"),
+    "blocks_text": (dict(down_block_types="DownBlock2D"), None, "down_block_types is 'DownBlock2D'; expected a list"),
+    "three_down": (dict(down_block_types=["DownBlock2D"] * 3), None, "3 down blocks, 2 up blocks and 2"),
+    "classes_text": (dict(num_class_embeds="3"), None, "num_class_embeds is '3'; expected a count"),
+    "names_text": (dict(ddpm_class_names="abc"), None, "ddpm_class_names is 'abc'; expected a list"),
+    "head_negative": (dict(attention_head_dim=-1), None, "attention_head_dim is -1; expected a count"),
+    "freq_shift_two": (dict(freq_shift=2), None, "freq_shift is 2; expected 0 or 1"),
+    "eps_text": (dict(norm_eps="tiny"), None, "norm_eps is 'tiny'; expected a number"),
+    "scheduler_list": ({}, [], "the scheduler's config is not a JSON object"),
+    "betas_text": ({}, dict(trained_betas="garbage"), "trained_betas is 'garbage'; expected 1000 numbers"),
+    "betas_short": ({}, dict(trained_betas=[0.1] * 3), "trained_betas is [0.1, 0.1, 0.1]"),
+    "steps_text": ({}, dict(num_train_timesteps="1000"), "num_train_timesteps is '1000'; expected a count"),
+    "prediction_number": ({}, dict(prediction_type=5), "prediction_type is 5; expected a name"),
+    "start_text": ({}, dict(beta_start="a"), "beta_start is 'a'; expected a number"),
+    "bad_json": ("{", None, "cannot read its diffusers config"),
+    "pickled_bin": ({}, None, "its weights file holds pickled Python objects, which could run code"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_DIFFUSERS)
+def test_a_damaged_diffusers_folder_is_one_line(tmp_path, capsys, name):
+    unet, scheduler, message = DAMAGED_DIFFUSERS[name]
+    folder = tmp_path / name
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    config = {k: v for k, v in {**DIFFUSERS_UNET, **unet}.items() if v is not None} if isinstance(unet, dict) else \
+        [DIFFUSERS_UNET] if unet == "list" else unet
+    (folder / "unet" / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if scheduler is not None:
+        (folder / "scheduler").mkdir()
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    torch.save({"w": Payload(tmp_path / "ran")}, folder / "unet" / "diffusion_pytorch_model.bin")
+    for command in (["inspect", folder], ["export", folder, tmp_path / "w.pt"]):
+        code, _, err = run_cli(command, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "w.pt").exists()
+
+
+def test_a_safetensors_file_with_a_fractional_step_is_refused_on_reading(tmp_path, capsys):
+    safetensors_torch = extra("safetensors.torch")
+    checkpoint = tiny_checkpoint()
+    about = dict(format_version=1, config=checkpoint["config"], step=2.5, images_seen=10)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in checkpoint["model"].items()},
+                                tmp_path / "w.safetensors", {"ddpm": json.dumps(about)})
+    code, _, err = run_cli(["export", tmp_path / "w.safetensors", tmp_path / "again.pt"], capsys)
+    assert code == 2 and "step is 2.5, not a count" in err and not (tmp_path / "again.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1396,16 +1644,6 @@ def test_a_run_folder_inside_the_data_folder_stays_out_of_the_data(tmp_path, cap
     assert code == 0 and "6 used" in err and "left out 3 files inside" in err  # 2 previews and loss.png
 
 
-def test_temporary_files_of_killed_saves_are_removed_at_the_next_start(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
-    (run / ".ckpt-00000004.pt.tmp-12345").write_bytes(b"x" * 1000)
-    (run / "notes.tmp").write_text("the user's own file")
-    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
-    assert code == 0 and "Removed 1 temporary files" in err
-    assert not (run / ".ckpt-00000004.pt.tmp-12345").exists() and (run / "notes.tmp").exists()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -1451,6 +1689,26 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path, node
     resumed = run_script(["train", "--out", tmp_path / "two", "--steps", 8, "--batch-size", 4, "--device", "cpu",
                           "--cache-dir", tmp_path / "cache"])
     assert resumed.returncode == 0 and "Resuming from step 6" in resumed.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on localhost, tested on Linux")
+def test_when_one_torchrun_rank_dies_the_others_say_so_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    torchrun = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(HERE / "ddpm.py"), "train", *MICRO_NET, "--device", "cpu", "--steps", "1000000",
+                                 "--log-every", "2", "--out", str(run)], cwd=HERE, text=True, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists():
+        assert time.time() < deadline and torchrun.poll() is None
+        time.sleep(0.2)
+    ranks = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+                 .get("LOCAL_RANK", -1)): pid for pid in map(int, subprocess.check_output(
+                     ["pgrep", "-P", str(torchrun.pid)], text=True).split())}
+    os.kill(ranks[1], signal.SIGKILL)
+    _, err = torchrun.communicate(timeout=120)
+    assert torchrun.returncode != 0
+    assert "error: rank 0 of 2: another process of this torchrun job stopped" in err
+    assert f"continues from the newest checkpoint in {run}" in err and "[rank0]: Traceback" not in err
 
 
 def test_preview_grid_equals_sample_of_that_checkpoint_with_dropout_on(tmp_path, capsys):
@@ -1599,6 +1857,62 @@ def test_ema_warms_up_then_averages():
     for _ in range(200):
         ema.update_parameters(model)  # decay reaches its 0.9 cap
     assert ema.module.weight.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_resume_says_which_typed_options_apply_and_which_are_ignored(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
+    code, _, err = run_cli(["train", *MICRO, "--out", run, "--steps", 3, "--lr", "5e-4", "--size", 16,
+                            "--batch-size", 2, "--schedule", "cosine"], capsys)
+    assert code == 0
+    (line,) = [line for line in err.splitlines() if line.startswith("warning: resuming")]
+    assert "applying --batch-size 2 (was 4), --lr 0.0005 (was 0.001), --steps 3 (was 2); ignoring --size:" in line
+    assert "--preset" not in line and "--schedule" not in line  # typed, but the same as the run's
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["train"]["batch_size"] == 2
+    code, _, err = run_cli(["train", "--out", run, "--steps", 4, "--ema-decay", 0, *DEV], capsys)
+    assert code == 2 and "--ema-decay 0: " in err and "has EMA weights, which every later checkpoint would drop" in err
+
+
+def test_a_crafted_optimizer_state_is_one_line_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
+    checkpoint = ddpm.load_checkpoint(run / "ckpt.pt")
+    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    checkpoint["checksum"] = ddpm.checksum(checkpoint)
+    (run / "ckpt.pt").unlink()
+    ddpm.atomic_save(checkpoint, run / "ckpt-00000002.pt")
+    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
+    assert code == 2 and "its optimizer state has a exp_avg of parameter 0 that is not shaped like it" in err
+
+
+def test_a_file_size_limit_is_not_called_a_full_disk(tmp_path):
+    ddpm.atomic_save(tiny_checkpoint(), tmp_path / "c.pt")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # Python ignores SIGXFSZ
+    result = subprocess.run([PYTHON, str(HERE / "ddpm.py"), "export", str(tmp_path / "c.pt"), str(tmp_path / "w.pt"),
+                             "--dtype", "fp32"], capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert result.returncode == 2 and "ulimit -f" in result.stderr and "disk is full" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # and nothing left behind
+
+
+def named_classes_checkpoint(names: list[str]) -> dict:
+    config = ddpm.RunConfig(ddpm.UNetConfig(**{**ddpm.PRESETS["tiny"], "num_classes": len(names)}),
+                            ddpm.DiffusionConfig(), ddpm.DataConfig(None, 8, 8, class_names=tuple(names)),
+                            ddpm.TrainConfig())
+    model = ddpm.build_model(config)
+    return ddpm.make_checkpoint(config, model, None, torch.optim.AdamW(model.parameters()), ddpm.TrainState(step=5))
+
+
+def test_names_reach_the_terminal_as_text_never_as_markup_or_escape_codes(tmp_path, capsys):
+    names = ["[/bold]", "title\x1b]0;pwned\x07", "two\nlines", "[red]paint"]
+    ckpt = tmp_path / "[bold]c.pt"
+    ddpm.atomic_save(named_classes_checkpoint(names), ckpt)
+    code, out, err = run_cli(["inspect", ckpt], capsys)
+    assert code == 0 and "[/bold]" in out and "[bold]c.pt" in out and "\\x1b]0;pwned\\x07" in out and "two\\nlines" in out
+    assert "\x1b" not in out + err
+    code, out, err = run_cli(["sample", "-c", ckpt, "--per-class", 1, "--steps", 2, tmp_path / "g.png", *DEV], capsys)
+    assert code == 0 and "\x1b" not in err
+    code, _, err = run_cli(["sample", "-c", ckpt, "--class", "title", "--steps", 2, tmp_path / "t.png", *DEV], capsys)
+    assert code == 0 and "class 'title\\x1b]0;pwned\\x07'" in err and "\x1b" not in err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2311,6 +2625,18 @@ def bad_inputs(tmp_path_factory) -> Path:
     os.chmod(tmp / "readonly", 0o555)
     os.mkfifo(tmp / "fifo.pt")
     ddpm.main(["export", str(tmp / "good.pt"), str(tmp / "weights.pt")])
+    # Files that outputs must never replace: a user's photos (and other names for one), another run.
+    save_image(tmp / "car.png")
+    os.link(tmp / "photo.jpg", tmp / "hardlink.jpg")
+    os.symlink(tmp / "photo.jpg", tmp / "symlink.jpg")
+    save_image(tmp / "walk.gif", fmt="GIF")
+    (tmp / "runB").mkdir()
+    shutil.copy(tmp / "good.pt", tmp / "runB" / "ckpt.pt")
+    (tmp / "mixed").mkdir()
+    ddpm.save_picture(Image.new("RGB", (8, 8)), tmp / "mixed" / "000000.png")
+    (tmp / "mixed" / "notes.txt").write_text("the user's")
+    (tmp / "conflict.csv").write_text("0.png,red\n0.png,blue\n")
+    scripted_random_features(tmp / "net.pt")
     for name, edit in FOREIGN_CHECKPOINTS.items():
         checkpoint = tiny_checkpoint()
         edit(checkpoint)
@@ -2327,6 +2653,15 @@ FOREIGN_CHECKPOINTS = {  # hand-edited or foreign checkpoints, each one line nam
     "bad_step": lambda c: c.update(step="five"),
     "bad_history": lambda c: c.update(loss_history=[[1, "low"]]),
     "odd_kind": lambda c: c.update(kind="lora"),
+    "missing_tensor": lambda c: c["model"].pop("conv_in.weight"),
+    "extra_tensor": lambda c: c["model"].update({"extra.weight": torch.zeros(1)}),
+    "wrong_shape": lambda c: c["model"].update({"conv_in.weight": torch.zeros(1, 2, 3, 3)}),
+    "whole_numbers": lambda c: c["model"].update({"conv_in.bias": c["model"]["conv_in.bias"].long()}),
+    "huge_width": lambda c: c["config"]["unet"].update(base_channels=10**9),
+    "huge_classes": lambda c: c["config"]["unet"].update(num_classes=10**9),
+    "huge_size": lambda c: c["config"]["data"].update(width=2**20, height=2**20),
+    "float_step": lambda c: c.update(step=1.5),
+    "huge_seed": lambda c: c["config"]["train"].update(seed=2**70),
 }
 
 
@@ -2382,8 +2717,8 @@ BAD_INPUTS = [
     (["sample", "-c", "{tmp}/good.pt", "--eta", "nan", "{tmp}/o.png"], "--eta nan: must be a number from 0 to 1"),
     (["sample", "-c", "{tmp}/good.pt", "--eta", "-1", "{tmp}/o.png"], "--eta -1.0: must be a number from 0 to 1"),
     # Sizes that cannot fit: refused up front, with the estimate and what fits.
-    (["train", "--size", "100000", "--out", "{tmp}/r"], "needs about"),
-    (["train", "--base-channels", "65536", "--out", "{tmp}/r"], "needs about"),
+    (["train", "--size", "16384", "--out", "{tmp}/r"], "needs about"),
+    (["train", "--base-channels", "1024", "--out", "{tmp}/r"], "needs about"),
     (["sample", "-c", "{tmp}/good.pt", "-n", "200000", "--batch-size", "200000", "{tmp}/many"],
      "use --batch-size"),
     (["sample", "-c", "{tmp}/good.pt", "-n", "1000000000", "{tmp}/grid.png"], "a grid of more than 4096 images"),
@@ -2437,7 +2772,7 @@ BAD_INPUTS = [
     (["fid", "{tmp}/good.pt", "--real", "{tmp}/two_images", "--inception", "{tmp}/photo.jpg"],
      "--inception {tmp}/photo.jpg: not a TorchScript model"),
     (["sample", "-c", "{tmp}/plain.safetensors", "{tmp}/o.png"], "a safetensors file without ddpm's config in its"),
-    (["export", "{tmp}/good.pt", "{tmp}/good.pt", "--format", "diffusers"], "already exists; --format diffusers writes"),
+    (["export", "{tmp}/good.pt", "{tmp}/photo.jpg", "--format", "diffusers"], "already exists; --format diffusers writes"),
     (["export", "{tmp}/good.pt", "{tmp}/w.bin", "--format", "safetensors"], "the file name must end in .safetensors"),
     (["export", "{tmp}/odd_heads.pt", "{tmp}/pipe", "--format", "diffusers"],
      "attention heads are [32, 64] channels wide at different levels, and diffusers' UNet2DModel has one"),
@@ -2472,6 +2807,53 @@ BAD_INPUTS = [
      "--class given 3 times: give one class, or two"),
     (["interpolate", "1", "2", "{tmp}/i.png", "-c", "{tmp}/good.pt", "--class", "0"], "is an unconditional model"),
     (["interpolate", "1", "2", "{tmp}/i.png", "-c", "{tmp}/good.pt", "--steps", "0"], "--steps 0: must be between"),
+    # Weights that do not fit their config, and configs beyond what the command line allows.
+    (["inspect", "{tmp}/missing_tensor.pt"], "its model weights lack conv_in.weight (1 mismatch(es) with its config)"),
+    (["export", "{tmp}/extra_tensor.pt", "{tmp}/w2.pt"], "its model weights have extra.weight, which its network"),
+    (["sample", "-c", "{tmp}/wrong_shape.pt", "{tmp}/o.png"],
+     "its model weights have conv_in.weight as torch.float32 (1, 2, 3, 3), where its network has float (32, 3, 3, 3)"),
+    (["train", "--init", "{tmp}/whole_numbers.pt"], "have conv_in.bias as torch.int64 (32,)"),
+    (["inspect", "{tmp}/huge_width.pt"], "config.unet is invalid (--base-channels at most 1024"),
+    (["inspect", "{tmp}/huge_classes.pt"], "at most 100000 classes"),
+    (["export", "{tmp}/huge_size.pt", "{tmp}/w2.pt"], "config.data is invalid (--size 1048576x1048576: images must be"),
+    (["inspect", "{tmp}/float_step.pt"], "step is 1.5, not a count"),
+    (["inspect", "{tmp}/huge_seed.pt"], "config.train is invalid (--seed 1180591620717411303424: must be at most"),
+    # Outputs never replace an input (by any name), another output, a training checkpoint or a user's file.
+    (["sample", "-c", "{tmp}/good.pt", "--init", "{tmp}/photo.jpg", "{tmp}/photo.jpg"],
+     "output {tmp}/photo.jpg: is --init {tmp}/photo.jpg, and writing it would destroy that input"),
+    (["sample", "-c", "{tmp}/good.pt", "--init", "{tmp}/photo.jpg", "{tmp}/hardlink.jpg"], "is --init {tmp}/photo.jpg"),
+    (["sample", "-c", "{tmp}/good.pt", "--init", "{tmp}/photo.jpg", "{tmp}/symlink.jpg"], "is --init {tmp}/photo.jpg"),
+    (["sample", "-c", "{tmp}/good.pt", "--init", "{tmp}/photo.jpg", "--mask", "{tmp}/white.png", "{tmp}/white.png"],
+     "output {tmp}/white.png: is --mask {tmp}/white.png"),
+    (["interpolate", "{tmp}/car.png", "3", "{tmp}/car.png", "-c", "{tmp}/good.pt"], "output {tmp}/car.png: is START"),
+    (["noise-demo", "{tmp}/car.png", "-o", "{tmp}/car.png"], "--out {tmp}/car.png: is IMAGE {tmp}/car.png"),
+    (["export", "{tmp}/good.pt", "{tmp}/good.pt"], "output {tmp}/good.pt: is checkpoint {tmp}/good.pt"),
+    (["export", "{tmp}/weights.pt", "{tmp}/weights.pt"], "output {tmp}/weights.pt: is checkpoint"),
+    (["export", "{tmp}/good.pt", "{tmp}/runB/ckpt.pt"], "is a training checkpoint (step 5), which an export never"),
+    (["export", "{tmp}/good.pt", "{tmp}/runB"], "output {tmp}/runB: is a folder"),
+    (["export", "{tmp}/good.pt", "{tmp}/photo.jpg"], "already exists and is not a ddpm.py export"),
+    (["export", "{tmp}/good.pt", "{tmp}/w.safetensors", "--format", "pt"], "--format pt writes a PyTorch file"),
+    (["sample", "-c", "{tmp}/good.pt", "-n", "4", "{tmp}/a.png", "--trajectory", "{tmp}/a.gif"],
+     "--trajectory's PNG strip {tmp}/a.png and output {tmp}/a.png are the same file"),
+    (["sample", "-c", "{tmp}/good.pt", "{tmp}/car.png"], "output {tmp}/car.png: already exists and was not written by"),
+    (["interpolate", "1", "2", "{tmp}/walk.png", "-c", "{tmp}/good.pt"],
+     "output's GIF {tmp}/walk.gif: already exists and was not written by ddpm.py"),
+    (["sample", "-c", "{tmp}/good.pt", "-n", "2", "{tmp}/mixed"],
+     "output {tmp}/mixed: already holds 1 file(s) that this command would not replace (notes.txt)"),
+    (["nearest", "{tmp}/good.pt", "{tmp}/car.png", "--real", "{tmp}/two_images"], "already exists and was not written"),
+    (["train", "--data", "{tmp}/two_images", "--out", "{tmp}/two_images"], "--out {tmp}/two_images: is --data"),
+    # Numbers in range where they are parsed, and hints that fit the case.
+    (["noise-demo", "--seed", str(2**70)], "Invalid value for '--seed'"),
+    (["sample", "-c", "{tmp}/good.pt", "--seed", "-1", "{tmp}/o.png"], "Invalid value for '--seed'"),
+    (["fid", "{tmp}/good.pt", "--real", "{tmp}/photo.jpg", "--inception", "{tmp}/net.pt"],
+     "--real {tmp}/photo.jpg: is a file, not a folder"),
+    (["train", "--data", "{tmp}/two_images", "--size", "8", "--batch-size", "1", "--accum", "4"],
+     "(2 images); use --accum 2 or less"),
+    (["train", "--accum", "1000000000000"], "--accum 1000000000000: must be at most 1048576"),
+    (["train", "--size", "20000"], "--size 20000x20000: images must be from 8x8 to 16384x16384"),
+    (["train", "--data", "{tmp}/two_images", "--classes", "{tmp}/conflict.csv"],
+     "rows 1 and 2 give 0.png two classes, 'red' and 'blue'; keep one"),
+    (["bench", "--data", "{tmp}/missing"], "--data {tmp}/missing: folder does not exist"),
 ]
 
 
@@ -2491,6 +2873,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(bad_inputs, capsys, args, mess
     assert message.format(tmp=tmp) in lines[-1]
     assert lines[-1].startswith("error: ") and "Traceback" not in err
     assert not any(line.startswith("error") for line in lines[:-1])
+    assert not any(line.startswith("Measuring") for line in lines)  # refused before any work
     assert folder_state(tmp) == before  # a failed command leaves the user's files as they were
 
 
