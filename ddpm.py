@@ -81,7 +81,7 @@ MAX_BETA = 0.999  # no noising step may destroy the image completely (IDDPM sec.
 class DiffusionConfig:
     """The forward process and what the network predicts. Fixed for the life of a model."""
 
-    schedule: str = "cosine"  # "cosine" (IDDPM) or "linear" (DDPM); cosine won the README's FID table
+    schedule: str = "cosine"  # "cosine" (IDDPM) or "linear" (DDPM); cosine won on FID (docs/quality.md)
     timesteps: int = 1000  # T, the number of noising timesteps
     objective: str = "eps"  # the network's output: "eps", the noise (DDPM); or "v" (v-prediction, below)
 
@@ -348,7 +348,7 @@ class UNetConfig:
 
 
 PRESETS = {
-    # 1.1M; attention only in the middle block: 1.45x the img/s, and FID 49.2 against 59.5 in 20 CPU-minutes (README)
+    # 1.1M; attention only in the middle block: 1.45x the img/s, and FID 46.0 against 55.4 in 20 CPU-minutes (docs/quality.md)
     "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=1, attn_resolutions=(), norm_groups=8,
                  dropout=0.0),
     "small": dict(),  # the UNetConfig defaults: 9.0M
@@ -555,8 +555,8 @@ def sample_ddpm(denoise: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, ran
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 1.0  # stochastic DDIM won the README's FID table
-DEFAULT_GUIDANCE = 1.0  # classifier-free guidance w: the plain conditional model (README: guidance, measured)
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 1.0  # stochastic DDIM won on FID (docs/quality.md)
+DEFAULT_GUIDANCE = 1.0  # classifier-free guidance w: the plain conditional model (docs/quality.md: guidance, measured)
 
 
 @torch.no_grad()
@@ -1216,7 +1216,7 @@ def keep_freed_memory() -> bool:
     freed, and free memory above 2x that threshold at the top of the heap is trimmed. A CPU batch
     allocates the same large activations at every timestep, so each step faulted in and zeroed
     them anew: sampling `small` at 32x32 in batches of 256 took 11.8 M page faults and 42 of 118
-    CPU-seconds in the kernel, 1.5x slower per image than batches of 16 (README: CPU speed). Both
+    CPU-seconds in the kernel, 1.5x slower per image than batches of 16 (docs/speed.md, sampling on a laptop CPU). Both
     thresholds matter; raising either one alone leaves most of the faults. glibc only (Linux);
     elsewhere nothing changes. True when set."""
     if not sys.platform.startswith("linux"):
@@ -2332,7 +2332,7 @@ class TrainConfig:
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
-PRESET_LR = {"tiny": 1e-3}  # train's --lr where a preset trains better with its own: measured, README "Quality"
+PRESET_LR = {"tiny": 1e-3}  # train's --lr where a preset trains better with its own: measured in docs/quality.md
 
 
 LEGACY_LAYOUT_FIELDS = ("freq_shift", "downsample_padding", "norm_eps")  # UNetConfig.layout, before it had a name
@@ -2696,6 +2696,34 @@ def sparkline(values: list[float], width: int = 40) -> str:
     chosen = [values[round(i * (len(values) - 1) / max(1, n - 1))] for i in range(n)]
     lo, hi = min(chosen), max(chosen)
     return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in chosen)
+
+
+def checkpoint_table(path: Path, info: dict) -> Table:
+    """inspect's table of describe_checkpoint's data, every value shown as text (never as markup)."""
+    table = Table(title=Text(printable(path)), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    history = info["loss_history"]
+    rows = [
+        ("kind", f"{info['kind']} (format v{info['format_version']})"),
+        ("step", f"{info['step']:,}"), ("images seen", f"{info['images_seen']:,}"),
+        ("parameters", f"{info['parameters']:,} ({info['weights_dtype']})"),
+        ("channels", f"{info['channels']} ({'greyscale' if info['channels'] == 1 else 'RGB'})"),
+        ("loss", f"{info['loss_first']:.4f} -> {info['loss_last']:.4f}  {sparkline([h[1] for h in history])}"
+         if history else "n/a"),
+        ("bad steps skipped", str(info["bad_steps"])),
+        ("best FID", f"{info['best_fid']:.2f}" if info["best_fid"] is not None else "n/a"),
+        ("file size", f"{info['file_bytes'] / 1e6:.1f} MB"),
+        ("torch", str(info["torch_version"])), ("created", str(info["created"])),
+    ]
+    for section, values in info["config"].items():
+        rows.append((section, ", ".join(f"{k}={v}" for k, v in values.items() if k != "class_names")))
+    names = info["config"]["data"].get("class_names") or []
+    more = ", ... (--json lists all)" if len(names) > 5 else ""
+    rows.append(("classes", f"{len(names)}: {', '.join(names[:5])}{more}" if names else "none (unconditional)"))
+    for key, value in rows:
+        table.add_row(key, Text(printable(value)))
+    return table
 
 
 # -------------------------------------------------------------------------------------------------
@@ -3610,6 +3638,39 @@ def sample_command(options: dict, given: set[str]) -> str:
             f"{f'; the trajectory to {written[1]} and {written[2]}' if trajectory else ''}")
 
 
+def interpolate_command(ends: list, out: Path, ckpt: Path, runtime: Runtime, *, frames: int, steps: Optional[int],
+                        classes: Optional[list[str]], guidance: float, use_ema: bool = True) -> str:
+    """What `interpolate` does between two ends, each a seed (int) or a photo (Path): check the
+    outputs before any work, load the model, draw the frames (interpolate, in Part I), write them as
+    a PNG strip and a GIF there and back, and return the summary line naming both."""
+    outputs = [("output", out), ("output's GIF", out.with_suffix(".gif"))]
+    check_outputs(outputs, [("--ckpt", checkpoint_file(ckpt))] +
+                  [(name, path) for name, path in zip(("START", "END"), ends) if isinstance(path, Path)])
+    for option, path in outputs:
+        check_replaceable(path, option)
+    model, schedule, config = load_for_sampling(ckpt, use_ema, runtime)
+    steps = default_steps(schedule.timesteps) if steps is None else steps
+    ddim_times(schedule.timesteps, steps)  # validates --steps
+    check_memory(config.unet, config.data.height, config.data.width, frames, runtime.device, False, "--frames")
+    weights = None
+    if classes:
+        chosen = resolve_classes(classes, config.data.class_names, ckpt)
+        one_hot = F.one_hot(torch.tensor(chosen), config.unet.num_classes + 1).float().to(runtime.device)
+        weights = (one_hot[:1], one_hot[-1:])
+    shape = (1, config.unet.channels, config.data.height, config.data.width)
+    xs = [PerImageNoise(e, range(1), runtime.device).randn_like(torch.empty(shape, device=runtime.device))
+          if isinstance(e, int) else from_uint8(load_photos([e], config.data)).to(runtime.device)
+          for e in ends]
+    started = time.perf_counter()
+    images = to_uint8(interpolate(runtime.wrap(model), schedule, xs[0], xs[1], frames, steps, labels=weights,
+                                  invert=[isinstance(e, Path) for e in ends], guidance=guidance if weights else 1.0))
+    save_grid(images, out, frames)
+    pictures = [to_pil(image) for image in images]
+    save_animation(pictures + pictures[-2:0:-1], outputs[1][1], 200)  # there and back
+    return (f"Wrote {frames} frames to {out} and {outputs[1][1]} (DDIM eta 0, {steps} steps, "
+            f"{time.perf_counter() - started:.1f}s)")
+
+
 # -------------------------------------------------------------------------------------------------
 # Evaluation: FID, KID and nearest neighbours
 # -------------------------------------------------------------------------------------------------
@@ -3810,10 +3871,11 @@ def evaluation_labels(real_set: ImageSet, names: tuple[str, ...], classes: Optio
     return real_set, classes_as_in_data(torch.arange(len(names)), count, seed)
 
 
-def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sampler: str, steps: Optional[int],
-                      eta: float, seed: int, batch_size: int, size: Optional[str], resize: str, cache_dir: Path,
-                      classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE, variance: str = "small",
-                      use_ema: bool = True):
+def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, cache_dir: Path, *,
+                      sampler: str = DEFAULT_SAMPLER, steps: Optional[int] = None, eta: float = DEFAULT_ETA,
+                      seed: int = 0, batch_size: int = SAMPLE_BATCH_SIZE, size: Optional[str] = None,
+                      resize: str = "squash", classes: Optional[list[str]] = None, guidance: float = DEFAULT_GUIDANCE,
+                      variance: str = "small", use_ema: bool = True):
     """Images to evaluate and the real images to compare them with: `count` samples from a
     checkpoint, or `count` random images of a folder, in the model's (or folder's) channels on both
     sides. Returns (uint8 images, real ImageSet, description, sampling settings or None)."""
@@ -3844,6 +3906,55 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, sa
     raw = "" if use_ema else ", raw (non-EMA) weights"
     return (images, real_set, f"{count} samples{raw}, {of}{sampler} x{settings['steps']}{eta_text}, {seconds:.0f}s",
             settings)
+
+
+def fid_report(source: Path, real: Path, count: int, runtime: Runtime, extractor: nn.Module, cache_dir: Path,
+               **sampling) -> dict:
+    """What `fid` reports: FID and KID of `count` samples (evaluation_images, with its `sampling`
+    options) or images of a folder, against the real images, with how they were drawn, as plain data."""
+    images, real_set, what, settings = evaluation_images(source, real, count, runtime, cache_dir, **sampling)
+    scorer = FidScorer(extractor, real_set.images, cache_dir, runtime.device)
+    started = time.perf_counter()
+    features = scorer.features(images)
+    kid, kid_std = scorer.kid(features)
+    channels = images.shape[1]
+    return dict(source=str(source), what=what, n=count, real=str(real), real_n=len(real_set.images),
+                size=f"{images.shape[3]}x{images.shape[2]}", channels=channels,
+                inception_input="greyscale, the one channel repeated 3 times on both sides" if channels == 1 else "RGB",
+                **(settings or dict(sampler=None, steps=None, eta=None, variance=None, guidance=None, classes=None,
+                                    ema=None)),
+                fid=scorer.fid(features), kid=kid, kid_std=kid_std,
+                feature_seconds=round(time.perf_counter() - started, 1))
+
+
+def real_to_real_distance(features: torch.Tensor, seed: int, probes: int = 200) -> float:
+    """The median distance (in features) from a real image to its nearest *other* real image, over
+    `probes` of them: the reference that nearest's distances are compared with."""
+    probe = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:min(probes, len(features))]
+    distances = torch.cdist(features[probe], features)
+    distances[torch.arange(len(probe)), probe] = float("inf")
+    return distances.min(dim=1).values.median().item()
+
+
+def nearest_report(samples: torch.Tensor, real_images: torch.Tensor, scorer: "FidScorer", seed: int, out: Path,
+                   what: str) -> tuple[Table, float]:
+    """What `nearest` reports: each sample beside its nearest real image in Inception space and in
+    pixels, written to `out` as rows of three, and a table of the distances, with the Inception
+    one over the real-to-real median (ratios well below 1 would suggest copies)."""
+    feature_index, feature_dist = nearest_neighbours(scorer.features(samples), scorer.real_features)
+    flat = lambda x: x.flatten(1).float() / 255
+    pixel_index, pixel_dist = nearest_neighbours(flat(samples), flat(real_images))
+    reference = real_to_real_distance(scorer.real_features, seed)
+    rows = [image for i in range(len(samples))
+            for image in (samples[i], real_images[feature_index[i]], real_images[pixel_index[i]])]
+    save_grid(torch.stack(rows), out, columns=3)
+    table = Table(title=Text(printable(f"Nearest training images ({what})")))
+    for column in ("sample", "Inception dist", "/ real-real median", "pixel RMS dist", "nearest (Inception)"):
+        table.add_column(column)
+    for i in range(len(samples)):
+        table.add_row(str(i), f"{feature_dist[i]:.2f}", f"{feature_dist[i] / reference:.2f}",
+                      f"{pixel_dist[i] / math.sqrt(samples[0].numel()):.3f}", str(feature_index[i].item()))
+    return table, reference
 
 
 # -------------------------------------------------------------------------------------------------
@@ -4537,7 +4648,7 @@ def start_training(options: dict, given: set[str]) -> int:
         if runtime.is_main and found is None and source is None and runtime.device.type == "cpu" \
                 and not given & MODEL_OPTIONS:  # the default preset is for GPUs
             console.print(f"Training the {options['preset']} preset on the CPU. The recipe measured for 20 minutes "
-                          f"on 2 CPU cores (README, Quality) is: {CPU_RECIPE}")
+                          f"on 2 CPU cores (docs/quality.md) is: {CPU_RECIPE}")
         check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
         check_run_length(config, given)
         if config.train.fid_every:
@@ -5186,33 +5297,9 @@ def cli_interpolate(
         raise UserError(f"--class given {len(classes)} times: give one class, or two to blend between")
     check_finite(guidance, "--guidance", 0, 100)
     ends = [interpolation_end(text, name) for text, name in ((start, "START"), (end, "END"))]
-    outputs = [("output", out), ("output's GIF", out.with_suffix(".gif"))]
-    check_outputs(outputs, [("--ckpt", checkpoint_file(ckpt))] +
-                  [(name, path) for name, path in zip(("START", "END"), ends) if isinstance(path, Path)])
-    for option, path in outputs:
-        check_replaceable(path, option)
     runtime = resolve_runtime(device, precision.value, compile, None)
-    model, schedule, config = load_for_sampling(ckpt, ema, runtime)
-    steps = default_steps(schedule.timesteps) if steps is None else steps
-    ddim_times(schedule.timesteps, steps)  # validates --steps
-    check_memory(config.unet, config.data.height, config.data.width, frames, runtime.device, False, "--frames")
-    weights = None
-    if classes:
-        chosen = resolve_classes(classes, config.data.class_names, ckpt)
-        one_hot = F.one_hot(torch.tensor(chosen), config.unet.num_classes + 1).float().to(runtime.device)
-        weights = (one_hot[:1], one_hot[-1:])
-    shape = (1, config.unet.channels, config.data.height, config.data.width)
-    xs = [PerImageNoise(e, range(1), runtime.device).randn_like(torch.empty(shape, device=runtime.device))
-          if isinstance(e, int) else from_uint8(load_photos([e], config.data)).to(runtime.device)
-          for e in ends]
-    started = time.perf_counter()
-    images = to_uint8(interpolate(runtime.wrap(model), schedule, xs[0], xs[1], frames, steps, labels=weights,
-                                  invert=[isinstance(e, Path) for e in ends], guidance=guidance if weights else 1.0))
-    save_grid(images, out, frames)
-    pictures = [to_pil(image) for image in images]
-    save_animation(pictures + pictures[-2:0:-1], outputs[1][1], 200)  # there and back
-    console.print(f"Wrote {frames} frames to {out} and {outputs[1][1]} (DDIM eta 0, {steps} steps, "
-                  f"{time.perf_counter() - started:.1f}s)")
+    console.print(interpolate_command(ends, out, ckpt, runtime, frames=frames, steps=steps, classes=classes,
+                                      guidance=guidance, use_ema=ema))
 
 
 @app.command("noise-demo")
@@ -5252,30 +5339,7 @@ def cli_inspect(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    table = Table(title=Text(printable(path)), show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    history = info["loss_history"]
-    rows = [
-        ("kind", f"{info['kind']} (format v{info['format_version']})"),
-        ("step", f"{info['step']:,}"), ("images seen", f"{info['images_seen']:,}"),
-        ("parameters", f"{info['parameters']:,} ({info['weights_dtype']})"),
-        ("channels", f"{info['channels']} ({'greyscale' if info['channels'] == 1 else 'RGB'})"),
-        ("loss", f"{info['loss_first']:.4f} -> {info['loss_last']:.4f}  {sparkline([h[1] for h in history])}"
-         if history else "n/a"),
-        ("bad steps skipped", str(info["bad_steps"])),
-        ("best FID", f"{info['best_fid']:.2f}" if info["best_fid"] is not None else "n/a"),
-        ("file size", f"{info['file_bytes'] / 1e6:.1f} MB"),
-        ("torch", str(info["torch_version"])), ("created", str(info["created"])),
-    ]
-    for section, values in info["config"].items():
-        rows.append((section, ", ".join(f"{k}={v}" for k, v in values.items() if k != "class_names")))
-    names = info["config"]["data"].get("class_names") or []
-    more = ", ... (--json lists all)" if len(names) > 5 else ""
-    rows.append(("classes", f"{len(names)}: {', '.join(names[:5])}{more}" if names else "none (unconditional)"))
-    for key, value in rows:
-        table.add_row(key, Text(printable(value)))
-    SafeConsole(markup=False, highlight=False).print(table)
+    SafeConsole(markup=False, highlight=False).print(checkpoint_table(path, info))
 
 
 @app.command("export")
@@ -5334,34 +5398,17 @@ def cli_fid(
     """FID and KID of samples (or of a folder) against real images, offline, with the standard
     Inception-v3 weights. The real images' features are cached. A conditional model samples its
     classes as often as they occur in --real, or only the --class given (compared with those)."""
-    cache_dir = cache_dir or default_cache_dir()
     if n < 2:
         raise UserError(f"-n {n}: FID needs at least 2 images")
     check_finite(guidance, "--guidance", 0, 100)
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, precision.value, False, None)
-    images, real_set, what, sampling = evaluation_images(source, real, n, runtime, sampler.value, steps, eta, seed,
-                                                         batch_size, size, resize.value, cache_dir, classes, guidance,
-                                                         variance.value, ema)
-    real_images = real_set.images
-    scorer = FidScorer(extractor, real_images, cache_dir, runtime.device)
-    started = time.perf_counter()
-    features = scorer.features(images)
-    fid = scorer.fid(features)
-    kid, kid_std = scorer.kid(features)
-    size_text = f"{images.shape[3]}x{images.shape[2]}"
-    channels = images.shape[1]
-    result = dict(source=str(source), what=what, n=n, real=str(real), real_n=len(real_images), size=size_text,
-                  channels=channels, inception_input="greyscale, the one channel repeated 3 times on both sides"
-                  if channels == 1 else "RGB",
-                  **(sampling or dict(sampler=None, steps=None, eta=None, variance=None, guidance=None, classes=None,
-                                      ema=None)),
-                  fid=fid, kid=kid, kid_std=kid_std, feature_seconds=round(time.perf_counter() - started, 1))
-    if as_json:
-        print(json.dumps(result))
-    else:
-        print(f"FID {fid:.2f}  KID {kid * 1000:.2f} ± {kid_std * 1000:.2f} (x1e-3)  [{what}; vs {len(real_images)} "
-              f"real images from {real} at {size_text}]")
+    result = fid_report(source, real, n, runtime, extractor, cache_dir or default_cache_dir(), sampler=sampler.value,
+                        steps=steps, eta=eta, seed=seed, batch_size=batch_size, size=size, resize=resize.value,
+                        classes=classes, guidance=guidance, variance=variance.value, use_ema=ema)
+    print(json.dumps(result) if as_json else f"FID {result['fid']:.2f}  KID {result['kid'] * 1000:.2f} ± "
+          f"{result['kid_std'] * 1000:.2f} (x1e-3)  [{result['what']}; vs {result['real_n']} real images from "
+          f"{real} at {result['size']}]")
 
 
 @app.command("nearest")
@@ -5384,38 +5431,19 @@ def cli_nearest(
     cache_dir = cache_dir or default_cache_dir()
     if n < 1:
         raise UserError(f"-n {n}: must be at least 1")
+    check_finite(guidance, "--guidance", 0, 100)
     check_output_path(out, "output", GRID_SUFFIXES)
     check_outputs([("output", out)], [("SOURCE", checkpoint_file(source))])
     check_replaceable(out, "output")
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, "auto", False, None)
-    check_finite(guidance, "--guidance", 0, 100)
-    samples, real_set, what, _ = evaluation_images(source, real, n, runtime, sampler.value, steps, DEFAULT_ETA, seed,
-                                                   SAMPLE_BATCH_SIZE, None, "squash", cache_dir, classes, guidance)
-    real_images = real_set.images
-    scorer = FidScorer(extractor, real_images, cache_dir, runtime.device)
-    feature_index, feature_dist = nearest_neighbours(scorer.features(samples), scorer.real_features)
-    flat = lambda x: x.flatten(1).float() / 255
-    pixel_index, pixel_dist = nearest_neighbours(flat(samples), flat(real_images))
-    # Reference: how far a real image is from its nearest *other* real image.
-    probe = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))[:min(200, len(real_images))]
-    real_to_real = torch.cdist(scorer.real_features[probe], scorer.real_features)
-    real_to_real[torch.arange(len(probe)), probe] = float("inf")
-    reference = real_to_real.min(dim=1).values.median().item()
-    rows = []
-    for i in range(n):
-        rows += [samples[i], real_images[feature_index[i]], real_images[pixel_index[i]]]
-    save_grid(torch.stack(rows), out, columns=3)
-    table = Table(title=Text(printable(f"Nearest training images ({what})")))
-    for column in ("sample", "Inception dist", "/ real-real median", "pixel RMS dist", "nearest (Inception)"):
-        table.add_column(column)
-    for i in range(n):
-        table.add_row(str(i), f"{feature_dist[i]:.2f}", f"{feature_dist[i] / reference:.2f}",
-                      f"{pixel_dist[i] / math.sqrt(samples[0].numel()):.3f}",
-                      str(feature_index[i].item()))
+    samples, real_set, what, _ = evaluation_images(source, real, n, runtime, cache_dir, sampler=sampler.value,
+                                                   steps=steps, seed=seed, classes=classes, guidance=guidance)
+    scorer = FidScorer(extractor, real_set.images, cache_dir, runtime.device)
+    table, reference = nearest_report(samples, real_set.images, scorer, seed, out, what)
     SafeConsole(markup=False, highlight=False).print(table)
-    console.print(f"Real-to-nearest-real Inception distance (median of {len(probe)}): {reference:.2f}. "
-                  f"Ratios well below 1 would suggest copies. Wrote {out}")
+    console.print(f"Real-to-nearest-real Inception distance (median): {reference:.2f}. Ratios well below 1 would "
+                  f"suggest copies. Wrote {out}")
 
 
 @app.command("bench")

@@ -57,6 +57,9 @@ declare -A VARIANTS=(
   [l1]="--loss l1"
   [linear]="--schedule linear"
   [classes]="--classes auto"  # class-conditional on the devkit's 196 classes (label dropout 0.1); same img/s
+  [wsd]="--lr-schedule wsd"  # the rate decays linearly to 0 over the last 20% of the run's steps; same img/s
+  [cosine]="--lr-schedule cosine"  # the rate decays as a half cosine to 0 after the warm-up; same img/s
+  [lr2e-3]="--lr 2e-3"
 )
 FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 blocks2 attn8 attn-none"  # the others: same img/s
 mkdir -p "$RUNS" "$OUT"
