@@ -2144,9 +2144,12 @@ def detect_channels(config: DataConfig, files: list[Path]) -> tuple[int, str]:
 
 def training_files(root: Path, option: str, leave_out: tuple[Path, ...], say) -> list[Path]:
     """The image files in root, without those inside the `leave_out` folders (the run folder and the
-    cache, if they sit inside it: previews must not become training data), which is said."""
+    cache, if they sit inside it) or inside any other run folder of ddpm.py (one with a log.jsonl
+    beside its ckpt.pt): previews must not become training data. What is left out is said."""
     files = find_images(root, option)
-    inside = [folder for folder in leave_out if folder.resolve().is_relative_to(root.resolve())]
+    runs = {log.parent for log in root.rglob("log.jsonl") if (log.parent / "ckpt.pt").is_file()}
+    inside = list({folder.resolve(): folder for folder in (*sorted(runs), *leave_out)  # each folder once
+                   if folder.resolve().is_relative_to(root.resolve())}.values())
     if not inside:
         return files
     kept = [f for f in files if not any(f.resolve().is_relative_to(folder.resolve()) for folder in inside)]

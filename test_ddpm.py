@@ -2324,6 +2324,10 @@ def test_a_run_folder_inside_the_data_folder_stays_out_of_the_data(tmp_path, cap
     assert len(list((run / "samples").glob("*.png"))) == 2  # PNGs now inside --data
     code, _, err = run_cli([*args, "--steps", 3], capsys)
     assert code == 0 and "6 used" in err and "left out 3 files inside" in err  # 2 previews and loss.png
+    # Another run on the same data (its own folder outside) leaves the first run's pictures out too.
+    code, _, err = run_cli(["train", *MICRO, "--data", data, "--out", tmp_path / "other", "--steps", 1,
+                            "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0 and "6 used" in err and "left out 4 files inside" in err  # 3 previews and loss.png
 
 
 def free_port() -> int:
