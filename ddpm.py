@@ -3887,6 +3887,9 @@ def evaluation_images(source: Path, real: Path, count: int, runtime: Runtime, ca
             raise UserError(f"--class: {source} is a folder of images; --class needs a conditional checkpoint")
         images, real_set = folder_images(source, real, count, seed, size, resize, cache_dir)
         return images, real_set, f"{count} images from the folder {source}", None
+    if size is not None:
+        raise UserError(f"--size {size}: {source} is a model, whose samples have its own size; --size is for a "
+                        f"folder of images")
     model, schedule, config = load_for_sampling(source, use_ema, runtime)
     names = config.data.class_names
     real_set = load_images(dataclasses.replace(config.data, path=str(real), flip=False,

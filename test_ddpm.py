@@ -3129,6 +3129,8 @@ BAD_INPUTS = [
     (["sample", "-c", "{tmp}/good.pt", "--seed", "-1", "{tmp}/o.png"], "Invalid value for '--seed'"),
     (["fid", "{tmp}/good.pt", "--real", "{tmp}/photo.jpg", "--inception", "{tmp}/net.pt"],
      "--real {tmp}/photo.jpg: is a file, not a folder"),
+    (["fid", "{tmp}/good.pt", "--real", "{tmp}/two_images", "--size", "nonsense", "--inception", "{tmp}/net.pt"],
+     "--size nonsense: {tmp}/good.pt is a model, whose samples have its own size"),
     (["train", "--data", "{tmp}/two_images", "--size", "8", "--batch-size", "1", "--accum", "4"],
      "(2 images); use --accum 2 or less"),
     (["train", "--accum", "1000000000000"], "--accum 1000000000000: must be at most 1048576"),
