@@ -842,7 +842,7 @@ def test_regional_compile_compiles_each_block_and_whole_compiles_the_network():
 
 
 # ------------------------------------------------------------------------------------------------
-# Files: what ddpm.py may replace or remove (README "Never lose a run")
+# Files: what ddpm.py may replace or remove (docs/guarantees.md)
 # ------------------------------------------------------------------------------------------------
 
 KILLED_WRITER = """
@@ -1693,7 +1693,7 @@ def test_a_diffusers_export_loads_in_its_pipelines_and_samples_like_ours(tmp_pat
     ours = ddpm.sample(model, schedule_, torch.randn(2, 3, height, width, generator=ours_noise), sampler="ddpm",
                        randn_like=lambda like: torch.randn(like.shape, generator=ours_noise))
     assert (torch.tensor(theirs).permute(0, 3, 1, 2) - (ours + 1) / 2).abs().max() < 1e-4  # 7e-6 at T = 100
-    # Deterministic DDIM over every timestep (fewer steps space them differently: see the README).
+    # Deterministic DDIM over every timestep (fewer steps space them differently: see the README's interop section).
     pipe = diffusers.DDIMPipeline.from_pretrained(tmp_path / "pipe")
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), eta=0.0, num_inference_steps=T,
@@ -2029,7 +2029,7 @@ def test_real_inception_features():
 
 
 def test_the_minutes_plot_marks_each_fid_at_its_height(tmp_path):
-    """docs/plot_minutes.py, the README's FID-against-training-time plot, from recipe.sh's fid results."""
+    """docs/plot_minutes.py, the FID-against-training-time plot of docs/quality.md, from recipe.sh's fid results."""
     fids = {5: 150.0, 10: 120.0, 20: 100.0, 40: 60.0}
     for minutes, fid in fids.items():
         (tmp_path / f"{minutes}.json").write_text(json.dumps({"fid": fid, "kid": 0.1}))

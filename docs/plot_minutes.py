@@ -1,4 +1,4 @@
-"""FID against training minutes for the README: python docs/plot_minutes.py FOLDER docs/minutes.png
+"""FID against training minutes for docs/quality.md: python docs/plot_minutes.py FOLDER docs/minutes.png
 
 FOLDER holds 5.json, 10.json, 20.json and 40.json, written by `bash docs/recipe.sh minutes NAME`: the
 fid command's results for the checkpoints after 5, 10, 20 and 40 minutes' worth of training images."""
