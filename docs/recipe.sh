@@ -16,11 +16,12 @@
 #
 # The budget is 20 minutes of training on 2 CPU cores. This machine's speed varies up to 2.5x from
 # day to day, so "--minutes 20" would not mean the same thing twice. Instead the budget is fixed in
-# images: the reference recipe (the README's quality run: small, 32x32, batch 32) gets 25,600
+# images: the reference recipe (the sampler table's run in docs/quality.md: small, 32x32, batch 32) gets 25,600
 # images, what it trained in 20 minutes at 21 img/s. Every other variant gets 25,600 x its speed
 # relative to the reference, measured side by side in one run (step 1), so that a smaller or faster
 # network does more steps. Training is then defined by steps, and a run gives the same result
 # whatever else the machine is doing; only step 1 must run alone.
+# Edit this file only while no step of it runs: bash reads a script as it executes it.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-runs/recipe}
