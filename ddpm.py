@@ -1363,17 +1363,17 @@ def locked_journal(folder: Path):
         file.close()
     with file:
         file.seek(0)
-        entries = [line.split("\t", 2) for line in file.read().splitlines() if line.count("\t") >= 2]
-        before = [list(entry) for entry in entries]
+        text = file.read()
+        entries = [line.split("\t", 2) for line in text.splitlines() if line.count("\t") >= 2]
         yield entries
-        if entries == before:
-            return
-        if not entries:
+        if not entries:  # also one left empty or torn by a kill between its creation and its write
             path.unlink()
             return
-        file.truncate(0)
-        file.write("".join("\t".join(entry) + "\n" for entry in entries))
-        file.flush()
+        new_text = "".join("\t".join(entry) + "\n" for entry in entries)
+        if new_text != text:
+            file.truncate(0)
+            file.write(new_text)
+            file.flush()
 
 
 def process_alive(pid: int) -> bool:

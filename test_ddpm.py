@@ -882,6 +882,23 @@ def test_only_unfinished_files_this_program_recorded_are_removed(tmp_path, capsy
     assert not (run / ddpm.JOURNAL).exists()  # an empty journal is removed
 
 
+def test_a_journal_left_empty_or_torn_by_a_kill_is_cleaned(tmp_path):
+    """A kill between the journal's creation and its write leaves it empty, and one inside its
+    rewrite leaves a torn line: the next cleanup removes the one and mends the other, keeping the
+    entries of writes still under way."""
+    journal = tmp_path / ddpm.JOURNAL
+    journal.write_text("")
+    ddpm.remove_unfinished(tmp_path)
+    assert not journal.exists()
+    live = f"{os.getpid()}\t{ddpm.HOST}\t.ckpt.pt.tmp-abc\n"  # this process: still writing
+    journal.write_text(live + "123\t.x")
+    ddpm.remove_unfinished(tmp_path)
+    assert journal.read_text() == live
+    journal.write_text("123\t.x")
+    ddpm.remove_unfinished(tmp_path)
+    assert not journal.exists()
+
+
 def test_a_killed_export_leaves_nothing_after_the_next_export_there(tmp_path, capsys):
     leftover = kill_while_writing(tmp_path / "small.pt")
     ddpm.atomic_save(tiny_checkpoint(), tmp_path / "c.pt")
