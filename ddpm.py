@@ -869,7 +869,7 @@ def interpolate(model: nn.Module, schedule: NoiseSchedule, start: torch.Tensor, 
 
 
 # -------------------------------------------------------------------------------------------------
-# Training objectives beyond eps: v-prediction and Min-SNR weighting
+# Training objectives beyond eps: v-prediction, Min-SNR weighting, and which noise levels are trained
 # -------------------------------------------------------------------------------------------------
 
 
@@ -896,6 +896,33 @@ def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> to
     snr = schedule.snr[t]
     clipped = snr.clamp(max=gamma)
     return clipped / snr if schedule.config.objective == "eps" else clipped / (snr + 1)
+
+
+T_SAMPLINGS = {  # how training draws t: uniformly (DDPM), or ln sigma ~ N(mean, std^2) with these (mean, std)
+    "uniform": None,
+    "edm": (-1.2, 1.2),  # Karras et al. 2022, Table 1: P_mean, P_std
+    "sd3": (0.0, 1.0),  # Esser et al. 2024, sec. 3.1: logit-normal t, the same family (see below)
+}
+
+
+def timestep_probabilities(schedule: NoiseSchedule, sampling: str) -> torch.Tensor:
+    """How often training draws each timestep, shape (T,) in float64, summing to 1.
+
+    "uniform" is DDPM's t ~ Uniform{0..T-1}. The others draw the noise level log-normally instead,
+    ln sigma ~ N(mean, std^2), where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) = 1 / sqrt(SNR_t)
+    is the noise's scale in x_t / sqrt(alpha_bar_t) = x0 + sigma_t * eps (eq. 4 divided through;
+    EDM's sigma). Timestep t gets the chance of the sigmas nearer to it than to its neighbours in
+    ln sigma. "edm" is EDM's training distribution, centred on sigma = 0.3 (t ~ 180 of the cosine
+    schedule's 1000): uniform t spends half its draws above t = 500, where sigma > 1 and predicting
+    eps is easy. "sd3" is Stable Diffusion 3's logit-normal t: for rectified flow,
+    x_t = (1 - t) x0 + t eps, so sigma = t / (1 - t) and ln sigma = logit(t) ~ N(0, 1)."""
+    if choice(sampling, T_SAMPLINGS, "--t-sampling") == "uniform":
+        return torch.full((schedule.timesteps,), 1 / schedule.timesteps, dtype=torch.float64)
+    mean, std = T_SAMPLINGS[sampling]
+    log_sigma = -schedule.log_snr.double()  # increasing in t
+    edges = (log_sigma[1:] + log_sigma[:-1]) / 2
+    cdf = 0.5 * (1 + torch.erf((edges - mean) / (std * math.sqrt(2))))  # the normal CDF at each edge
+    return torch.diff(cdf, prepend=torch.zeros(1, dtype=torch.float64), append=torch.ones(1, dtype=torch.float64))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2275,6 +2302,7 @@ class TrainConfig:
 
     loss: str = "l2"  # l2 = DDPM's simplified loss (eq. 14); l1 = what the tutorial's code used
     min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. use 5); 0 = off
+    t_sampling: str = "uniform"  # which timesteps training draws: uniform (DDPM), or log-normal noise levels: edm, sd3
     batch_size: int = 64  # per GPU and micro-batch
     accum: int = 1  # micro-batches per optimiser step: each step trains on batch_size x accum images per GPU
     checkpoint_activations: bool = False  # recompute each U-Net block in backward: less memory, more compute
@@ -2318,6 +2346,8 @@ class TrainConfig:
             raise UserError(f"--lr {self.lr}: must be a positive number")
         if not 0 <= self.cond_drop <= 1:
             raise UserError(f"--cond-drop {self.cond_drop}: must be in [0, 1]; 0.1 is usual")
+        if self.t_sampling not in T_SAMPLINGS:
+            raise UserError(f"--t-sampling {self.t_sampling!r}: unknown; choose one of {', '.join(T_SAMPLINGS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"--lr-schedule {self.lr_schedule!r}: unknown; choose one of {', '.join(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -4159,6 +4189,7 @@ class Trainer:
         self.stream = BatchStream(self.images.to(runtime.device) if on_gpu else self.images, self.settings.seed,
                                   runtime.device, self.data.labels)
         self.generator = torch.Generator(runtime.device)
+        self.t_chances = timestep_probabilities(self.schedule, self.settings.t_sampling).float().to(runtime.device)
         self.meter = LossMeter(runtime.device)
         self.meter.bad_total.fill_(self.state.bad_steps)
         self.started = self.window_start = time.monotonic()
@@ -4257,9 +4288,16 @@ class Trainer:
         """What previews and FID sample from: the EMA weights when there are any."""
         return self.ema.module if self.ema is not None else self.model
 
+    def draw_timesteps(self, draw: dict) -> torch.Tensor:
+        """t for each image of the global batch: uniform, drawn as every run before --t-sampling drew
+        it (so their resumes stay exact), or by the chances of timestep_probabilities."""
+        if self.settings.t_sampling == "uniform":
+            return torch.randint(0, self.schedule.timesteps, (self.global_batch,), **draw)
+        return torch.multinomial(self.t_chances, self.global_batch, replacement=True, generator=draw["generator"])
+
     def step(self) -> int:
-        """One optimisation step (DDPM Algorithm 1): x0 from the data, t ~ Uniform{0..T-1},
-        eps ~ N(0, I), a gradient step on the loss, then the EMA. Everything random comes from
+        """One optimisation step (DDPM Algorithm 1): x0 from the data, t ~ Uniform{0..T-1} (or as
+        --t-sampling draws it), eps ~ N(0, I), a gradient step on the loss, then the EMA. Everything random comes from
         (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B == 1 GPU x B x 2
         micro-batches (--accum 2), and resuming is exact. Micro-batches add up their gradients, and
         under DDP only the last one all-reduces them. A non-finite loss or gradient skips the
@@ -4272,7 +4310,7 @@ class Trainer:
         per_rank = settings.batch_size * settings.accum
         rank_slice = slice(runtime.rank * per_rank, (runtime.rank + 1) * per_rank)
         draw = dict(generator=self.generator, device=runtime.device)
-        t = torch.randint(0, self.schedule.timesteps, (self.global_batch,), **draw)[rank_slice]
+        t = self.draw_timesteps(draw)[rank_slice]
         noise = torch.randn((self.global_batch, self.config.unet.channels, data.height, data.width),
                             **draw)[rank_slice]
         flip = torch.rand(self.global_batch, **draw)[rank_slice] < 0.5
@@ -4961,6 +4999,7 @@ CompileMode = enum.Enum("CompileMode", {name: name for name in ("default", "redu
 CompileScope = enum.Enum("CompileScope", {name: name for name in COMPILE_SCOPES}, type=str)
 Channels = enum.Enum("Channels", {name: name for name in CHANNELS}, type=str)
 LrSchedule = enum.Enum("LrSchedule", {name: name for name in LR_SCHEDULES}, type=str)
+TSampling = enum.Enum("TSampling", {name: name for name in T_SAMPLINGS}, type=str)
 
 
 def given_options(ctx: typer.Context) -> set[str]:
@@ -5066,6 +5105,9 @@ LossOpt = Annotated[Loss, typer.Option(help="l2 (DDPM) or l1 (the tutorial's cod
 
 MinSnrOpt = Annotated[float, typer.Option(help="Min-SNR loss weighting gamma (5 is usual); 0 = off.")]
 
+TSamplingOpt = Annotated[TSampling, typer.Option(help="Which timesteps training draws: uniform (DDPM), or noise levels "
+                                                 "log-normal as in EDM (edm) or Stable Diffusion 3 (sd3).")]
+
 BatchOpt = Annotated[int, typer.Option(help="Images per step (per GPU), or per micro-batch with --accum.")]
 
 AccumOpt = Annotated[int, typer.Option(help="Micro-batches per step: trains like --batch-size x N, in the memory of "
@@ -5138,6 +5180,7 @@ def cli_train(
     objective: ObjectiveOpt = Objective(DiffusionConfig.objective),
     loss: LossOpt = Loss(TrainConfig.loss),
     min_snr_gamma: MinSnrOpt = TrainConfig.min_snr_gamma,
+    t_sampling: TSamplingOpt = TSampling(TrainConfig.t_sampling),
     batch_size: BatchOpt = TrainConfig.batch_size,
     accum: AccumOpt = TrainConfig.accum,
     checkpoint_activations: RecomputeOpt = TrainConfig.checkpoint_activations,

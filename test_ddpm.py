@@ -19,6 +19,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -2645,6 +2646,53 @@ def test_a_decaying_learning_rate_resumes_exactly_and_needs_the_run_length(tmp_p
     assert read_log(tmp_path / "straight")[-1]["lr"] == pytest.approx(1e-3 / 2)  # step 9 of 10: half-way down
     code, _, err = run_cli(["train", *MICRO, "--lr-schedule", "cosine", "--minutes", 1, "--out", tmp_path / "r"], capsys)
     assert code == 2 and "give its length with --steps or --epochs" in err
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_log_normal_timestep_chances_match_drawing_the_noise_level_itself(schedule):
+    """Drawing ln sigma ~ N(mean, std^2) and taking the timestep whose ln sigma is nearest gives the
+    chances timestep_probabilities computes in closed form (checked in 10 bands of t)."""
+    noise_schedule = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule=schedule))
+    log_sigma = -noise_schedule.log_snr.double()
+    assert torch.allclose(ddpm.timestep_probabilities(noise_schedule, "uniform"), torch.full((1000,), 1e-3,
+                                                                                             dtype=torch.float64))
+    generator = torch.Generator().manual_seed(0)
+    for name, (mean, std) in [(k, v) for k, v in ddpm.T_SAMPLINGS.items() if v]:
+        chances = ddpm.timestep_probabilities(noise_schedule, name)
+        assert chances.min() >= 0 and chances.sum().item() == pytest.approx(1)
+        drawn = mean + std * torch.randn(40_000, dtype=torch.float64, generator=generator)
+        nearest = torch.cat([(log_sigma[None] - part[:, None]).abs().argmin(1) for part in drawn.split(4000)])
+        bands = lambda counts: counts.reshape(10, 100).sum(1)
+        observed = bands(torch.bincount(nearest, minlength=1000).double() / len(drawn))
+        assert torch.allclose(observed, bands(chances), atol=0.01), (name, observed, bands(chances))
+    edm = ddpm.timestep_probabilities(noise_schedule, "edm")
+    median = int((edm.cumsum(0) < 0.5).sum())
+    assert log_sigma[median - 1] < -1.2 < log_sigma[median + 1]  # the median noise level is EDM's P_mean
+
+
+def test_training_draws_timesteps_by_t_sampling_and_a_resume_keeps_it(tmp_path, monkeypatch, capsys):
+    """--t-sampling edm trains mostly at low noise (uniform t would put the median at sigma ~ 1,
+    ln sigma ~ 0), is recorded in the run, and a resume that does not repeat it still draws by it:
+    the resumed run ends on the same weights as the run that went straight through."""
+    real_loss, log_sigmas = ddpm.diffusion_loss, []
+
+    def recording(model, schedule, x0, t, noise, **kwargs):
+        log_sigmas.extend((-schedule.log_snr[t]).tolist())
+        return real_loss(model, schedule, x0, t, noise, **kwargs)
+
+    monkeypatch.setattr(ddpm, "diffusion_loss", recording)
+    common = [*EXACT, "--log-every", 5, "--save-every", 5, "--keep", 5]
+    assert run_cli(["train", *common, "--t-sampling", "edm", "--steps", 10, "--out", tmp_path / "straight"],
+                   capsys)[0] == 0
+    assert -1.9 < statistics.median(log_sigmas) < -0.5 and len(log_sigmas) == 40
+    assert ddpm.load_checkpoint(tmp_path / "straight")["config"]["train"]["t_sampling"] == "edm"
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "ckpt-00000005.pt", tmp_path / "resumed" / "ckpt-00000005.pt")
+    assert run_cli(["train", "--out", tmp_path / "resumed", "--device", "cpu"], capsys)[0] == 0
+    a, b = (ddpm.load_checkpoint(tmp_path / name)["model"] for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = run_cli(["train", *MICRO, "--t-sampling", "lognormal", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "--t-sampling" in err and "edm" in err and not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------------------------
