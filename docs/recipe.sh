@@ -61,6 +61,8 @@ declare -A VARIANTS=(
   [wsd]="--lr-schedule wsd"  # the rate decays linearly to 0 over the last 20% of the run's steps; same img/s
   [cosine]="--lr-schedule cosine"  # the rate decays as a half cosine to 0 after the warm-up; same img/s
   [lr2e-3]="--lr 2e-3"
+  [t-edm]="--t-sampling edm"  # timesteps drawn by EDM's log-normal noise levels, not uniformly; same img/s
+  [t-sd3]="--t-sampling sd3"  # by Stable Diffusion 3's logit-normal t; same img/s
 )
 FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 blocks2 attn8 attn-none"  # the others: same img/s
 mkdir -p "$RUNS" "$OUT"
