@@ -4297,13 +4297,13 @@ class Trainer:
 
     def step(self) -> int:
         """One optimisation step (DDPM Algorithm 1): x0 from the data, t ~ Uniform{0..T-1} (or as
-        --t-sampling draws it), eps ~ N(0, I), a gradient step on the loss, then the EMA. Everything random comes from
-        (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B == 1 GPU x B x 2
-        micro-batches (--accum 2), and resuming is exact. Micro-batches add up their gradients, and
-        under DDP only the last one all-reduces them. A non-finite loss or gradient skips the
-        update. In fp16 the loss is scaled up for backward (GradScaler): a step whose scaled
-        gradients overflow is skipped and the scale halved, which is the scaler's business, not a bad
-        step; a non-finite loss still is one. Returns the non-finite steps in a row."""
+        --t-sampling draws it), eps ~ N(0, I), a gradient step on the loss, then the EMA. Everything
+        random comes from (seed, step), drawn for the global batch, so 1 GPU x 2B == 2 GPUs x B ==
+        1 GPU x B x 2 micro-batches (--accum 2), and resuming is exact. Micro-batches add up their
+        gradients, and under DDP only the last one all-reduces them. A non-finite loss or gradient
+        skips the update. In fp16 the loss is scaled up for backward (GradScaler): a step whose
+        scaled gradients overflow is skipped and the scale halved, which is the scaler's business,
+        not a bad step; a non-finite loss still is one. Returns the non-finite steps in a row."""
         settings, runtime, state, data = self.settings, self.runtime, self.state, self.config.data
         self.generator.manual_seed(derive_seed(settings.seed, "step", state.step))
         torch.manual_seed(derive_seed(settings.seed, "dropout", state.step, runtime.rank))
