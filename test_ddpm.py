@@ -2681,7 +2681,7 @@ def test_training_draws_timesteps_by_t_sampling_and_a_resume_keeps_it(tmp_path, 
         return real_loss(model, schedule, x0, t, noise, **kwargs)
 
     monkeypatch.setattr(ddpm, "diffusion_loss", recording)
-    common = [*EXACT, "--log-every", 5, "--save-every", 5, "--keep", 5]
+    common = [*EXACT, "--dropout", 0.1, "--log-every", 5, "--save-every", 5, "--keep", 5]  # dropout on, as users train
     assert run_cli(["train", *common, "--t-sampling", "edm", "--steps", 10, "--out", tmp_path / "straight"],
                    capsys)[0] == 0
     assert -1.9 < statistics.median(log_sigmas) < -0.5 and len(log_sigmas) == 40
