@@ -926,6 +926,42 @@ def timestep_probabilities(schedule: NoiseSchedule, sampling: str) -> torch.Tens
 
 
 # -------------------------------------------------------------------------------------------------
+# The average of the weights: EDM2's power-function EMA (Karras et al. 2024, sec. 3.1 and app. C)
+# -------------------------------------------------------------------------------------------------
+# Samples come from an exponential moving average of the weights, not the weights themselves. A fixed
+# decay averages over a fixed number of steps, too long early in a run and too short late. EDM2's
+# power-function EMA averages the weights of every step tau <= t in proportion to tau^gamma, a profile
+# that stretches with the run: its width is a fraction sigma_rel of the run so far. DDPM's warm-up
+# decay (1 + s) / (10 + s) = 1 - 9 / (10 + s) is close to the power EMA with gamma + 1 = 9, which is
+# sigma_rel = 0.09, until its cap (0.9999) takes over at s ~ 90,000.
+
+
+def power_ema_std(exponent: float) -> float:
+    """sigma_rel of the power-function EMA with exponent gamma: the standard deviation of its profile
+    p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t], as a fraction of t (EDM2 eq. 123)."""
+    return math.sqrt((exponent + 1) / ((exponent + 2) ** 2 * (exponent + 3)))
+
+
+def power_ema_exponent(std: float) -> float:
+    """The exponent gamma >= 0 whose profile has width sigma_rel = std (EDM2 eq. 126 solves the cubic;
+    power_ema_std falls as gamma grows, so bisection finds the same root). Widths up to
+    power_ema_std(0) = 0.289, a plain average of every step, have one."""
+    low, high = 0.0, 1e9
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if power_ema_std(middle) > std else (low, middle)
+    return (low + high) / 2
+
+
+def power_ema_decay(updates: torch.Tensor, exponent: float) -> torch.Tensor:
+    """The decay beta of the EMA's next update after `updates` earlier ones, all equally spaced:
+    (1 - 1 / (updates + 1))^(gamma + 1) (EDM2 eq. 127, with t counted in updates). The first update
+    (beta = 0) takes the weights as they are; after n updates, update k has counted
+    (k^(gamma + 1) - (k - 1)^(gamma + 1)) / n^(gamma + 1), which is ~ k^gamma and sums to 1."""
+    return (updates / (updates + 1)) ** (exponent + 1)
+
+
+# -------------------------------------------------------------------------------------------------
 # Layouts: where Google's released DDPM weights differ from this network
 # -------------------------------------------------------------------------------------------------
 # The TensorFlow code of DDPM, whose weights Google released (google/ddpm-cifar10-32 and others),
@@ -2313,6 +2349,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the gradient norm (DDPM); 0 = off
     ema_decay: float = 0.9999  # largest EMA decay (DDPM); warms up as (1 + s) / (10 + s); 0 = no EMA
     ema_every: int = 10  # update the EMA every this many steps (with decay**ema_every)
+    ema_std: float = 0.0  # > 0: EDM2's power-function EMA of this relative width instead of the decay's warm-up
     steps: int = 100_000  # stop after this many optimiser steps ...
     epochs: Optional[float] = None  # ... or this many passes over the data ...
     minutes: Optional[float] = None  # ... or this much wall-clock time, whichever comes first
@@ -2354,6 +2391,11 @@ class TrainConfig:
             raise UserError(f"--precision {self.precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
         if not 0 <= self.ema_decay < 1:  # comparisons with NaN are false, so NaN lands here too
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1); 0 turns EMA off")
+        if not 0 <= self.ema_std <= power_ema_std(0):
+            raise UserError(f"--ema-std {self.ema_std}: must be in [0, {power_ema_std(0):.4f}] (EDM2 uses 0.05 to 0.15); "
+                            f"0 keeps --ema-decay's warm-up")
+        if self.ema_std and not self.ema_decay:
+            raise UserError(f"--ema-std {self.ema_std} with --ema-decay 0: there is no EMA to shape; drop one of them")
         for name in ("min_snr_gamma", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -4013,16 +4055,19 @@ def learning_rate(config: TrainConfig, step: int, total_steps: Optional[int] = N
     return rate
 
 
-def ema_update_fn(max_decay: float, every: int):
+def ema_update_fn(max_decay: float, every: int, std: float = 0.0):
     """multi_avg_fn for AveragedModel: an EMA whose per-step decay warms up as
     min(max_decay, (1 + s) / (10 + s)) at step s (TensorFlow's ExponentialMovingAverage), so early
-    averages are not dominated by the random initial weights. Applied every `every` steps as
-    decay**every; computed on the device, so it never waits for the GPU."""
+    averages are not dominated by the random initial weights; applied every `every` steps as
+    decay**every. With std > 0, EDM2's power-function EMA of that relative width instead (Part I).
+    Computed on the device, so it never waits for the GPU."""
+    exponent = power_ema_exponent(std) if std else None
 
     @torch.no_grad()
     def update(ema_params, params, num_updates):
         step = num_updates * every
-        decay = torch.clamp((1 + step) / (10 + step), max=max_decay) ** every
+        decay = torch.clamp((1 + step) / (10 + step), max=max_decay) ** every if exponent is None \
+            else power_ema_decay(num_updates.double(), exponent).float()
         # ema = decay * ema + (1 - decay) * param, with decay a device tensor (a lerp would take it
         # as a Python scalar, which means reading it back from the GPU)
         torch._foreach_mul_(ema_params, decay)
@@ -4251,7 +4296,8 @@ class Trainer:
             model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=same_classes)
         self.model = runtime.prepare(model)
         self.schedule = NoiseSchedule(self.config.diffusion).to(runtime.device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(settings.ema_decay, settings.ema_every)) \
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(settings.ema_decay, settings.ema_every,
+                                                                        settings.ema_std)) \
             if settings.ema_decay else None
         if settings.checkpoint_activations:
             checkpoint_activations(self.model)  # after the EMA's copy, which only ever runs forward
@@ -5127,6 +5173,8 @@ LrScheduleOpt = Annotated[LrSchedule, typer.Option(help="After the warm-up: cons
 ClipOpt = Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")]
 
 EmaDecayOpt = Annotated[float, typer.Option(help="Largest EMA decay; 0 = no EMA.")]
+EmaStdOpt = Annotated[float, typer.Option(help="EDM2's power-function EMA of this relative width (e.g. 0.1), which "
+                                               "stretches with the run, instead of the decay's warm-up; 0 = off.")]
 
 StepLimitOpt = Annotated[int, typer.Option(help="Stop after this many optimiser steps ...")]
 
@@ -5189,6 +5237,7 @@ def cli_train(
     lr_schedule: LrScheduleOpt = LrSchedule(TrainConfig.lr_schedule),
     grad_clip: ClipOpt = TrainConfig.grad_clip,
     ema_decay: EmaDecayOpt = TrainConfig.ema_decay,
+    ema_std: EmaStdOpt = TrainConfig.ema_std,
     steps: StepLimitOpt = TrainConfig.steps,
     epochs: EpochsOpt = None,
     minutes: MinutesOpt = None,

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import random
+import re
 import resource
 import shutil
 import signal
@@ -284,6 +285,23 @@ def test_part_one_stands_alone_with_torch_only(tmp_path, monkeypatch):
     model = alone.UNet(alone.UNetConfig(**alone.PRESETS["tiny"]), 16, 16)
     schedule = alone.NoiseSchedule(alone.DiffusionConfig(timesteps=10))
     assert alone.sample(model, schedule, torch.randn(2, 3, 16, 16), sampler="ddim", steps=3).shape == (2, 3, 16, 16)
+
+
+def test_the_readmes_code_table_points_at_part_is_sections():
+    """Each row of "How the code is organised" starts at a section's title and ends just before the
+    next one, with every name it lists defined in it; Part I ends where Part II's banner begins."""
+    readme, lines = (HERE / "README.md").read_text(), (HERE / "ddpm.py").read_text().splitlines()
+    rule = lambda number: lines[number - 1].startswith(("# ---", "# ==="))
+    rows = re.findall(r"^\| (\d+)–(\d+) \| [^|]+ \| ([^|]+) \|", readme, flags=re.M)
+    assert len(rows) >= 12
+    for first, last, names in rows:
+        first, last = int(first), int(last)
+        assert rule(first - 1) and (rule(last) or rule(last + 1)), (first, last)
+        section = "\n".join(lines[first - 1:last])
+        for name in re.findall(r"`(\w+)", names):
+            assert re.search(rf"^(def|class) {name}\b|^{name} = |^    def {name.split('.')[-1]}\b", section, flags=re.M), name
+    part_one_end = int(re.search(r"\*\*Part I\*\* \(lines 1–(\d+);", readme).group(1))
+    assert lines[part_one_end].startswith("# ===") and lines[part_one_end + 1] == "# Part II: the tool"
 
 
 def library_example() -> str:
@@ -2561,6 +2579,66 @@ def test_ema_warms_up_then_averages():
     for _ in range(200):
         ema.update_parameters(model)  # decay reaches its 0.9 cap
     assert ema.module.weight.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def ema_profile(decays) -> torch.Tensor:
+    """How much of each update an EMA holds after updates with these decays, the first one included."""
+    counted = torch.zeros(len(decays), dtype=torch.float64)
+    for k, decay in enumerate(decays):
+        counted *= decay
+        counted[k] += 1 - decay
+    return counted
+
+
+@pytest.mark.parametrize("std", [0.05, 0.1, 0.2])
+def test_the_power_ema_counts_each_update_by_a_power_function_of_the_width_asked_for(std):
+    """EDM2's power-function EMA: its exponent is the root of EDM2's cubic (eq. 126); after n updates
+    it holds update k by (k^(g+1) - (k-1)^(g+1)) / n^(g+1) (~ k^g, summing to 1); and the standard
+    deviation of that profile is the width asked for, as a fraction of the n updates."""
+    exponent = ddpm.power_ema_exponent(std)
+    assert ddpm.power_ema_std(exponent) == pytest.approx(std, rel=1e-9)
+    inverse = std ** -2
+    assert exponent ** 3 + 7 * exponent ** 2 + (16 - inverse) * exponent + 12 - inverse == pytest.approx(0, abs=1e-6)
+    n = 2000
+    counted = ema_profile([ddpm.power_ema_decay(torch.tensor(k, dtype=torch.float64), exponent) for k in range(n)])
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    assert torch.allclose(counted, (k ** (exponent + 1) - (k - 1) ** (exponent + 1)) / n ** (exponent + 1), rtol=1e-9)
+    mean = (counted * k).sum()
+    assert ((counted * (k - mean) ** 2).sum().sqrt() / n).item() == pytest.approx(std, rel=0.01)
+
+
+def test_ddpms_warm_up_decay_is_close_to_the_power_ema_of_width_0_09():
+    """What Part I says of today's default: (1 + s) / (10 + s) averages like gamma + 1 = 9."""
+    n = 2000
+    counted = ema_profile([0.0] + [(1 + s) / (10 + s) for s in range(1, n)])
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    mean = (counted * k).sum()
+    assert ((counted * (k - mean) ** 2).sum().sqrt() / n).item() == pytest.approx(ddpm.power_ema_std(8), rel=0.03)
+    assert ddpm.power_ema_std(8) == pytest.approx(0.09, abs=0.001)
+
+
+def test_training_with_ema_std_averages_by_the_power_function_and_a_resume_keeps_it(tmp_path, capsys):
+    """--ema-std: the EMA in the checkpoints is the power-function average of the raw weights of the
+    EMA's updates (every 10 steps), it is recorded, a resume without the flag keeps it bit for bit,
+    and a width outside [0, 0.289] or one without an EMA is one line, exit 2, and no run folder."""
+    common = [*EXACT, "--dropout", 0.1, "--save-every", 10, "--keep", 5, "--ema-std", 0.1]
+    assert run_cli(["train", *common, "--steps", 30, "--out", tmp_path / "straight"], capsys)[0] == 0
+    saved = {step: ddpm.load_checkpoint(tmp_path / "straight" / f"ckpt-{step:08d}.pt") for step in (10, 20, 30)}
+    assert saved[30]["config"]["train"]["ema_std"] == 0.1
+    exponent, ema = ddpm.power_ema_exponent(0.1), saved[10]["model"]  # the first update takes the weights
+    for updates, step in ((1, 20), (2, 30)):
+        decay = (updates / (updates + 1)) ** (exponent + 1)
+        ema = {k: decay * ema[k] + (1 - decay) * saved[step]["model"][k] for k in ema}
+        assert all(torch.allclose(saved[step]["ema"][k], ema[k], atol=1e-6) for k in ema)
+    assert not all(torch.equal(saved[30]["ema"][k], saved[30]["model"][k]) for k in ema)
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "ckpt-00000010.pt", tmp_path / "resumed" / "ckpt-00000010.pt")
+    assert run_cli(["train", "--out", tmp_path / "resumed", "--device", "cpu"], capsys)[0] == 0
+    a, b = (ddpm.load_checkpoint(tmp_path / name)["ema"] for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad, words in ((["--ema-std", 0.3], "must be in [0, 0.2887]"), (["--ema-decay", 0], "there is no EMA to shape")):
+        code, _, err = run_cli(["train", *MICRO, "--ema-std", 0.1, *bad, "--out", tmp_path / "bad"], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def test_resume_says_which_typed_options_apply_and_which_are_ignored(tmp_path, capsys):
