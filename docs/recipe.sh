@@ -63,6 +63,8 @@ declare -A VARIANTS=(
   [lr2e-3]="--lr 2e-3"
   [t-edm]="--t-sampling edm"  # timesteps drawn by EDM's log-normal noise levels, not uniformly; same img/s
   [t-sd3]="--t-sampling sd3"  # by Stable Diffusion 3's logit-normal t; same img/s
+  [ema-std0.15]="--ema-std 0.15"  # EDM2's power EMA, 0.15 of the run wide (the warm-up's is ~0.09); same img/s
+  [uncond]=""  # not trained: NAME+uncond is NAME's conditional run sampled without classes (see run_of)
 )
 FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 blocks2 attn8 attn-none"  # the others: same img/s
 mkdir -p "$RUNS" "$OUT"
@@ -110,7 +112,10 @@ EOF_
 }
 run_of() {  # the run folder that a name is scored from, and how. The EMA never feeds back into training,
   # so a run with --ema-decay 0 trains the same raw weights as NAME's: NAME+ema0 scores those with --no-ema.
-  if [[ $1 == *+ema0 ]]; then echo "$RUNS/${1%+ema0} --no-ema"; else echo "$RUNS/$1"; fi
+  # NAME+uncond scores a conditional NAME with guidance 0: no class, which is what `sample` draws without --class.
+  if [[ $1 == *+ema0 ]]; then echo "$RUNS/${1%+ema0} --no-ema"
+  elif [[ $1 == *+uncond ]]; then echo "$RUNS/${1%+uncond} --guidance 0"
+  else echo "$RUNS/$1"; fi
 }
 fid() {  # fid OUTPUT.json RUN [fid options], RUN a run folder or one of its checkpoints; skipped when
   [ -s "$1" ] && return 0  # OUTPUT.json exists. It also records the step and images RUN had reached.
@@ -143,7 +148,7 @@ speed)  # 40 steps of the reference, then of each variant whose speed differs; i
 train)
   shift
   for name in $(names "$@"); do
-    [[ $name == *+ema0 ]] && { echo "$name: not trained, scored from $(run_of "$name")"; continue; }
+    [[ $name == *+ema0 || $name == *+uncond ]] && { echo "$name: not trained, scored from $(run_of "$name")"; continue; }
     steps=$(budget_steps "$name")
     echo "$name: $steps steps"
     $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps "$steps" --log-every 25 \
