@@ -2487,6 +2487,10 @@ def test_a_new_cpu_run_without_a_chosen_model_names_the_measured_cpu_recipe(tmp_
     assert code == 0 and ddpm.CPU_RECIPE not in err  # resuming: the model is chosen
     code, _, err = run_cli(["train", *ddpm.CPU_RECIPE.split(), *fast, "--out", tmp_path / "recipe"], capsys)
     assert code == 0 and ddpm.CPU_RECIPE not in err  # the recipe itself is a valid command
+    for doc in ("README.md", "docs/quality.md"):  # and the command the documents give, measured there
+        commands = (HERE / doc).read_text().replace("\\\n", " ")
+        assert re.search(r"python ddpm.py train --data \S+ +" + re.escape(ddpm.CPU_RECIPE).replace("\\ ", " +") + "\n",
+                         commands), doc
 
 
 def test_tiny_trains_at_its_measured_learning_rate_unless_one_is_given(tmp_path, capsys):
