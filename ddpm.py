@@ -2349,7 +2349,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the gradient norm (DDPM); 0 = off
     ema_decay: float = 0.9999  # largest EMA decay (DDPM); warms up as (1 + s) / (10 + s); 0 = no EMA
     ema_every: int = 10  # update the EMA every this many steps (with decay**ema_every)
-    ema_std: float = 0.0  # > 0: EDM2's power-function EMA of this relative width instead of the decay's warm-up
+    ema_std: float = 0.0  # > 0: EDM2's power-function EMA of this relative width, instead of ema_decay's warm-up and cap
     steps: int = 100_000  # stop after this many optimiser steps ...
     epochs: Optional[float] = None  # ... or this many passes over the data ...
     minutes: Optional[float] = None  # ... or this much wall-clock time, whichever comes first
@@ -5176,7 +5176,7 @@ ClipOpt = Annotated[float, typer.Option(help="Gradient-norm clip; 0 = off.")]
 
 EmaDecayOpt = Annotated[float, typer.Option(help="Largest EMA decay; 0 = no EMA.")]
 EmaStdOpt = Annotated[float, typer.Option(help="EDM2's power-function EMA of this relative width (e.g. 0.1), which "
-                                               "stretches with the run, instead of the decay's warm-up; 0 = off.")]
+                                               "stretches with the run, instead of --ema-decay's warm-up and cap; 0 = off.")]
 
 StepLimitOpt = Annotated[int, typer.Option(help="Stop after this many optimiser steps ...")]
 
