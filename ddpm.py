@@ -4065,9 +4065,11 @@ def ema_update_fn(max_decay: float, every: int, std: float = 0.0):
 
     @torch.no_grad()
     def update(ema_params, params, num_updates):
-        step = num_updates * every
-        decay = torch.clamp((1 + step) / (10 + step), max=max_decay) ** every if exponent is None \
-            else power_ema_decay(num_updates.double(), exponent).float()
+        if exponent is None:
+            step = num_updates * every
+            decay = torch.clamp((1 + step) / (10 + step), max=max_decay) ** every
+        else:
+            decay = power_ema_decay(num_updates.double(), exponent).float()
         # ema = decay * ema + (1 - decay) * param, with decay a device tensor (a lerp would take it
         # as a Python scalar, which means reading it back from the GPU)
         torch._foreach_mul_(ema_params, decay)
