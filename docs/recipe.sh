@@ -148,7 +148,7 @@ speed)  # 40 steps of the reference, then of each variant whose speed differs; i
 train)
   shift
   for name in $(names "$@"); do
-    [[ $name == *+ema0 || $name == *+uncond ]] && { echo "$name: not trained, scored from $(run_of "$name")"; continue; }
+    [[ $(run_of "$name") != "$RUNS/$name" ]] && { echo "$name: not trained, scored from $(run_of "$name")"; continue; }
     steps=$(budget_steps "$name")
     echo "$name: $steps steps"
     $PY ddpm.py train --data $DATA $REFERENCE $(options "$name") --steps "$steps" --log-every 25 \
