@@ -4958,14 +4958,14 @@ def run_benchmark(unet: UNetConfig, name: str, width: int, height: int, batch_si
         if peer is None:
             raise UserError("--compare needs diffusers: pip install -r requirements-bench.txt")
         models["diffusers UNet2DModel"] = (peer, peer.blocks)
-    results = {}
+    results, sampling = {}, runtime.for_sampling()
     for model_name, (model, blocks) in models.items():
         console.print(f"Measuring {model_name} ...")
         results[model_name] = benchmark_model(model, height, width, batch_size, runtime, steps, warmup, blocks=blocks,
-                                              sampling=runtime.for_sampling())
+                                              sampling=sampling)
     compiled = f", compiled ({runtime.compile_scope}, {runtime.compile_mode})" if runtime.compile else ", eager"
-    layout = (", channels_last" if runtime.channels_last else
-              ", channels_last for sampling" if runtime.for_sampling().channels_last else "")
+    layout = (", channels_last" if runtime.channels_last else ", channels_last for sampling" if sampling.channels_last
+              else "")
     setting = (f"{name} at {width}x{height}, batch {batch_size}, {runtime.device} ({device_name(runtime.device)}), "
                f"{runtime.precision}{compiled}{layout}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}")
