@@ -315,8 +315,10 @@ class UNetConfig:
             raise ConfigError(f"--blocks-per-level {self.blocks_per_level}: must be at least 1")
         if not 0 <= self.dropout < 1:  # also false for NaN
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
-        if self.head_channels < 1 or self.norm_groups < 1 or self.num_classes < 0:
-            raise ConfigError("head_channels and norm_groups must be at least 1, num_classes at least 0")
+        if self.norm_groups < 1:
+            raise ConfigError(f"--norm-groups {self.norm_groups}: must be at least 1")
+        if self.head_channels < 1 or self.num_classes < 0:
+            raise ConfigError("head_channels must be at least 1, num_classes at least 0")
         if self.channels not in (1, 3):
             raise ConfigError(f"--channels {self.channels}: must be 1 (greyscale) or 3 (colour)")
         if self.base_channels > 1024 or len(self.channel_mults) > 8 or max(self.channel_mults) > 16 or \
@@ -327,7 +329,8 @@ class UNetConfig:
         for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
             if channels % self.norm_groups:
                 raise ConfigError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
-                                  f"use --base-channels divisible by {self.norm_groups}")
+                                  f"use --base-channels divisible by {self.norm_groups}, or --norm-groups "
+                                  f"dividing {channels}")
 
     @property
     def levels(self) -> int:
@@ -2465,6 +2468,7 @@ KEPT_ON_RESUME = {  # options a resumed run ignores, and the fields of the run's
     "preset": ("unet.base_channels", "unet.channel_mults", "unet.blocks_per_level", "unet.attn_resolutions",
                "unet.dropout", "unet.norm_groups"),
     "base_channels": ("unet.base_channels",), "channel_mults": ("unet.channel_mults",),
+    "norm_groups": ("unet.norm_groups",),
     "blocks_per_level": ("unet.blocks_per_level",), "attn_res": ("unet.attn_resolutions",),
     "dropout": ("unet.dropout",), "schedule": ("diffusion.schedule",), "timesteps": ("diffusion.timesteps",),
     "objective": ("diffusion.objective",), "size": ("data.width", "data.height"), "resize": ("data.resize",),
@@ -4629,7 +4633,7 @@ def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, r
                         f"torchrun command: every rank continues from the newest checkpoint in {run_dir}") from None
 
 
-MODEL_OPTIONS = {"preset", "base_channels", "channel_mults", "blocks_per_level", "attn_res", "dropout"}
+MODEL_OPTIONS = {"preset", "base_channels", "channel_mults", "norm_groups", "blocks_per_level", "attn_res", "dropout"}
 
 
 def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool,
@@ -4684,7 +4688,7 @@ def requested_config(options: dict) -> RunConfig:
     preset with the options that override it, the schedule, the data and the training settings."""
     width, height = parse_size(options["size"])
     overrides = dict(base_channels=options["base_channels"], blocks_per_level=options["blocks_per_level"],
-                     dropout=options["dropout"],
+                     dropout=options["dropout"], norm_groups=options["norm_groups"],
                      channel_mults=parse_ints(options["channel_mults"], "--channel-mults")
                      if options["channel_mults"] else None,
                      attn_resolutions=parse_ints(options["attn_res"], "--attn-res")
@@ -5157,6 +5161,8 @@ BaseChannelsOpt = Annotated[Optional[int], typer.Option(help="Override the prese
 
 ChannelMultsOpt = Annotated[Optional[str], typer.Option(help="Override, e.g. 1,2,2,2.")]
 
+NormGroupsOpt = Annotated[Optional[int], typer.Option(help="Override the preset's GroupNorm groups (tiny 8, others 32).")]
+
 BlocksOpt = Annotated[Optional[int], typer.Option(help="Override the preset's blocks per level.")]
 
 AttnResOpt = Annotated[Optional[str], typer.Option(help="Override attention sizes, e.g. 16 or 16,8 or none.")]
@@ -5242,6 +5248,7 @@ def cli_train(
     cond_drop: CondDropOpt = TrainConfig.cond_drop,
     base_channels: BaseChannelsOpt = None,
     channel_mults: ChannelMultsOpt = None,
+    norm_groups: NormGroupsOpt = None,
     blocks_per_level: BlocksOpt = None,
     attn_res: AttnResOpt = None,
     dropout: DropoutOpt = None,

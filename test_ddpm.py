@@ -2691,6 +2691,17 @@ def test_resume_says_which_typed_options_apply_and_which_are_ignored(tmp_path, c
     assert code == 2 and "--ema-decay 0: " in err and "has EMA weights, which every later checkpoint would drop" in err
 
 
+def test_norm_groups_sets_every_groupnorm_and_a_resume_keeps_the_runs(tmp_path, capsys):
+    run = tmp_path / "run"  # MICRO is tiny (8 groups) at 8 and 16 channels
+    assert run_cli(["train", *MICRO, "--norm-groups", 4, "--steps", 1, "--out", run], capsys)[0] == 0
+    model = ddpm.build_model(ddpm.RunConfig.from_dict(ddpm.load_checkpoint(run / "ckpt.pt")["config"]))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) > 5 and {m.num_groups for m in norms} == {4}
+    code, _, err = run_cli(["train", "--out", run, "--steps", 2, "--norm-groups", 2, *DEV], capsys)
+    assert code == 0 and "ignoring --norm-groups" in err
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["norm_groups"] == 4
+
+
 def test_a_crafted_optimizer_state_is_one_line_on_resume(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
@@ -3145,6 +3156,9 @@ BAD_INPUTS = [
     (["train", "--accum", "0"], "--accum 0: must be at least 1"),
     (["train", "--channel-mults", "1,x"], "--channel-mults '1,x': expected comma-separated integers"),
     (["train", "--base-channels", "20"], "do not split into 32 GroupNorm groups"),
+    (["train", "--norm-groups", "0"], "--norm-groups 0: must be at least 1"),
+    (["train", "--norm-groups", "48"], "64 channels do not split into 48 GroupNorm groups; use --base-channels "
+     "divisible by 48, or --norm-groups dividing 64"),
     (["train", "--out", "{tmp}/photo.jpg"], "--out {tmp}/photo.jpg: is a file"),
     (["train", "--fid-every", "10", "--inception", "{tmp}/nope.pt"], "--inception {tmp}/nope.pt: file does not exist"),
     (["sample", "-c", "{tmp}/missing.pt", "{tmp}/o.png"], "checkpoint {tmp}/missing.pt does not exist"),
