@@ -64,9 +64,11 @@ declare -A VARIANTS=(
   [t-edm]="--t-sampling edm"  # timesteps drawn by EDM's log-normal noise levels, not uniformly; same img/s
   [t-sd3]="--t-sampling sd3"  # by Stable Diffusion 3's logit-normal t; same img/s
   [ema-std0.15]="--ema-std 0.15"  # EDM2's power EMA, 0.15 of the run wide (the warm-up's is ~0.09); same img/s
+  [mult124]="--channel-mults 1,2,4"  # tiny's 8x8 level twice as wide (128 channels, not 64)
+  [groups32]="--norm-groups 32"  # DDPM's 32 GroupNorm groups; tiny has 8 (4 channels a group at 32 channels)
   [uncond]=""  # not trained: NAME+uncond is NAME's conditional run sampled without classes (see run_of)
 )
-FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 blocks2 attn8 attn-none"  # the others: same img/s
+FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 blocks2 attn8 attn-none mult124 groups32"  # the others: same img/s
 mkdir -p "$RUNS" "$OUT"
 names() { if [ $# -gt 0 ]; then echo "$@"; else printf '%s\n' "${!VARIANTS[@]}" | sort; fi; }
 options() {  # a name joins variants with "+" (tiny+min-snr5: both changes); of one option, the last wins
