@@ -5292,8 +5292,7 @@ def cli_train(
 
     Ctrl-C (or SIGTERM) finishes the step, saves and exits; run the same command again to resume."""
     options = {name: value.value if isinstance(value, enum.Enum) else value for name, value in ctx.params.items()}
-    code = start_training(options, given_options(ctx))
-    if code:
+    if code := start_training(options, given_options(ctx)):
         raise typer.Exit(code)
 
 
