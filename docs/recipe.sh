@@ -66,6 +66,8 @@ declare -A VARIANTS=(
   [ema-std0.15]="--ema-std 0.15"  # EDM2's power EMA, 0.15 of the run wide (the warm-up's is ~0.09); same img/s
   [mult124]="--channel-mults 1,2,4"  # tiny's 8x8 level twice as wide (128 channels, not 64)
   [groups32]="--norm-groups 32"  # DDPM's 32 GroupNorm groups; tiny has 8 (4 channels a group at 32 channels)
+  [bf16]="--precision bf16"  # bf16 autocast (what auto picks on a CPU with AMX or AVX512-BF16); same images
+  [fp32]="--precision fp32"  # fp32 throughout (what auto picks on a CPU without native bf16); same images
   [uncond]=""  # not trained: NAME+uncond is NAME's conditional run sampled without classes (see run_of)
 )
 FASTER_OR_SLOWER="reference batch16 batch64 tiny channels96 channels64 channels48 blocks1 blocks2 attn8 attn-none mult124 groups32"  # the others: same img/s
@@ -119,6 +121,10 @@ run_of() {  # the run folder that a name is scored from, and how. The EMA never 
   elif [[ $1 == *+uncond ]]; then echo "$RUNS/${1%+uncond} --guidance 0"
   else echo "$RUNS/$1"; fi
 }
+sampling_of() {  # a run trained in a chosen precision is also scored in it: +fp32 samples in fp32 where
+  # auto would pick bf16, so that the fp32 and bf16 rows compare what each precision gives from end to end
+  for part in ${1//+/ }; do [[ $part == fp32 || $part == bf16 ]] && echo -n "--precision $part "; done; true
+}
 fid() {  # fid OUTPUT.json RUN [fid options], RUN a run folder or one of its checkpoints; skipped when
   [ -s "$1" ] && return 0  # OUTPUT.json exists. It also records the step and images RUN had reached.
   $PY ddpm.py fid "$2" --real $DATA --json "${@:3}" > "$1.tmp"
@@ -159,11 +165,11 @@ train)
   ;;
 score)
   shift
-  for name in $(names "$@"); do fid "$OUT/$name.json" $(run_of "$name") -n "$N"; done
+  for name in $(names "$@"); do fid "$OUT/$name.json" $(run_of "$name") -n "$N" $(sampling_of "$name"); done
   ;;
 confirm)
   shift
-  for name in "$@"; do fid "$OUT/$name-n1000.json" $(run_of "$name") -n 1000; done
+  for name in "$@"; do fid "$OUT/$name-n1000.json" $(run_of "$name") -n 1000 $(sampling_of "$name"); done
   ;;
 samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances; or those named
   name=$2
