@@ -4787,21 +4787,38 @@ CPU_FLOP_PER_CYCLE = {  # per core, dense, with two vector units: (extension, pr
 }
 
 
+def cpuinfo(field: str) -> Optional[str]:
+    """A field of the first CPU in /proc/cpuinfo ("model name", "vendor_id", "cpu family"); None elsewhere."""
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(line for line in open("/proc/cpuinfo") if line.split(":")[0].strip() == field)
+        return line.split(":", 1)[1].strip()
+    return None
+
+
+def avx512_is_half_width() -> bool:
+    """AMD's Zen 4 (family 25 with AVX-512) runs each 512-bit instruction as two 256-bit halves, so
+    its AVX-512 and AVX512-BF16 peaks per cycle are half of those of Intel's two 512-bit units."""
+    return cpuinfo("vendor_id") == "AuthenticAMD" and cpuinfo("cpu family") == "25"
+
+
 def cpu_clock_ghz() -> Optional[float]:
     """The CPU's highest clock (cpufreq), or the clock it runs at now (/proc/cpuinfo); None elsewhere."""
     with contextlib.suppress(OSError, ValueError):
         return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        return float(next(line for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")).split(":")[1]) / 1e3
+    with contextlib.suppress(TypeError, ValueError):
+        return float(cpuinfo("cpu MHz")) / 1e3
     return None
 
 
 def cpu_peak_tflops(precision: str) -> Optional[float]:
     """An estimate of the CPU's peak for `precision`: threads x clock x FLOP per cycle of its best
-    extension for it (bf16 without AMX or AVX512-BF16 runs at the fp32 rate at best; fp16 likewise)."""
+    extension for it (bf16 without AMX or AVX512-BF16 runs at the fp32 rate at best; fp16 likewise),
+    halved for AVX-512 on Zen 4."""
     features, clock = cpu_features(), cpu_clock_ghz()
     for (extension, kind), flops in CPU_FLOP_PER_CYCLE.items():
         if features[extension] and (kind == precision or kind == "fp32"):
+            if extension in ("AVX-512", "AVX512-BF16") and avx512_is_half_width():
+                flops //= 2
             return torch.get_num_threads() * clock * flops / 1e3 if clock else None
     return None
 
@@ -4942,9 +4959,7 @@ def device_name(device: torch.device) -> str:
     """The GPU's name; or the CPU's model name and the extensions that matter here."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = "CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        name = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":")[1].strip()
+    name = cpuinfo("model name") or "CPU"
     extensions = [extension for extension, present in cpu_features().items() if present]
     clock = cpu_clock_ghz()
     return f"{name}, {clock:.2f} GHz, {' '.join(extensions) or 'no AVX2'}" if clock else name
@@ -4974,7 +4989,7 @@ def run_benchmark(unet: UNetConfig, name: str, width: int, height: int, batch_si
     setting = (f"{name} at {width}x{height}, batch {batch_size}, {runtime.device} ({device_name(runtime.device)}), "
                f"{runtime.precision}{compiled}{layout}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    return dict(setting=setting, results=results)
+    return dict(setting=setting, precision=runtime.precision, results=results)
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -57,6 +57,10 @@ MICRO = [*MICRO_NET, *DEV]
 # every machine: CUDA kernels are not bitwise reproducible (cuDNN and cuBLAS choose algorithms per
 # shape, atomic adds land in any order, TF32 and bf16 round), so a GPU run only ever agrees closely.
 EXACT = [*MICRO_NET, "--device", "cpu"]
+# Splitting a batch (micro-batches, DDP ranks) changes only the order of float sums, which fp32 keeps
+# within 1e-5. bf16, which --precision auto picks on CPUs with AMX or AVX512-BF16, rounds each split's
+# products to 8 bits of mantissa, so there two splits land 2e-4 apart: such claims are tested in fp32.
+AGREE_IN_FP32 = ["--precision", "fp32"]
 
 
 @pytest.fixture(autouse=True)
@@ -783,6 +787,21 @@ def test_auto_precision_on_the_cpu_is_bf16_where_the_cpu_has_it_natively(monkeyp
     monkeypatch.setattr(ddpm, "cpu_features", lambda: {**NO_BF16, **({extension: True} if extension else {})})
     assert ddpm.resolve_runtime("cpu", "auto").precision == expected
     assert ddpm.resolve_runtime("cpu", "fp32").precision == "fp32"  # a choice typed is kept
+
+
+@pytest.mark.parametrize("vendor,family,fp32,bf16", [("GenuineIntel", "6", 64, 128), ("AuthenticAMD", "25", 32, 64),
+                                                      ("AuthenticAMD", "26", 64, 128)])
+def test_the_cpu_peak_counts_zen4s_avx512_at_half_width(monkeypatch, vendor, family, fp32, bf16):
+    """MFU's peak per core and cycle: two 512-bit units on Intel and Zen 5 (family 26); Zen 4 (family
+    25) splits each 512-bit instruction in two. Without AVX-512, AVX2's 32 for both precisions."""
+    fields = {"vendor_id": vendor, "cpu family": family, "cpu MHz": "2000.0"}
+    monkeypatch.setattr(ddpm, "cpuinfo", fields.get)
+    monkeypatch.setattr(ddpm, "cpu_clock_ghz", lambda: 2.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(ddpm, "cpu_features", lambda: {**NO_BF16, "AVX-512": True, "AVX512-BF16": True})
+    assert (ddpm.cpu_peak_tflops("fp32"), ddpm.cpu_peak_tflops("bf16")) == (2 * 2.0 * fp32 / 1e3, 2 * 2.0 * bf16 / 1e3)
+    monkeypatch.setattr(ddpm, "cpu_features", lambda: NO_BF16)
+    assert ddpm.cpu_peak_tflops("fp32") == ddpm.cpu_peak_tflops("bf16") == 2 * 2.0 * 32 / 1e3
 
 
 def test_sampling_runs_channels_last_by_default_and_training_on_the_cpu_does_not(tmp_path, capsys, monkeypatch):
@@ -2411,6 +2430,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path, node
         ddpm.to_pil(car).save((tmp_path / "data").mkdir(exist_ok=True) or tmp_path / "data" / f"{i:02d}.png")
     common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", "6", "--log-every", "2",
               "--device", "cpu",  # gloo between CPU processes (one GPU cannot host two NCCL ranks)
+              *AGREE_IN_FP32,
               "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
     one = run_script([*common, "--batch-size", 4, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
@@ -2549,7 +2569,7 @@ def test_a_run_with_few_timesteps_trains_previews_and_samples(tmp_path, capsys, 
 
 def test_accumulating_two_micro_batches_of_4_trains_like_one_batch_of_8(tmp_path, capsys):
     common = ["train", *[a for a in EXACT if a not in ("--batch-size", "4")], "--steps", 6, "--log-every", 2,
-              "--save-every", 6]
+              "--save-every", 6, *AGREE_IN_FP32]
     assert run_cli([*common, "--batch-size", 8, "--out", tmp_path / "big"], capsys)[0] == 0
     code, _, err = run_cli([*common, "--batch-size", 4, "--accum", 2, "--out", tmp_path / "accum"], capsys)
     assert code == 0 and "Done at step 6" in err
@@ -2853,7 +2873,8 @@ def test_bench_reports_numbers_that_fit_together(tmp_path, capsys):
         ddpm.diffusion_loss(tiny_16, schedule, x0, torch.tensor([500]), torch.randn_like(x0)).backward()
     assert ours["gflop_per_img"] == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9)
     assert ours["tflops"] == pytest.approx(ours["gflop_per_img"] * ours["train_img_s"] / 1e3, rel=1e-9)
-    peak = ddpm.peak_tflops(torch.device(DEVICE), "fp32")
+    assert report["precision"] == ddpm.auto_precision(torch.device(DEVICE))  # no --precision: what auto picks
+    peak = ddpm.peak_tflops(torch.device(DEVICE), report["precision"])
     assert ours["mfu"] == (pytest.approx(ours["tflops"] / peak, rel=1e-9) if peak else None)
     assert ours["sample_img_s"] * ddpm.DEFAULT_STEPS > ours["train_img_s"]  # evaluations/s > training img/s
     assert ours["sample_default_img_s"] > 0 and ours["first_step_s"] > 0
