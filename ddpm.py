@@ -4782,7 +4782,7 @@ PEAK_TFLOPS = {  # dense datasheet peaks, TFLOP/s: (bf16 = fp16, fp32 via TF32)
 }
 
 
-CPU_FLOP_PER_CYCLE = {  # per core, dense, with two vector units: (extension, precision) -> FLOP per cycle
+CPU_FLOP_PER_CYCLE = {  # per core, dense, two full-width vector units (half on Zen 4): (extension, precision) -> FLOP
     ("AMX", "bf16"): 1024, ("AVX512-BF16", "bf16"): 128, ("AVX-512", "fp32"): 64, ("AVX2", "fp32"): 32,
 }
 
