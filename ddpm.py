@@ -5105,7 +5105,8 @@ def check_finite(value: float, option: str, low: float, high: float) -> None:
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
 
 PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA (fp16 with loss scaling before "
-                                                         "Ampere), fp32 on the CPU.")]
+                                                         "Ampere) and on a CPU with AMX or AVX512-BF16, fp32 on "
+                                                         "other CPUs.")]
 
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                     help="torch.compile the network (default: on for CUDA).")]
