@@ -189,7 +189,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, shift: int = 0) -> torch.Ten
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding followed by a two-layer MLP, as in DDPM's U-Net (dim -> 4*dim -> 4*dim)."""
+    """Sinusoidal embedding followed by a two-layer MLP, as in DDPM's U-Net (dim -> out_dim -> out_dim;
+    DDPM's out_dim is 4*dim)."""
 
     def __init__(self, dim: int, out_dim: int, shift: int = 0):
         super().__init__()
@@ -295,13 +296,14 @@ class Upsample(nn.Module):
 class UNetConfig:
     """Architecture of the network. The defaults are the `small` preset."""
 
-    base_channels: int = 64  # channels at full resolution; the time embedding has 4x this
+    base_channels: int = 64  # channels at full resolution
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # one level per entry, base_channels * mult channels each
     blocks_per_level: int = 2  # residual blocks per level going down (one more coming up, as in DDPM)
     attn_resolutions: tuple[int, ...] = (16,)  # feature sizes (shorter side) with self-attention; nearest level
     head_channels: int = 64  # channels per attention head
     dropout: float = 0.1  # DDPM used 0.1 on CIFAR-10
     norm_groups: int = 32  # GroupNorm groups; must divide every level's channels
+    time_mult: int = 4  # the time (and class) embedding is time_mult x base_channels wide; DDPM's 4
     channels: int = 3  # image channels in and out: 3 for colour, 1 for greyscale
     num_classes: int = 0  # 0 = unconditional; else a class embedding (classes and guidance, below)
     layout: str = "pytorch"  # "tensorflow": three details of Google's released DDPM weights (Layouts, below)
@@ -317,6 +319,8 @@ class UNetConfig:
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.norm_groups < 1:
             raise ConfigError(f"--norm-groups {self.norm_groups}: must be at least 1")
+        if not 1 <= self.time_mult <= 16:
+            raise ConfigError(f"--time-mult {self.time_mult}: must be from 1 to 16")
         if self.head_channels < 1 or self.num_classes < 0:
             raise ConfigError("head_channels must be at least 1, num_classes at least 0")
         if self.channels not in (1, 3):
@@ -375,7 +379,7 @@ class UNet(nn.Module):
         self.height, self.width = height, width  # the size it was built for (attention placement)
         c0, groups, dropout = config.base_channels, config.norm_groups, config.dropout
         freq_shift, padding, eps = LAYOUTS[config.layout]
-        time_dim = 4 * c0
+        time_dim = config.time_mult * c0
         attention = config.attention_levels(height, width)
 
         def block(in_channels, out_channels, level, attend=None):
@@ -2468,7 +2472,7 @@ KEPT_ON_RESUME = {  # options a resumed run ignores, and the fields of the run's
     "preset": ("unet.base_channels", "unet.channel_mults", "unet.blocks_per_level", "unet.attn_resolutions",
                "unet.dropout", "unet.norm_groups"),
     "base_channels": ("unet.base_channels",), "channel_mults": ("unet.channel_mults",),
-    "norm_groups": ("unet.norm_groups",),
+    "norm_groups": ("unet.norm_groups",), "time_mult": ("unet.time_mult",),
     "blocks_per_level": ("unet.blocks_per_level",), "attn_res": ("unet.attn_resolutions",),
     "dropout": ("unet.dropout",), "schedule": ("diffusion.schedule",), "timesteps": ("diffusion.timesteps",),
     "objective": ("diffusion.objective",), "size": ("data.width", "data.height"), "resize": ("data.resize",),
@@ -2926,6 +2930,7 @@ def diffusers_unet_config(config: RunConfig) -> dict:
         downsample_padding=padding, downsample_type="conv", upsample_type="conv", dropout=unet.dropout,
         act_fn="silu", attention_head_dim=head_dim, norm_num_groups=unet.norm_groups,
         attn_norm_num_groups=None, norm_eps=eps, resnet_time_scale_shift="default", add_attention=True,
+        time_embedding_dim=None if unet.time_mult == 4 else unet.time_mult * unet.base_channels,  # None: 4x
         class_embed_type=None, num_class_embeds=unet.num_classes + 1 if unet.num_classes else None,
         **(dict(ddpm_class_names=list(config.data.class_names)) if unet.num_classes else {}))  # the last row: no class
 
@@ -2963,8 +2968,7 @@ is_size = lambda v: (type(v) is int and 8 <= v <= MAX_IMAGE_SIDE) or (
 DIFFUSERS_FIXED = dict(  # UNet2DModel settings that ddpm.py's U-Net has, and cannot have otherwise
     center_input_sample=False, time_embedding_type="positional",
     flip_sin_to_cos=False, mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv", act_fn="silu",
-    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None, time_embedding_dim=None,
-    mid_block_type="UNetMidBlock2D")
+    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None, mid_block_type="UNetMidBlock2D")
 
 
 def diffusion_from_diffusers(scheduler, source: Path) -> DiffusionConfig:
@@ -3001,6 +3005,27 @@ def diffusion_from_diffusers(scheduler, source: Path) -> DiffusionConfig:
     return DiffusionConfig(match, T, objective)
 
 
+def diffusers_levels(unet: dict, where: str, unsupported) -> tuple[list[int], list[int]]:
+    """A UNet2DModel config's channels per level and the levels with attention, where ours can have them."""
+    down = json_field(unet, "down_block_types", is_names, "a list of block names", where, [])
+    up = json_field(unet, "up_block_types", is_names, "a list of block names", where, [])
+    widths = json_field(unet, "block_out_channels", lambda v: isinstance(v, list) and v and all(map(is_count, v)),
+                        "a list of channel counts", where)
+    if widths is None:
+        raise UserError(f"{where} has no block_out_channels")
+    for kind in down + up:
+        if kind not in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"):
+            raise unsupported(f"block type {printable(kind)}")
+    if not len(down) == len(up) == len(widths):
+        raise unsupported(f"{len(down)} down blocks, {len(up)} up blocks and {len(widths)} block_out_channels")
+    attention = [level for level, kind in enumerate(down) if kind.startswith("Attn")]
+    if [k.startswith("Attn") for k in reversed(up)] != [k.startswith("Attn") for k in down]:
+        raise unsupported("attention in the up path that differs from the down path")
+    if any(c % widths[0] for c in widths):
+        raise unsupported(f"block_out_channels {widths}, not multiples of the first")
+    return widths, attention
+
+
 def config_from_diffusers(unet, scheduler, source: Path) -> RunConfig:
     """Our RunConfig for a diffusers UNet2DModel (+ DDPMScheduler) config; one line naming what we
     cannot represent, or the first field that is not what diffusers writes."""
@@ -3016,24 +3041,9 @@ def config_from_diffusers(unet, scheduler, source: Path) -> RunConfig:
     for key, value in DIFFUSERS_FIXED.items():
         if key in unet and unet[key] != value:
             raise unsupported(f"{key}={printable(repr(unet[key]))[:60]}")
-    down = json_field(unet, "down_block_types", is_names, "a list of block names", where, [])
-    up = json_field(unet, "up_block_types", is_names, "a list of block names", where, [])
-    widths = json_field(unet, "block_out_channels", lambda v: isinstance(v, list) and v and all(map(is_count, v)),
-                        "a list of channel counts", where)
-    if widths is None:
-        raise UserError(f"{where} has no block_out_channels")
-    for kind in down + up:
-        if kind not in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"):
-            raise unsupported(f"block type {printable(kind)}")
-    if not len(down) == len(up) == len(widths):
-        raise unsupported(f"{len(down)} down blocks, {len(up)} up blocks and {len(widths)} block_out_channels")
-    attention = [level for level, kind in enumerate(down) if kind.startswith("Attn")]
-    if [k.startswith("Attn") for k in reversed(up)] != [k.startswith("Attn") for k in down]:
-        raise unsupported("attention in the up path that differs from the down path")
     if unet.get("attn_norm_num_groups") not in (None, unet.get("norm_num_groups", 32)):
         raise unsupported(f"attn_norm_num_groups={printable(repr(unet['attn_norm_num_groups']))}")
-    if any(c % widths[0] for c in widths):
-        raise unsupported(f"block_out_channels {widths}, not multiples of the first")
+    widths, attention = diffusers_levels(unet, where, unsupported)
     channels = json_field(unet, "in_channels", lambda v: v in (1, 3), "1 or 3", where, 3)
     if json_field(unet, "out_channels", lambda v: v in (1, 3), "1 or 3", where, 3) != channels:
         raise unsupported(f"in_channels={channels} with out_channels={unet['out_channels']}")
@@ -3044,6 +3054,9 @@ def config_from_diffusers(unet, scheduler, source: Path) -> RunConfig:
     if classes and classes != len(names) + 1:
         raise unsupported(f"a class embedding of {classes} classes without a 'no class' entry")
     field_of = lambda key, valid, what, default: json_field(unet, key, valid, what, where, default)
+    time_dim = field_of("time_embedding_dim", is_count, "a count", None) or 4 * widths[0]  # None: diffusers' 4x
+    if time_dim % widths[0]:
+        raise unsupported(f"time_embedding_dim={time_dim}, not a multiple of block_out_channels[0]")
     try:
         config = UNetConfig(
             base_channels=widths[0], channel_mults=tuple(c // widths[0] for c in widths),
@@ -3052,6 +3065,7 @@ def config_from_diffusers(unet, scheduler, source: Path) -> RunConfig:
             head_channels=field_of("attention_head_dim", is_count, "a count", None) or max(widths),
             dropout=field_of("dropout", is_number, "a number", 0.0), num_classes=len(names),
             norm_groups=field_of("norm_num_groups", is_count, "a count", 32), channels=channels,
+            time_mult=time_dim // widths[0],
             **upgrade_unet_fields(dict(freq_shift=field_of("freq_shift", lambda v: v in (0, 1), "0 or 1", 0),
                                        downsample_padding=field_of("downsample_padding", lambda v: v in (0, 1),
                                                                    "0 or 1", 1),
@@ -4633,7 +4647,8 @@ def train(config: RunConfig, run_dir: Path, runtime: Runtime, cache_dir: Path, r
                         f"torchrun command: every rank continues from the newest checkpoint in {run_dir}") from None
 
 
-MODEL_OPTIONS = {"preset", "base_channels", "channel_mults", "norm_groups", "blocks_per_level", "attn_res", "dropout"}
+MODEL_OPTIONS = {"preset", "base_channels", "channel_mults", "norm_groups", "time_mult", "blocks_per_level", "attn_res",
+                 "dropout"}
 
 
 def config_for_run(out: Path, requested: RunConfig, given: set[str], resume: bool,
@@ -4689,7 +4704,7 @@ def requested_config(options: dict) -> RunConfig:
     preset with the options that override it, the schedule, the data and the training settings."""
     width, height = parse_size(options["size"])
     overrides = dict(base_channels=options["base_channels"], blocks_per_level=options["blocks_per_level"],
-                     dropout=options["dropout"], norm_groups=options["norm_groups"],
+                     dropout=options["dropout"], norm_groups=options["norm_groups"], time_mult=options["time_mult"],
                      channel_mults=parse_ints(options["channel_mults"], "--channel-mults")
                      if options["channel_mults"] else None,
                      attn_resolutions=parse_ints(options["attn_res"], "--attn-res")
@@ -5180,6 +5195,9 @@ ChannelMultsOpt = Annotated[Optional[str], typer.Option(help="Override, e.g. 1,2
 
 NormGroupsOpt = Annotated[Optional[int], typer.Option(help="Override the preset's GroupNorm groups (tiny 8, others 32).")]
 
+TimeMultOpt = Annotated[Optional[int], typer.Option(help="Width of the time (and class) embedding, in base channels "
+                                                         "(DDPM's 4).")]
+
 BlocksOpt = Annotated[Optional[int], typer.Option(help="Override the preset's blocks per level.")]
 
 AttnResOpt = Annotated[Optional[str], typer.Option(help="Override attention sizes, e.g. 16 or 16,8 or none.")]
@@ -5266,6 +5284,7 @@ def cli_train(
     base_channels: BaseChannelsOpt = None,
     channel_mults: ChannelMultsOpt = None,
     norm_groups: NormGroupsOpt = None,
+    time_mult: TimeMultOpt = None,
     blocks_per_level: BlocksOpt = None,
     attn_res: AttnResOpt = None,
     dropout: DropoutOpt = None,
@@ -5304,9 +5323,7 @@ def cli_train(
     tensorboard: BoardOpt = False,
     init: InitOpt = None,
 ):
-    """Train a model; re-running into the same --out resumes from its newest good checkpoint.
-
-    Ctrl-C (or SIGTERM) finishes the step, saves and exits; run the same command again to resume."""
+    """Train a model; the same command again resumes from its newest good checkpoint (Ctrl-C: save and exit)."""
     options = {name: value.value if isinstance(value, enum.Enum) else value for name, value in ctx.params.items()}
     if code := start_training(options, given_options(ctx)):
         raise typer.Exit(code)

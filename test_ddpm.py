@@ -1749,13 +1749,14 @@ def random_weights_checkpoint(path: Path, preset="tiny", height=16, width=16, sc
     return model
 
 
-@pytest.mark.parametrize("preset,height,width,schedule", [("tiny", 16, 16, "cosine"), ("small", 32, 16, "linear"),
-                                                         ("base", 32, 32, "cosine")])
+@pytest.mark.parametrize("preset,height,width,schedule,unet", [("tiny", 16, 16, "cosine", {}),
+                                                              ("small", 32, 16, "linear", {"time_mult": 2}),
+                                                              ("base", 32, 32, "cosine", {})])
 def test_a_diffusers_export_loads_in_its_pipelines_and_samples_like_ours(tmp_path, capsys, preset, height, width,
-                                                                         schedule):
+                                                                         schedule, unet):
     diffusers = extra("diffusers")
     T = 20  # every sampler step below runs T times, on both sides
-    model = random_weights_checkpoint(tmp_path / "w.pt", preset, height, width, schedule, T)
+    model = random_weights_checkpoint(tmp_path / "w.pt", preset, height, width, schedule, T, **unet)
     schedule_ = ddpm.NoiseSchedule(ddpm.DiffusionConfig(schedule, T))
     code, _, err = run_cli(["export", tmp_path / "w.pt", tmp_path / "pipe", "--format", "diffusers", "--dtype", "fp32"],
                            capsys)
@@ -2721,6 +2722,21 @@ def test_norm_groups_sets_every_groupnorm_and_a_resume_keeps_the_runs(tmp_path, 
     assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["norm_groups"] == 4
 
 
+def test_time_mult_sets_the_embeddings_width_and_a_resume_keeps_the_runs(tmp_path, capsys):
+    run = tmp_path / "run"  # MICRO: 8 base channels, so DDPM's 4x is 32 wide and --time-mult 8 is 64
+    for i, name in enumerate(["red", "blue"] * 2):  # two class folders: the class embedding has the width too
+        save_image(tmp_path / "data" / name / f"{i}.png", size=(8, 8))
+    assert run_cli(["train", *MICRO, "--data", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--time-mult", 8,
+                    "--steps", 1, "--out", run], capsys)[0] == 0
+    model = ddpm.build_model(ddpm.RunConfig.from_dict(ddpm.load_checkpoint(run / "ckpt.pt")["config"]))
+    projections = [m.time_proj.in_features for m in model.modules() if isinstance(m, ddpm.ResBlock)]
+    assert len(projections) > 5 and set(projections) == {64} and model.time_embed.mlp[0].out_features == 64
+    assert model.time_embed.mlp[0].in_features == 8 and model.class_embed.embedding_dim == 64  # classes join it
+    code, _, err = run_cli(["train", "--out", run, "--steps", 2, "--time-mult", 2, *DEV], capsys)
+    assert code == 0 and "ignoring --time-mult" in err
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["time_mult"] == 8
+
+
 def test_a_crafted_optimizer_state_is_one_line_on_resume(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli(["train", *MICRO, "--steps", 2, "--out", run], capsys)[0] == 0
@@ -3177,6 +3193,7 @@ BAD_INPUTS = [
     (["train", "--channel-mults", "1,x"], "--channel-mults '1,x': expected comma-separated integers"),
     (["train", "--base-channels", "20"], "do not split into 32 GroupNorm groups"),
     (["train", "--norm-groups", "0"], "--norm-groups 0: must be at least 1"),
+    (["train", "--time-mult", "0"], "--time-mult 0: must be from 1 to 16"),
     (["train", "--norm-groups", "48"], "64 channels do not split into 48 GroupNorm groups; use --base-channels "
      "divisible by 48, or --norm-groups dividing 64"),
     (["train", "--out", "{tmp}/photo.jpg"], "--out {tmp}/photo.jpg: is a file"),
