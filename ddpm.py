@@ -4726,6 +4726,16 @@ def check_run_length(config: RunConfig, given: set[str]) -> None:
                         f"end: give its length with --steps or --epochs (--minutes alone cannot say when it ends)")
 
 
+def warn_one_channel_groups(unet: UNetConfig) -> None:
+    """A GroupNorm group of one channel is instance norm: it takes each feature map's own mean away,
+    and the recipe trained so drew cars in false colours (FID 101 against 40; docs/quality.md)."""
+    single = sorted({unet.base_channels * m for m in (1, *unet.channel_mults)} & {unet.norm_groups})
+    if single:
+        warn(f"--norm-groups {unet.norm_groups}: the {single[0]}-channel level gets one channel per group (instance "
+             f"norm), which took the recipe's colours away (FID 101 against 40, docs/quality.md); fewer groups keep "
+             f"them, e.g. --norm-groups {max(1, unet.norm_groups // 4)}")
+
+
 def check_run_folder(out: Path, data: Optional[Path], classes: str) -> None:
     """Before anything is written: --out can be a run folder, and is not the photos' folder."""
     if data is None and classes not in ("auto", "none"):
@@ -4776,6 +4786,8 @@ def start_training(options: dict, given: set[str]) -> int:
                           f"(20 minutes' worth of images there; docs/quality.md) is: {CPU_RECIPE}")
         check_memory(config.unet, config.data.height, config.data.width, config.train.batch_size, runtime.device, True)
         check_run_length(config, given)
+        if runtime.is_main and found is None:
+            warn_one_channel_groups(config.unet)
         if config.train.fid_every:
             find_inception(options["inception"])  # fail now, not hours in
         if options["tensorboard"]:

@@ -2713,13 +2713,16 @@ def test_resume_says_which_typed_options_apply_and_which_are_ignored(tmp_path, c
 
 def test_norm_groups_sets_every_groupnorm_and_a_resume_keeps_the_runs(tmp_path, capsys):
     run = tmp_path / "run"  # MICRO is tiny (8 groups) at 8 and 16 channels
-    assert run_cli(["train", *MICRO, "--norm-groups", 4, "--steps", 1, "--out", run], capsys)[0] == 0
+    code, _, err = run_cli(["train", *MICRO, "--norm-groups", 4, "--steps", 1, "--out", run], capsys)
+    assert code == 0 and "one channel per group" not in err
     model = ddpm.build_model(ddpm.RunConfig.from_dict(ddpm.load_checkpoint(run / "ckpt.pt")["config"]))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) > 5 and {m.num_groups for m in norms} == {4}
     code, _, err = run_cli(["train", "--out", run, "--steps", 2, "--norm-groups", 2, *DEV], capsys)
     assert code == 0 and "ignoring --norm-groups" in err
     assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["norm_groups"] == 4
+    code, _, err = run_cli(["train", *MICRO, "--norm-groups", 8, "--steps", 1, "--out", tmp_path / "run8"], capsys)
+    assert code == 0 and "warning: --norm-groups 8: the 8-channel level gets one channel per group" in err
 
 
 def test_time_mult_sets_the_embeddings_width_and_a_resume_keeps_the_runs(tmp_path, capsys):
