@@ -6,7 +6,7 @@
 #   bash docs/recipe.sh table            # 4. the results as a markdown table, best KID first
 #   bash docs/recipe.sh confirm NAME...  # 5. finalists: FID and KID at N=1000 ($OUT/NAME-n1000.json)
 #   bash docs/recipe.sh samplers NAME    # 6. the winner's samplers at N=1000 ($OUT/NAME-samplers/*.json;
-#                                        #    SAMPLERS="ddim-25 ddpm-large" for some of them)
+#                                        #    SAMPLERS="ddim-25 dpm++-20 ddpm-large" for some of them)
 #   bash docs/recipe.sh minutes NAME     # 7. FID after 5, 10, 20, 40 minutes' worth of images, then
 #   python docs/plot_minutes.py $OUT/NAME-minutes docs/minutes.png   # the plot
 # The runs go to $RUNS (runs/recipe, not committed); the measurements to $OUT (docs/recipe, committed):
@@ -173,14 +173,18 @@ confirm)
   shift
   for name in "$@"; do fid "$OUT/$name-n1000.json" $(run_of "$name") -n 1000 $(sampling_of "$name"); done
   ;;
-samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances; or those named
+samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances; or those named,
+  # among them dpm++-S: DPM-Solver++(2M) in S steps
   name=$2
   mkdir -p "$OUT/$name-samplers"
   for how in ${SAMPLERS:-ddim-25 ddim-50 ddim-100 ddpm-small ddpm-large}; do
     IFS=- read -r sampler setting <<< "$how"
     json=$OUT/$name-samplers/$how.json
     if [ "$sampler" = ddim ]; then
-      fid "$json" "$RUNS/$name" -n 1000 --sampler ddim --eta 1 --steps "$setting"
+      fid "$json" "$RUNS/$name" -n 1000 --sampler ddim --eta 1 --steps "$setting" $(sampling_of "$name")
+      continue
+    elif [ "$sampler" = dpm++ ]; then  # deterministic: no eta
+      fid "$json" "$RUNS/$name" -n 1000 --sampler dpm++ --steps "$setting" $(sampling_of "$name")
       continue
     fi
     # DDPM: 1,000 evaluations per image, hours on the CPU. So its 1,000 images are drawn in parts of
