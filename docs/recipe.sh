@@ -174,14 +174,15 @@ confirm)
   for name in "$@"; do fid "$OUT/$name-n1000.json" $(run_of "$name") -n 1000 $(sampling_of "$name"); done
   ;;
 samplers)  # DDIM eta=1 at 25, 50, 100 steps; DDPM ancestral (all T steps) with both variances; or those named,
-  # among them dpm++-S: DPM-Solver++(2M) in S steps
+  # among them dpm++-S (DPM-Solver++(2M) in S steps) and ddim0-S (DDIM eta=0): the deterministic ODE samplers
   name=$2
   mkdir -p "$OUT/$name-samplers"
   for how in ${SAMPLERS:-ddim-25 ddim-50 ddim-100 ddpm-small ddpm-large}; do
     IFS=- read -r sampler setting <<< "$how"
     json=$OUT/$name-samplers/$how.json
-    if [ "$sampler" = ddim ]; then
-      fid "$json" "$RUNS/$name" -n 1000 --sampler ddim --eta 1 --steps "$setting" $(sampling_of "$name")
+    if [ "$sampler" = ddim ] || [ "$sampler" = ddim0 ]; then
+      fid "$json" "$RUNS/$name" -n 1000 --sampler ddim --eta "$([ "$sampler" = ddim ] && echo 1 || echo 0)" \
+        --steps "$setting" $(sampling_of "$name")
       continue
     elif [ "$sampler" = dpm++ ]; then  # deterministic: no eta
       fid "$json" "$RUNS/$name" -n 1000 --sampler dpm++ --steps "$setting" $(sampling_of "$name")
