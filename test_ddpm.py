@@ -48,15 +48,25 @@ ON_CPU = DEVICE == "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 DEV = ["--device", DEVICE]
 
-# A very small U-Net for anything that trains: 8 channels, 2 levels, no attention.
-MICRO_NET = ["--preset", "tiny", "--base-channels", "8", "--channel-mults", "1,2", "--attn-res", "none",
-             "--size", "8", "--batch-size", "4", "--warmup-steps", "10", "--no-compile"]
+# A very small U-Net for anything that trains: 8 channels in 4 GroupNorm groups (tiny's 8 would be one
+# channel each, which train warns about), 2 levels, no attention.
+MICRO_NET = ["--preset", "tiny", "--base-channels", "8", "--norm-groups", "4", "--channel-mults", "1,2",
+             "--attn-res", "none", "--size", "8", "--batch-size", "4", "--warmup-steps", "10", "--no-compile"]
 MICRO = [*MICRO_NET, *DEV]
+
 # Bit-for-bit claims about training (resume, accumulation) are claims about the state a run keeps, and
 # every random draw is seeded by the step alone, whatever the device. They are tested on the CPU on
 # every machine: CUDA kernels are not bitwise reproducible (cuDNN and cuBLAS choose algorithms per
 # shape, atomic adds land in any order, TF32 and bf16 round), so a GPU run only ever agrees closely.
 EXACT = [*MICRO_NET, "--device", "cpu"]
+
+
+def without(args: list, option: str) -> list:
+    """args without option and the value after it."""
+    i = args.index(option)
+    return args[:i] + args[i + 2:]
+
+
 # Splitting a batch (micro-batches, DDP ranks) changes only the order of float sums, which fp32 keeps
 # within 1e-5. bf16, which --precision auto picks on CPUs with AMX or AVX512-BF16, rounds each split's
 # products to 8 bits of mantissa, so there two splits land 2e-4 apart: such claims are tested in fp32.
@@ -2428,7 +2438,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path, node
     one image cache: the first to take its lock decodes it while the other waits."""
     for i, car in enumerate(ddpm.toy_cars(8, 8, 32)):
         ddpm.to_pil(car).save((tmp_path / "data").mkdir(exist_ok=True) or tmp_path / "data" / f"{i:02d}.png")
-    common = ["train", *[a for a in MICRO if a not in ("--batch-size", "4")], "--steps", "6", "--log-every", "2",
+    common = ["train", *without(MICRO, "--batch-size"), "--steps", "6", "--log-every", "2",
               "--device", "cpu",  # gloo between CPU processes (one GPU cannot host two NCCL ranks)
               *AGREE_IN_FP32,
               "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
@@ -2568,7 +2578,7 @@ def test_a_run_with_few_timesteps_trains_previews_and_samples(tmp_path, capsys, 
 
 
 def test_accumulating_two_micro_batches_of_4_trains_like_one_batch_of_8(tmp_path, capsys):
-    common = ["train", *[a for a in EXACT if a not in ("--batch-size", "4")], "--steps", 6, "--log-every", 2,
+    common = ["train", *without(EXACT, "--batch-size"), "--steps", 6, "--log-every", 2,
               "--save-every", 6, *AGREE_IN_FP32]
     assert run_cli([*common, "--batch-size", 8, "--out", tmp_path / "big"], capsys)[0] == 0
     code, _, err = run_cli([*common, "--batch-size", 4, "--accum", 2, "--out", tmp_path / "accum"], capsys)
@@ -2712,15 +2722,15 @@ def test_resume_says_which_typed_options_apply_and_which_are_ignored(tmp_path, c
 
 
 def test_norm_groups_sets_every_groupnorm_and_a_resume_keeps_the_runs(tmp_path, capsys):
-    run = tmp_path / "run"  # MICRO is tiny (8 groups) at 8 and 16 channels
-    code, _, err = run_cli(["train", *MICRO, "--norm-groups", 4, "--steps", 1, "--out", run], capsys)
+    run = tmp_path / "run"  # MICRO is tiny at 8 and 16 channels, in 4 groups: a later --norm-groups wins
+    code, _, err = run_cli(["train", *MICRO, "--norm-groups", 2, "--steps", 1, "--out", run], capsys)
     assert code == 0 and "one channel per group" not in err
     model = ddpm.build_model(ddpm.RunConfig.from_dict(ddpm.load_checkpoint(run / "ckpt.pt")["config"]))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert len(norms) > 5 and {m.num_groups for m in norms} == {4}
-    code, _, err = run_cli(["train", "--out", run, "--steps", 2, "--norm-groups", 2, *DEV], capsys)
+    assert len(norms) > 5 and {m.num_groups for m in norms} == {2}
+    code, _, err = run_cli(["train", "--out", run, "--steps", 2, "--norm-groups", 1, *DEV], capsys)
     assert code == 0 and "ignoring --norm-groups" in err
-    assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["norm_groups"] == 4
+    assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["norm_groups"] == 2
     code, _, err = run_cli(["train", *MICRO, "--norm-groups", 8, "--steps", 1, "--out", tmp_path / "run8"], capsys)
     assert code == 0 and "warning: --norm-groups 8: the 8-channel level gets one channel per group" in err
 
