@@ -5341,6 +5341,13 @@ def cli_train(
         raise typer.Exit(code)
 
 
+def check_eta(given: set[str], eta: float, sampler: str) -> None:
+    """--eta is DDIM's noise: in range, and typed only with --sampler ddim (the others would ignore it)."""
+    check_finite(eta, "--eta", 0, 1)
+    if "eta" in given and sampler != "ddim":
+        raise UserError(f"--eta sets DDIM's noise and --sampler {sampler} has none to set; use --sampler ddim with it")
+
+
 def check_sample_options(given: set[str], n: int, batch_size: int, eta: float, guidance: float, per_class, classes,
                          sampler: str, steps) -> None:
     """sample's options that need no checkpoint: each in range, and none given with one it excludes."""
@@ -5355,7 +5362,7 @@ def check_sample_options(given: set[str], n: int, batch_size: int, eta: float, g
         raise UserError(f"-n {n}: must be at least 1")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    check_finite(eta, "--eta", 0, 1)
+    check_eta(given, eta, sampler)
     if sampler == "ddpm" and steps is not None:
         raise UserError("--sampler ddpm always runs all T steps; for fewer stochastic steps use --sampler ddim --eta 1")
 
@@ -5546,6 +5553,7 @@ def cli_export(
 
 @app.command("fid")
 def cli_fid(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Checkpoint (or run folder) to sample from, or a folder "
                                            "of images (e.g. real ones, for the floor).")],
     real: Annotated[Path, typer.Option(help="Folder of real images.")],
@@ -5573,6 +5581,7 @@ def cli_fid(
     if n < 2:
         raise UserError(f"-n {n}: FID needs at least 2 images")
     check_finite(guidance, "--guidance", 0, 100)
+    check_eta(given_options(ctx), eta, sampler.value)
     extractor = InceptionFeatures(find_inception(inception))
     runtime = resolve_runtime(device, precision.value, False, None).for_sampling()
     result = fid_report(source, real, n, runtime, extractor, cache_dir or default_cache_dir(), sampler=sampler.value,
