@@ -330,7 +330,7 @@ class UNetConfig:
             raise ConfigError("--base-channels at most 1024, --channel-mults at most 8 levels of at most 16, "
                               "--blocks-per-level at most 16, and at most 100000 classes")
         choice(self.layout, LAYOUTS, "layout")
-        for channels in [self.base_channels] + [self.base_channels * m for m in self.channel_mults]:
+        for channels in self.channel_counts:
             if channels % self.norm_groups:
                 raise ConfigError(f"{channels} channels do not split into {self.norm_groups} GroupNorm groups; "
                                   f"use --base-channels divisible by {self.norm_groups}, or --norm-groups "
@@ -339,6 +339,11 @@ class UNetConfig:
     @property
     def levels(self) -> int:
         return len(self.channel_mults)
+
+    @property
+    def channel_counts(self) -> list[int]:
+        """Channels at full resolution, then at each level: every width a GroupNorm splits into groups."""
+        return [self.base_channels] + [self.base_channels * m for m in self.channel_mults]
 
     def check_image_size(self, height: int, width: int) -> None:
         factor = 2 ** (self.levels - 1)
@@ -4729,11 +4734,10 @@ def check_run_length(config: RunConfig, given: set[str]) -> None:
 def warn_one_channel_groups(unet: UNetConfig) -> None:
     """A GroupNorm group of one channel is instance norm: it takes each feature map's own mean away,
     and the recipe trained so drew cars in false colours (FID 101 against 40; docs/quality.md)."""
-    single = sorted({unet.base_channels * m for m in (1, *unet.channel_mults)} & {unet.norm_groups})
-    if single:
-        warn(f"--norm-groups {unet.norm_groups}: the {single[0]}-channel level gets one channel per group (instance "
-             f"norm), which took the recipe's colours away (FID 101 against 40, docs/quality.md); fewer groups keep "
-             f"them, e.g. --norm-groups {max(1, unet.norm_groups // 4)}")
+    if unet.norm_groups in unet.channel_counts:
+        warn(f"--norm-groups {unet.norm_groups}: the {unet.norm_groups}-channel level gets one channel per group "
+             f"(instance norm), which took the recipe's colours away (FID 101 against 40, docs/quality.md); fewer "
+             f"groups keep them, e.g. --norm-groups {max(1, unet.norm_groups // 4)}")
 
 
 def check_run_folder(out: Path, data: Optional[Path], classes: str) -> None:
