@@ -4734,10 +4734,12 @@ def check_run_length(config: RunConfig, given: set[str]) -> None:
 def warn_one_channel_groups(unet: UNetConfig) -> None:
     """A GroupNorm group of one channel is instance norm: it takes each feature map's own mean away,
     and the recipe trained so drew cars in false colours (FID 101 against 40; docs/quality.md)."""
-    if unet.norm_groups in unet.channel_counts:
+    if unet.norm_groups in unet.channel_counts:  # a divisor of the groups splits every width they split
+        fewer = max(d for d in range(1, unet.norm_groups // 4 + 1) if unet.norm_groups % d == 0) \
+            if unet.norm_groups >= 4 else 1
         warn(f"--norm-groups {unet.norm_groups}: the {unet.norm_groups}-channel level gets one channel per group "
              f"(instance norm), which took the recipe's colours away (FID 101 against 40, docs/quality.md); fewer "
-             f"groups keep them, e.g. --norm-groups {max(1, unet.norm_groups // 4)}")
+             f"groups keep them, e.g. --norm-groups {fewer}")
 
 
 def check_run_folder(out: Path, data: Optional[Path], classes: str) -> None:

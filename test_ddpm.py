@@ -2733,6 +2733,9 @@ def test_norm_groups_sets_every_groupnorm_and_a_resume_keeps_the_runs(tmp_path, 
     assert ddpm.load_checkpoint(run / "ckpt.pt")["config"]["unet"]["norm_groups"] == 2
     code, _, err = run_cli(["train", *MICRO, "--norm-groups", 8, "--steps", 1, "--out", tmp_path / "run8"], capsys)
     assert code == 0 and "warning: --norm-groups 8: the 8-channel level gets one channel per group" in err
+    assert err.splitlines()[0].endswith("e.g. --norm-groups 2")
+    ddpm.warn_one_channel_groups(ddpm.UNetConfig(base_channels=9, channel_mults=(1, 2), norm_groups=9))
+    assert capsys.readouterr().err.strip().endswith("e.g. --norm-groups 1")  # 9 // 4 = 2 would not split 9
 
 
 def test_time_mult_sets_the_embeddings_width_and_a_resume_keeps_the_runs(tmp_path, capsys):
