@@ -1919,6 +1919,8 @@ DAMAGED_DIFFUSERS = {  # name: (what changes in the UNet's config, the scheduler
     "head_negative": (dict(attention_head_dim=-1), None, "attention_head_dim is -1; expected a count"),
     "freq_shift_two": (dict(freq_shift=2), None, "freq_shift is 2; expected 0 or 1"),
     "eps_text": (dict(norm_eps="tiny"), None, "norm_eps is 'tiny'; expected a number"),
+    "time_dim_text": (dict(time_embedding_dim="wide"), None, "time_embedding_dim is 'wide'; expected a count"),
+    "time_dim_odd": (dict(time_embedding_dim=12), None, "time_embedding_dim=12, not a multiple of block_out_channels[0]"),
     "scheduler_list": ({}, [], "the scheduler's config is not a JSON object"),
     "betas_text": ({}, dict(trained_betas="garbage"), "trained_betas is 'garbage'; expected 1000 numbers"),
     "betas_short": ({}, dict(trained_betas=[0.1] * 3), "trained_betas is [0.1, 0.1, 0.1]"),
